@@ -1,0 +1,1 @@
+//! Diffusion engine (UNet, text encoders, VAE, schedulers, pipelines). See ARCHITECTURE.md.

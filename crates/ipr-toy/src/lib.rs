@@ -1,0 +1,1 @@
+//! The toy shapes world: vocabulary, renderer, caption noise model, pretraining. See ARCHITECTURE.md.
