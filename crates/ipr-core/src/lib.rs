@@ -7,11 +7,19 @@
 //! VISOR metrics, and the dataset manifests that couple the stages on disk.
 
 pub mod detection;
+pub mod error;
+pub mod fs;
+pub mod judge;
+pub mod metrics;
 pub mod prompt;
+pub mod relabel;
 pub mod relation;
+pub mod sr2d;
+pub mod visor_format;
 pub mod vocab;
 
 pub use detection::{BBox, Detection};
+pub use error::{Error, Result};
 pub use prompt::Prompt;
 pub use relation::Relation;
 pub use vocab::{ObjectId, Vocabulary};

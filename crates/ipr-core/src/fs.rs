@@ -1,0 +1,155 @@
+//! Atomic file output and strict JSON Lines input.
+//!
+//! Artifacts are written to a temporary name beside their destination and renamed into place,
+//! so a reader (or a resumed run) never sees half a file. JSON Lines are parsed line by line and
+//! every error names the file, the line and the field (through `serde_path_to_error`).
+
+use crate::error::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A temporary path beside `path`, unique to this process.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Write `bytes` to `path` atomically (temporary file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(|e| Error::io(path, e))
+}
+
+/// Write `rows` as JSON Lines, atomically.
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut out = Vec::new();
+    for row in rows {
+        serde_json::to_writer(&mut out, row).map_err(|e| Error::file(path, e.to_string()))?;
+        out.push(b'\n');
+    }
+    write_atomic(path, &out)
+}
+
+/// Write `value` as pretty JSON, atomically.
+pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let mut out = serde_json::to_vec_pretty(value).map_err(|e| Error::file(path, e.to_string()))?;
+    out.push(b'\n');
+    write_atomic(path, &out)
+}
+
+pub fn read_to_string(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+/// Parse one JSON value, naming the field path on error ("weight: invalid type ...").
+pub fn from_json_str<T: DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if field == "." {
+            inner.to_string()
+        } else {
+            format!("field {field}: {inner}")
+        }
+    })?;
+    Ok(value)
+}
+
+/// Read JSON Lines strictly: blank lines are allowed (a trailing newline), anything else must
+/// parse as `T`. Errors carry the 1-based line number.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = read_to_string(path)?;
+    parse_jsonl(path, &text)
+}
+
+pub fn parse_jsonl<T: DeserializeOwned>(path: &Path, text: &str) -> Result<Vec<T>> {
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        rows.push(from_json_str(line).map_err(|msg| Error::line(path, i + 1, msg))?);
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Row {
+        name: String,
+        weight: f64,
+    }
+
+    #[test]
+    fn round_trip_and_no_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/rows.jsonl");
+        let rows = vec![
+            Row {
+                name: "a".into(),
+                weight: 0.5,
+            },
+            Row {
+                name: "b".into(),
+                weight: 1.0,
+            },
+        ];
+        write_jsonl(&path, &rows).unwrap();
+        assert_eq!(read_jsonl::<Row>(&path).unwrap(), rows);
+        let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["rows.jsonl"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let p = Path::new("meta.jsonl");
+        let text = "{\"name\":\"a\",\"weight\":1}\n\n{\"name\":\"b\",\"weight\":\"heavy\"}\n";
+        let e = parse_jsonl::<Row>(p, text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("meta.jsonl:3: field weight: invalid type"),
+            "{e}"
+        );
+        let e = parse_jsonl::<Row>(p, "{\"name\":\"a\"}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("meta.jsonl:1:") && e.contains("missing field `weight`"),
+            "{e}"
+        );
+        let e = parse_jsonl::<Row>(p, "{\"name\":\"a\",\"weight\":1,\"colour\":2}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = parse_jsonl::<Row>(p, "{\"name\":\"a\",\"wei")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("meta.jsonl:1:") && e.contains("EOF"), "{e}");
+    }
+}
