@@ -1,0 +1,215 @@
+//! Layers and ops shared by the models, each written so that candle's autograd covers it.
+//!
+//! candle 0.11's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward (gradients
+//! are silently dropped; see `docs/stack-notes.md`), so [`LayerNorm`], [`GroupNorm`] and
+//! [`softmax`] are built from primitive ops here. [`Linear`] is this crate's own type: every
+//! projection that LoRA may target (attention q/k/v/out of the UNet and the text encoders) is one,
+//! so an adapter can be attached in one place.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::error::Result;
+
+/// `y = x W^T + b` over the last dimension of an input of any rank (torch's `nn.Linear`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `(out_features, in_features)`, as torch stores it.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight` (and `bias` when `bias` is true) from `vb`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_features();
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Linear::forward(self, x).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// Layer normalisation over the last dimension (Ba et al. 2016), from primitive ops.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Group normalisation over `(B, C, ...)` inputs (Wu & He 2018), from primitive ops.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub num_groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            num_groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let xg = x.reshape((b, self.num_groups, ()))?;
+        let mean = xg.mean_keepdim(D::Minus1)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .reshape(dims.as_slice())?;
+        let mut pshape = vec![1usize; dims.len()];
+        pshape[1] = c;
+        let w = self.weight.reshape(pshape.as_slice())?;
+        let bias = self.bias.reshape(pshape.as_slice())?;
+        Ok(xn.broadcast_mul(&w)?.broadcast_add(&bias)?)
+    }
+}
+
+/// A 2-d convolution with torch's parameter layout `(out, in, kh, kw)`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    /// Loads a square-kernel convolution with bias.
+    pub fn load(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_c, in_c, kernel, kernel), "weight")?,
+            bias: Some(vb.get(out_c, "bias")?),
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Softmax from primitive ops (candle's `softmax_last_dim` has no backward).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// `x * sigmoid(1.702 x)` (OpenAI CLIP's activation).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let s = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
+    Ok((x * s)?)
+}
+
+/// The exact (erf) GELU, torch's `F.gelu` default.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+/// `x * sigmoid(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.silu()?)
+}
+
+/// Multi-head scaled dot-product attention (Vaswani et al. 2017) over `(B, L, H*D)` projections,
+/// with an optional additive mask broadcast to `(B, H, Lq, Lk)`; returns `(B, Lq, H*D)`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, lq, inner) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, l: usize| -> Result<Tensor> {
+        Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?)
+    };
+    let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
+    let probs = softmax(&scores)?;
+    let out = probs.matmul(&v)?;
+    Ok(out.transpose(1, 2)?.reshape((b, lq, inner))?)
+}
+
+/// Additive causal mask `(L, L)`: 0 on and below the diagonal, a large negative value above.
+pub fn causal_mask(len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(v, (len, len), device)?.to_dtype(dtype)?)
+}
