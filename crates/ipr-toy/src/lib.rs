@@ -1,1 +1,23 @@
-//! The toy shapes world: vocabulary, renderer, caption noise model, pretraining. See ARCHITECTURE.md.
+//! The toy shapes world: classes, scenes, renderer, pair split, caption noise model,
+//! word-level tokenizer, image grids.
+//!
+//! A world small enough to train and evaluate a diffusion model on two CPU cores, with an exact
+//! detector (in `ipr-detect`), so the whole IPR loop runs and is tested anywhere. Prompts are in
+//! exactly the SR2D grammar of `ipr-core` over the toy [`classes::vocabulary`], so the judge,
+//! relabeler and VISOR metrics run unchanged. See ARCHITECTURE.md.
+
+pub mod captions;
+pub mod classes;
+pub mod colour;
+pub mod degrade;
+pub mod grid;
+pub mod render;
+pub mod split;
+pub mod world;
+
+pub use captions::{CaptionNoise, CaptionedScenes, TrainingPair};
+pub use classes::{vocabulary, ClassSpec, Shape, CLASSES};
+pub use grid::write_grid;
+pub use render::render;
+pub use split::{PairSplit, Split};
+pub use world::{PlacedObject, Rect, Scene, IMAGE_SIZE};
