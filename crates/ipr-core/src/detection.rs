@@ -20,20 +20,14 @@ impl BBox {
     pub fn new(x1: f64, y1: f64, x2: f64, y2: f64) -> Result<Self, String> {
         for (name, v) in [("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2)] {
             if !v.is_finite() {
-                return Err(format!(
-                    "box coordinate {name} is {v}, expected a finite number"
-                ));
+                return Err(format!("box coordinate {name} is {v}, expected a finite number"));
             }
         }
         if x2 < x1 {
-            return Err(format!(
-                "box has x2 ({x2}) < x1 ({x1}): expected [x1, y1, x2, y2] with x1 <= x2"
-            ));
+            return Err(format!("box has x2 ({x2}) < x1 ({x1}): expected [x1, y1, x2, y2] with x1 <= x2"));
         }
         if y2 < y1 {
-            return Err(format!(
-                "box has y2 ({y2}) < y1 ({y1}): expected [x1, y1, x2, y2] with y1 <= y2"
-            ));
+            return Err(format!("box has y2 ({y2}) < y1 ({y1}): expected [x1, y1, x2, y2] with y1 <= y2"));
         }
         Ok(Self { x1, y1, x2, y2 })
     }
@@ -74,12 +68,7 @@ impl BBox {
 
     /// The box in a horizontally mirrored image of width `image_width`.
     pub fn mirrored(&self, image_width: f64) -> BBox {
-        BBox {
-            x1: image_width - self.x2,
-            y1: self.y1,
-            x2: image_width - self.x1,
-            y2: self.y2,
-        }
+        BBox { x1: image_width - self.x2, y1: self.y1, x2: image_width - self.x1, y2: self.y2 }
     }
 }
 
@@ -112,12 +101,8 @@ fn finite_score<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     let v = Option::<f64>::deserialize(d)?;
     match v {
         Some(v) if v.is_finite() => Ok(v),
-        Some(v) => Err(serde::de::Error::custom(format!(
-            "score is {v}, expected a finite number"
-        ))),
-        None => Err(serde::de::Error::custom(
-            "score is null (NaN?), expected a finite number",
-        )),
+        Some(v) => Err(serde::de::Error::custom(format!("score is {v}, expected a finite number"))),
+        None => Err(serde::de::Error::custom("score is null (NaN?), expected a finite number")),
     }
 }
 
@@ -126,11 +111,7 @@ impl Detection {
         if !score.is_finite() {
             return Err(format!("score is {score}, expected a finite number"));
         }
-        Ok(Self {
-            label: label.into(),
-            score,
-            bbox,
-        })
+        Ok(Self { label: label.into(), score, bbox })
     }
 }
 
@@ -141,21 +122,16 @@ mod tests {
     #[test]
     fn validates_boxes() {
         assert!(BBox::new(0.0, 0.0, 1.0, 1.0).is_ok());
-        assert!(BBox::new(2.0, 0.0, 1.0, 1.0)
-            .unwrap_err()
-            .contains("x2 (1) < x1 (2)"));
+        assert!(BBox::new(2.0, 0.0, 1.0, 1.0).unwrap_err().contains("x2 (1) < x1 (2)"));
         assert!(BBox::new(0.0, 3.0, 1.0, 1.0).unwrap_err().contains("y2"));
-        assert!(BBox::new(f64::NAN, 0.0, 1.0, 1.0)
-            .unwrap_err()
-            .contains("x1 is NaN"));
+        assert!(BBox::new(f64::NAN, 0.0, 1.0, 1.0).unwrap_err().contains("x1 is NaN"));
         let e = serde_json::from_str::<Detection>(r#"{"label":"dog","score":0.5,"box":[5,0,1,1]}"#)
             .unwrap_err()
             .to_string();
         assert!(e.contains("x2 (1) < x1 (5)"), "{e}");
-        let e =
-            serde_json::from_str::<Detection>(r#"{"label":"dog","score":null,"box":[0,0,1,1]}"#)
-                .unwrap_err()
-                .to_string();
+        let e = serde_json::from_str::<Detection>(r#"{"label":"dog","score":null,"box":[0,0,1,1]}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("score"), "{e}");
         assert!(Detection::new("dog", f64::NAN, BBox::new(0.0, 0.0, 1.0, 1.0).unwrap()).is_err());
     }
@@ -169,9 +145,6 @@ mod tests {
         assert!((a.iou(&b) - 4.0 / 12.0).abs() < 1e-12);
         assert_eq!(a.mirrored(10.0).corners(), [6.0, 0.0, 10.0, 2.0]);
         let json = serde_json::to_string(&Detection::new("cat", 0.25, a).unwrap()).unwrap();
-        assert_eq!(
-            json,
-            r#"{"label":"cat","score":0.25,"box":[0.0,0.0,4.0,2.0]}"#
-        );
+        assert_eq!(json, r#"{"label":"cat","score":0.25,"box":[0.0,0.0,4.0,2.0]}"#);
     }
 }

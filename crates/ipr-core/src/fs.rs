@@ -13,10 +13,7 @@ use std::path::{Path, PathBuf};
 
 /// A temporary path beside `path`, unique to this process.
 fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -108,22 +105,10 @@ mod tests {
     fn round_trip_and_no_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/rows.jsonl");
-        let rows = vec![
-            Row {
-                name: "a".into(),
-                weight: 0.5,
-            },
-            Row {
-                name: "b".into(),
-                weight: 1.0,
-            },
-        ];
+        let rows = vec![Row { name: "a".into(), weight: 0.5 }, Row { name: "b".into(), weight: 1.0 }];
         write_jsonl(&path, &rows).unwrap();
         assert_eq!(read_jsonl::<Row>(&path).unwrap(), rows);
-        let names: Vec<_> = fs::read_dir(path.parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["rows.jsonl"], "no temporary file left behind");
     }
 
@@ -132,24 +117,12 @@ mod tests {
         let p = Path::new("meta.jsonl");
         let text = "{\"name\":\"a\",\"weight\":1}\n\n{\"name\":\"b\",\"weight\":\"heavy\"}\n";
         let e = parse_jsonl::<Row>(p, text).unwrap_err().to_string();
-        assert!(
-            e.starts_with("meta.jsonl:3: field weight: invalid type"),
-            "{e}"
-        );
-        let e = parse_jsonl::<Row>(p, "{\"name\":\"a\"}")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("meta.jsonl:1:") && e.contains("missing field `weight`"),
-            "{e}"
-        );
-        let e = parse_jsonl::<Row>(p, "{\"name\":\"a\",\"weight\":1,\"colour\":2}")
-            .unwrap_err()
-            .to_string();
+        assert!(e.starts_with("meta.jsonl:3: field weight: invalid type"), "{e}");
+        let e = parse_jsonl::<Row>(p, "{\"name\":\"a\"}").unwrap_err().to_string();
+        assert!(e.contains("meta.jsonl:1:") && e.contains("missing field `weight`"), "{e}");
+        let e = parse_jsonl::<Row>(p, "{\"name\":\"a\",\"weight\":1,\"colour\":2}").unwrap_err().to_string();
         assert!(e.contains("unknown field `colour`"), "{e}");
-        let e = parse_jsonl::<Row>(p, "{\"name\":\"a\",\"wei")
-            .unwrap_err()
-            .to_string();
+        let e = parse_jsonl::<Row>(p, "{\"name\":\"a\",\"wei").unwrap_err().to_string();
         assert!(e.contains("meta.jsonl:1:") && e.contains("EOF"), "{e}");
     }
 }

@@ -75,51 +75,29 @@ impl Verdict {
 }
 
 fn best<'a>(boxes: &[&'a Detection]) -> Option<&'a Detection> {
-    boxes
-        .iter()
-        .copied()
-        .max_by(|x, y| x.score.total_cmp(&y.score))
+    boxes.iter().copied().max_by(|x, y| x.score.total_cmp(&y.score))
 }
 
 /// Judge `detections` against `prompt` (spatial, "and" or single; count captions are outputs
 /// of relabeling, never inputs to the judge).
-pub fn judge(
-    prompt: &Prompt,
-    detections: &[Detection],
-    vocab: &Vocabulary,
-) -> Result<Verdict, String> {
+pub fn judge(prompt: &Prompt, detections: &[Detection], vocab: &Vocabulary) -> Result<Verdict, String> {
     let (a, b, relation) = match prompt {
         Prompt::Spatial { a, relation, b } => (*a, Some(*b), Some(*relation)),
         Prompt::And { a, b } => (*a, Some(*b), None),
         Prompt::Single { a } => (*a, None, None),
-        Prompt::Count { .. } => {
-            return Err("count captions cannot be judged: judge the original prompt".into())
-        }
+        Prompt::Count { .. } => return Err("count captions cannot be judged: judge the original prompt".into()),
     };
     if b == Some(a) {
-        return Err(format!(
-            "prompt names {:?} twice: the judge needs two different objects",
-            vocab.name(a)
-        ));
+        return Err(format!("prompt names {:?} twice: the judge needs two different objects", vocab.name(a)));
     }
     let (name_a, name_b) = (vocab.name(a), b.map(|b| vocab.name(b)));
     let boxes_a: Vec<&Detection> = detections.iter().filter(|d| d.label == name_a).collect();
-    let boxes_b: Vec<&Detection> = detections
-        .iter()
-        .filter(|d| Some(d.label.as_str()) == name_b)
-        .collect();
-    let kept: Vec<&Detection> = detections
-        .iter()
-        .filter(|d| d.label == name_a || Some(d.label.as_str()) == name_b)
-        .collect();
+    let boxes_b: Vec<&Detection> = detections.iter().filter(|d| Some(d.label.as_str()) == name_b).collect();
+    let kept: Vec<&Detection> =
+        detections.iter().filter(|d| d.label == name_a || Some(d.label.as_str()) == name_b).collect();
 
-    let visor_sra = relation.is_some_and(|r| {
-        boxes_a.iter().any(|da| {
-            boxes_b
-                .iter()
-                .any(|db| r.holds(da.bbox.center(), db.bbox.center()))
-        })
-    });
+    let visor_sra = relation
+        .is_some_and(|r| boxes_a.iter().any(|da| boxes_b.iter().any(|db| r.holds(da.bbox.center(), db.bbox.center()))));
     let observed = match (best(&boxes_a), best(&boxes_b)) {
         (Some(da), Some(db)) => Relation::observed(da.bbox.center(), db.bbox.center()),
         _ => None,
@@ -142,12 +120,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn det(label: &str, score: f64, cx: f64, cy: f64) -> Detection {
-        Detection::new(
-            label,
-            score,
-            BBox::new(cx - 1.0, cy - 1.0, cx + 1.0, cy + 1.0).unwrap(),
-        )
-        .unwrap()
+        Detection::new(label, score, BBox::new(cx - 1.0, cy - 1.0, cx + 1.0, cy + 1.0).unwrap()).unwrap()
     }
 
     fn setup() -> (Vocabulary, Prompt) {
@@ -159,94 +132,41 @@ mod tests {
     #[test]
     fn correct_location_and_count_errors() {
         let (v, p) = setup();
-        let ok = judge(
-            &p,
-            &[det("dog", 0.9, 5.0, 5.0), det("cat", 0.8, 20.0, 5.0)],
-            &v,
-        )
-        .unwrap();
-        assert_eq!(
-            (ok.outcome(), ok.visor_sra, ok.recall()),
-            (Outcome::Correct, true, 2)
-        );
-        let wrong = judge(
-            &p,
-            &[det("dog", 0.9, 25.0, 5.0), det("cat", 0.8, 20.0, 5.0)],
-            &v,
-        )
-        .unwrap();
-        assert_eq!(
-            (wrong.outcome(), wrong.observed),
-            (Outcome::LocationError, Some(Relation::RightOf))
-        );
+        let ok = judge(&p, &[det("dog", 0.9, 5.0, 5.0), det("cat", 0.8, 20.0, 5.0)], &v).unwrap();
+        assert_eq!((ok.outcome(), ok.visor_sra, ok.recall()), (Outcome::Correct, true, 2));
+        let wrong = judge(&p, &[det("dog", 0.9, 25.0, 5.0), det("cat", 0.8, 20.0, 5.0)], &v).unwrap();
+        assert_eq!((wrong.outcome(), wrong.observed), (Outcome::LocationError, Some(Relation::RightOf)));
         let missing = judge(&p, &[det("dog", 0.9, 5.0, 5.0)], &v).unwrap();
-        assert_eq!(
-            (missing.outcome(), missing.recall(), missing.count_b),
-            (Outcome::CountError, 1, Some(0))
-        );
+        assert_eq!((missing.outcome(), missing.recall(), missing.count_b), (Outcome::CountError, 1, Some(0)));
         let none = judge(&p, &[], &v).unwrap();
-        assert_eq!(
-            (none.outcome(), none.recall(), none.all_found()),
-            (Outcome::CountError, 0, false)
-        );
+        assert_eq!((none.outcome(), none.recall(), none.all_found()), (Outcome::CountError, 0, false));
     }
 
     #[test]
     fn tie_is_a_location_error_with_no_observed_relation() {
         let (v, p) = setup();
-        let tie = judge(
-            &p,
-            &[det("dog", 0.9, 5.0, 5.0), det("cat", 0.8, 5.0, 5.0)],
-            &v,
-        )
-        .unwrap();
-        assert_eq!(
-            (tie.outcome(), tie.visor_sra, tie.observed),
-            (Outcome::LocationError, false, None)
-        );
+        let tie = judge(&p, &[det("dog", 0.9, 5.0, 5.0), det("cat", 0.8, 5.0, 5.0)], &v).unwrap();
+        assert_eq!((tie.outcome(), tie.visor_sra, tie.observed), (Outcome::LocationError, false, None));
         // Same x, different y: left/right fails, and the observed relation is vertical.
-        let vertical = judge(
-            &p,
-            &[det("dog", 0.9, 5.0, 2.0), det("cat", 0.8, 5.0, 30.0)],
-            &v,
-        )
-        .unwrap();
-        assert_eq!(
-            (vertical.outcome(), vertical.observed),
-            (Outcome::LocationError, Some(Relation::Above))
-        );
+        let vertical = judge(&p, &[det("dog", 0.9, 5.0, 2.0), det("cat", 0.8, 5.0, 30.0)], &v).unwrap();
+        assert_eq!((vertical.outcome(), vertical.observed), (Outcome::LocationError, Some(Relation::Above)));
     }
 
     #[test]
     fn visor_allows_extra_instances_strict_does_not() {
         let (v, p) = setup();
         // Two dogs, one left and one right of the cat: VISOR satisfied, IPR count error.
-        let d = [
-            det("dog", 0.9, 30.0, 5.0),
-            det("dog", 0.5, 1.0, 5.0),
-            det("cat", 0.8, 20.0, 5.0),
-        ];
+        let d = [det("dog", 0.9, 30.0, 5.0), det("dog", 0.5, 1.0, 5.0), det("cat", 0.8, 20.0, 5.0)];
         let verdict = judge(&p, &d, &v).unwrap();
         assert!(verdict.visor_sra && verdict.all_found());
-        assert_eq!(
-            (verdict.outcome(), verdict.count_a),
-            (Outcome::CountError, 2)
-        );
-        assert_eq!(
-            verdict.observed,
-            Some(Relation::RightOf),
-            "observed from the best-scoring boxes"
-        );
+        assert_eq!((verdict.outcome(), verdict.count_a), (Outcome::CountError, 2));
+        assert_eq!(verdict.observed, Some(Relation::RightOf), "observed from the best-scoring boxes");
     }
 
     #[test]
     fn other_labels_are_ignored() {
         let (v, p) = setup();
-        let d = [
-            det("dog", 0.9, 5.0, 5.0),
-            det("zebra", 0.9, 1.0, 1.0),
-            det("cat", 0.8, 20.0, 5.0),
-        ];
+        let d = [det("dog", 0.9, 5.0, 5.0), det("zebra", 0.9, 1.0, 1.0), det("cat", 0.8, 20.0, 5.0)];
         let verdict = judge(&p, &d, &v).unwrap();
         assert_eq!(
             (verdict.outcome(), verdict.labels.clone()),
@@ -260,16 +180,10 @@ mod tests {
         let and = Prompt::parse("a dog and a cat", &v).unwrap();
         let d = [det("dog", 0.9, 25.0, 5.0), det("cat", 0.8, 20.0, 5.0)];
         assert_eq!(judge(&and, &d, &v).unwrap().outcome(), Outcome::Correct);
-        assert!(
-            !judge(&and, &d, &v).unwrap().visor_sra,
-            "no relation to satisfy"
-        );
+        assert!(!judge(&and, &d, &v).unwrap().visor_sra, "no relation to satisfy");
         let single = Prompt::parse("a dog", &v).unwrap();
         assert_eq!(judge(&single, &d, &v).unwrap().outcome(), Outcome::Correct);
-        assert_eq!(
-            judge(&single, &d[..0], &v).unwrap().outcome(),
-            Outcome::CountError
-        );
+        assert_eq!(judge(&single, &d[..0], &v).unwrap().outcome(), Outcome::CountError);
         let count = Prompt::parse("2 dogs", &v).unwrap();
         assert!(judge(&count, &d, &v).is_err());
     }

@@ -6,6 +6,7 @@
 //! the SR2D prompt grammar, boxes and relations, the judge, relabel policies and loss weights,
 //! VISOR metrics, and the dataset manifests that couple the stages on disk.
 
+pub mod dataset;
 pub mod detection;
 pub mod error;
 pub mod fs;
@@ -15,6 +16,7 @@ pub mod prompt;
 pub mod relabel;
 pub mod relation;
 pub mod sr2d;
+pub mod stages;
 pub mod visor_format;
 pub mod vocab;
 

@@ -85,11 +85,7 @@ pub fn visor_metrics(images: &[ImageScore]) -> Result<VisorMetrics, String> {
     let both = images.iter().filter(|i| i.both()).count();
     let correct = images.iter().filter(|i| i.correct()).count();
     let oa = pct(both, count);
-    let visor_cond = if both == 0 {
-        0.0
-    } else {
-        pct(correct, both as f64)
-    };
+    let visor_cond = if both == 0 { 0.0 } else { pct(correct, both as f64) };
     let mut per_prompt: BTreeMap<u64, usize> = BTreeMap::new();
     for i in images {
         *per_prompt.entry(i.prompt_id).or_default() += usize::from(i.correct());
@@ -127,13 +123,7 @@ mod tests {
     use super::*;
 
     fn img(prompt_id: u64, relation: Relation, a: bool, b: bool, sra: bool) -> ImageScore {
-        ImageScore {
-            prompt_id,
-            relation,
-            found_a: a,
-            found_b: b,
-            sra,
-        }
+        ImageScore { prompt_id, relation, found_a: a, found_b: b, sra }
     }
 
     #[test]
@@ -163,42 +153,20 @@ mod tests {
         assert!((m.obj_acc_b - 600.0 / 7.0).abs() < 1e-12);
         assert_eq!((m.num_images, m.num_prompts), (7, 3));
         let by = visor_metrics_by_relation(&images);
-        assert_eq!(
-            by.keys().copied().collect::<Vec<_>>(),
-            ["above", "below", "left"]
-        );
+        assert_eq!(by.keys().copied().collect::<Vec<_>>(), ["above", "below", "left"]);
         assert_eq!(by["above"].visor_uncond, 100.0);
         assert_eq!(by["below"].oa, 0.0);
-        assert_eq!(
-            by["below"].visor_cond, 0.0,
-            "no image with both objects: 0, not a division by zero"
-        );
+        assert_eq!(by["below"].visor_cond, 0.0, "no image with both objects: 0, not a division by zero");
         let headline = m.headline();
         let keys: Vec<_> = headline.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(
-            keys,
-            [
-                "OA",
-                "VISOR_uncond",
-                "VISOR_cond",
-                "VISOR_1",
-                "VISOR_2",
-                "VISOR_3",
-                "VISOR_4"
-            ]
-        );
+        assert_eq!(keys, ["OA", "VISOR_uncond", "VISOR_cond", "VISOR_1", "VISOR_2", "VISOR_3", "VISOR_4"]);
     }
 
     #[test]
     fn all_correct_and_empty() {
-        let images: Vec<_> = (0..4)
-            .map(|_| img(3, Relation::RightOf, true, true, true))
-            .collect();
+        let images: Vec<_> = (0..4).map(|_| img(3, Relation::RightOf, true, true, true)).collect();
         let m = visor_metrics(&images).unwrap();
-        assert_eq!(
-            [m.oa, m.visor_cond, m.visor_uncond, m.visor_1, m.visor_4],
-            [100.0; 5]
-        );
+        assert_eq!([m.oa, m.visor_cond, m.visor_uncond, m.visor_1, m.visor_4], [100.0; 5]);
         assert!(visor_metrics(&[]).is_err());
     }
 }

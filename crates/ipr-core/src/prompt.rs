@@ -19,11 +19,7 @@ use crate::vocab::{ObjectId, Vocabulary};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Prompt {
     /// "a {a} {relation} a {b}"
-    Spatial {
-        a: ObjectId,
-        relation: Relation,
-        b: ObjectId,
-    },
+    Spatial { a: ObjectId, relation: Relation, b: ObjectId },
     /// "a {a} and a {b}"
     And { a: ObjectId, b: ObjectId },
     /// "a {a}"
@@ -37,22 +33,15 @@ impl Prompt {
     pub fn render(&self, vocab: &Vocabulary) -> String {
         match self {
             Prompt::Spatial { a, relation, b } => {
-                format!(
-                    "{} {} {}",
-                    vocab.with_article(*a),
-                    relation.phrase(),
-                    vocab.with_article(*b)
-                )
+                format!("{} {} {}", vocab.with_article(*a), relation.phrase(), vocab.with_article(*b))
             }
             Prompt::And { a, b } => {
                 format!("{} and {}", vocab.with_article(*a), vocab.with_article(*b))
             }
             Prompt::Single { a } => vocab.with_article(*a),
-            Prompt::Count { counts } => counts
-                .iter()
-                .map(|&(id, n)| vocab.count_phrase(id, n))
-                .collect::<Vec<_>>()
-                .join(" and "),
+            Prompt::Count { counts } => {
+                counts.iter().map(|&(id, n)| vocab.count_phrase(id, n)).collect::<Vec<_>>().join(" and ")
+            }
         }
     }
 
@@ -97,9 +86,7 @@ impl Prompt {
         for relation in Relation::ALL {
             let sep = format!(" {} ", relation.phrase());
             for (left, right) in splits(text, &sep) {
-                if let (Some(a), Some(b)) =
-                    (singular_phrase(left, vocab), singular_phrase(right, vocab))
-                {
+                if let (Some(a), Some(b)) = (singular_phrase(left, vocab), singular_phrase(right, vocab)) {
                     push(Prompt::Spatial { a, relation, b });
                 }
             }
@@ -121,8 +108,7 @@ impl Prompt {
 
 /// Every way to cut `text` at one occurrence of `sep`.
 fn splits<'a>(text: &'a str, sep: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
-    text.match_indices(sep)
-        .map(move |(i, _)| (&text[..i], &text[i + sep.len()..]))
+    text.match_indices(sep).map(move |(i, _)| (&text[..i], &text[i + sep.len()..]))
 }
 
 /// "a dog" / "an apple" -> the object, if the article is the one the vocabulary uses.
@@ -139,9 +125,8 @@ fn count_phrase(phrase: &str, vocab: &Vocabulary) -> Option<(ObjectId, u32)> {
         return Some((id, 1));
     }
     let (number, plural) = phrase.split_once(' ')?;
-    let canonical = !number.is_empty()
-        && number.bytes().all(|c| c.is_ascii_digit())
-        && (number == "0" || !number.starts_with('0'));
+    let canonical =
+        !number.is_empty() && number.bytes().all(|c| c.is_ascii_digit()) && (number == "0" || !number.starts_with('0'));
     let n: u32 = number.parse().ok().filter(|n| canonical && *n != 1)?;
     Some((vocab.id_of_plural(plural)?, n))
 }
@@ -175,35 +160,13 @@ mod tests {
     fn renders_each_form() {
         let v = coco();
         let id = |n| v.id(n).unwrap();
-        let kite = Prompt::Spatial {
-            a: id("kite"),
-            relation: Relation::RightOf,
-            b: id("bicycle"),
-        };
+        let kite = Prompt::Spatial { a: id("kite"), relation: Relation::RightOf, b: id("bicycle") };
         assert_eq!(kite.render(&v), "a kite to the right of a bicycle");
-        assert_eq!(
-            Prompt::And {
-                a: id("apple"),
-                b: id("oven")
-            }
-            .render(&v),
-            "an apple and an oven"
-        );
-        assert_eq!(
-            Prompt::Single { a: id("umbrella") }.render(&v),
-            "an umbrella"
-        );
-        let count = Prompt::Count {
-            counts: vec![(id("bench"), 2), (id("dog"), 1)],
-        };
+        assert_eq!(Prompt::And { a: id("apple"), b: id("oven") }.render(&v), "an apple and an oven");
+        assert_eq!(Prompt::Single { a: id("umbrella") }.render(&v), "an umbrella");
+        let count = Prompt::Count { counts: vec![(id("bench"), 2), (id("dog"), 1)] };
         assert_eq!(count.render(&v), "2 benches and a dog");
-        assert_eq!(
-            Prompt::Count {
-                counts: vec![(id("mouse"), 0)]
-            }
-            .render(&v),
-            "0 mice"
-        );
+        assert_eq!(Prompt::Count { counts: vec![(id("mouse"), 0)] }.render(&v), "0 mice");
     }
 
     #[test]
@@ -211,51 +174,18 @@ mod tests {
         let v = coco();
         let id = |n| v.id(n).unwrap();
         for (text, want) in [
-            (
-                "a hot dog below a dog",
-                Prompt::Spatial {
-                    a: id("hot dog"),
-                    relation: Relation::Below,
-                    b: id("dog"),
-                },
-            ),
-            (
-                "a dog above a hot dog",
-                Prompt::Spatial {
-                    a: id("dog"),
-                    relation: Relation::Above,
-                    b: id("hot dog"),
-                },
-            ),
+            ("a hot dog below a dog", Prompt::Spatial { a: id("hot dog"), relation: Relation::Below, b: id("dog") }),
+            ("a dog above a hot dog", Prompt::Spatial { a: id("dog"), relation: Relation::Above, b: id("hot dog") }),
             (
                 "a teddy bear to the left of a bear",
-                Prompt::Spatial {
-                    a: id("teddy bear"),
-                    relation: Relation::LeftOf,
-                    b: id("bear"),
-                },
+                Prompt::Spatial { a: id("teddy bear"), relation: Relation::LeftOf, b: id("bear") },
             ),
             (
                 "a carrot to the right of a car",
-                Prompt::Spatial {
-                    a: id("carrot"),
-                    relation: Relation::RightOf,
-                    b: id("car"),
-                },
+                Prompt::Spatial { a: id("carrot"), relation: Relation::RightOf, b: id("car") },
             ),
-            (
-                "a car and a carrot",
-                Prompt::And {
-                    a: id("car"),
-                    b: id("carrot"),
-                },
-            ),
-            (
-                "2 hot dogs and 3 dogs",
-                Prompt::Count {
-                    counts: vec![(id("hot dog"), 2), (id("dog"), 3)],
-                },
-            ),
+            ("a car and a carrot", Prompt::And { a: id("car"), b: id("carrot") }),
+            ("2 hot dogs and 3 dogs", Prompt::Count { counts: vec![(id("hot dog"), 2), (id("dog"), 3)] }),
         ] {
             assert_eq!(Prompt::parse(text, &v).unwrap(), want, "{text}");
         }
@@ -304,12 +234,8 @@ mod tests {
             names.dedup();
             // Words that collide with the grammar's own words make texts ambiguous by design.
             if names.iter().any(|n| {
-                n.split(' ').any(|w| {
-                    [
-                        "a", "an", "and", "to", "the", "left", "right", "of", "above", "below",
-                    ]
-                    .contains(&w)
-                })
+                n.split(' ')
+                    .any(|w| ["a", "an", "and", "to", "the", "left", "right", "of", "above", "below"].contains(&w))
             }) {
                 return None;
             }

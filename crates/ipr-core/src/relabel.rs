@@ -35,9 +35,7 @@ impl FromStr for RelabelPolicy {
         match s {
             "paper" => Ok(Self::Paper),
             "measured" => Ok(Self::Measured),
-            _ => Err(format!(
-                "unknown relabel policy {s:?}: expected \"paper\" or \"measured\""
-            )),
+            _ => Err(format!("unknown relabel policy {s:?}: expected \"paper\" or \"measured\"")),
         }
     }
 }
@@ -63,11 +61,7 @@ pub struct Weights {
 impl Default for Weights {
     /// The paper's: 1.0 correct, 0.5 relabeled.
     fn default() -> Self {
-        Self {
-            correct: 1.0,
-            relabeled_location: 0.5,
-            relabeled_count: 0.5,
-        }
+        Self { correct: 1.0, relabeled_location: 0.5, relabeled_count: 0.5 }
     }
 }
 
@@ -79,9 +73,7 @@ impl Weights {
             ("relabeled_count", self.relabeled_count),
         ] {
             if !(w.is_finite() && w >= 0.0) {
-                return Err(format!(
-                    "weights.{key} is {w}, expected a finite number >= 0"
-                ));
+                return Err(format!("weights.{key} is {w}, expected a finite number >= 0"));
             }
         }
         Ok(())
@@ -130,32 +122,17 @@ pub fn relabel(
             };
             let text = match policy {
                 RelabelPolicy::Paper => {
-                    format!(
-                        "a {} {} a {}",
-                        vocab.name(a),
-                        relation.opposite().phrase(),
-                        vocab.name(b)
-                    )
+                    format!("a {} {} a {}", vocab.name(a), relation.opposite().phrase(), vocab.name(b))
                 }
                 RelabelPolicy::Measured => match verdict.observed {
-                    Some(observed) => Prompt::Spatial {
-                        a,
-                        relation: observed,
-                        b,
-                    }
-                    .render(vocab),
+                    Some(observed) => Prompt::Spatial { a, relation: observed, b }.render(vocab),
                     None => Prompt::And { a, b }.render(vocab),
                 },
             };
             (text, Reason::Location, weights.relabeled_location)
         }
     };
-    Some(Relabeled {
-        prompt: text,
-        correct: outcome == Outcome::Correct,
-        reason,
-        weight,
-    })
+    Some(Relabeled { prompt: text, correct: outcome == Outcome::Correct, reason, weight })
 }
 
 /// The paper's count caption, byte for byte: "{n1} {A} and {n2} {B}" when both are present,
@@ -195,12 +172,7 @@ mod tests {
     use crate::judge::judge;
 
     fn det(label: &str, cx: f64, cy: f64) -> Detection {
-        Detection::new(
-            label,
-            0.9,
-            BBox::new(cx - 1.0, cy - 1.0, cx + 1.0, cy + 1.0).unwrap(),
-        )
-        .unwrap()
+        Detection::new(label, 0.9, BBox::new(cx - 1.0, cy - 1.0, cx + 1.0, cy + 1.0).unwrap()).unwrap()
     }
 
     /// Relabel `text` given boxes (label, cx, cy) under both policies.
@@ -210,10 +182,7 @@ mod tests {
         let d: Vec<_> = boxes.iter().map(|&(l, x, y)| det(l, x, y)).collect();
         let verdict = judge(&p, &d, &v).unwrap();
         let w = Weights::default();
-        (
-            relabel(RelabelPolicy::Paper, &w, &p, &verdict, &v),
-            relabel(RelabelPolicy::Measured, &w, &p, &verdict, &v),
-        )
+        (relabel(RelabelPolicy::Paper, &w, &p, &verdict, &v), relabel(RelabelPolicy::Measured, &w, &p, &verdict, &v))
     }
 
     fn text(r: &Option<Relabeled>) -> &str {
@@ -222,10 +191,7 @@ mod tests {
 
     #[test]
     fn correct_pairs_keep_their_prompt() {
-        let (p, m) = both(
-            "an apple to the left of a dog",
-            &[("apple", 1.0, 5.0), ("dog", 9.0, 5.0)],
-        );
+        let (p, m) = both("an apple to the left of a dog", &[("apple", 1.0, 5.0), ("dog", 9.0, 5.0)]);
         for r in [p, m] {
             let r = r.unwrap();
             assert_eq!(
@@ -238,27 +204,15 @@ mod tests {
     #[test]
     fn location_errors() {
         // Horizontal mistake: both policies agree on the relation, only the paper drops grammar.
-        let (p, m) = both(
-            "an apple to the left of a dog",
-            &[("apple", 9.0, 5.0), ("dog", 1.0, 5.0)],
-        );
+        let (p, m) = both("an apple to the left of a dog", &[("apple", 9.0, 5.0), ("dog", 1.0, 5.0)]);
         assert_eq!(text(&p), "a apple to the right of a dog");
         assert_eq!(text(&m), "an apple to the right of a dog");
-        assert_eq!(
-            (m.as_ref().unwrap().reason, m.as_ref().unwrap().weight),
-            (Reason::Location, 0.5)
-        );
+        assert_eq!((m.as_ref().unwrap().reason, m.as_ref().unwrap().weight), (Reason::Location, 0.5));
         // Vertical arrangement for a left/right prompt: the paper's guess is false.
-        let (p, m) = both(
-            "a cat to the left of a dog",
-            &[("cat", 5.0, 1.0), ("dog", 5.0, 30.0)],
-        );
+        let (p, m) = both("a cat to the left of a dog", &[("cat", 5.0, 1.0), ("dog", 5.0, 30.0)]);
         assert_eq!(text(&p), "a cat to the right of a dog");
         assert_eq!(text(&m), "a cat above a dog");
-        let (p, m) = both(
-            "a cat above a dog",
-            &[("cat", 30.0, 6.0), ("dog", 1.0, 5.0)],
-        );
+        let (p, m) = both("a cat above a dog", &[("cat", 30.0, 6.0), ("dog", 1.0, 5.0)]);
         assert_eq!(text(&p), "a cat below a dog");
         assert_eq!(text(&m), "a cat to the right of a dog");
         // A tie: no relation observable.
@@ -269,28 +223,18 @@ mod tests {
 
     #[test]
     fn count_errors() {
-        let (p, m) = both(
-            "a bench above a dog",
-            &[("bench", 1.0, 1.0), ("bench", 9.0, 1.0), ("dog", 5.0, 9.0)],
-        );
+        let (p, m) = both("a bench above a dog", &[("bench", 1.0, 1.0), ("bench", 9.0, 1.0), ("dog", 5.0, 9.0)]);
         assert_eq!(text(&p), "2 bench and 1 dog");
         assert_eq!(text(&m), "2 benches and a dog");
         assert_eq!(
-            (
-                m.as_ref().unwrap().reason,
-                m.as_ref().unwrap().weight,
-                m.as_ref().unwrap().correct
-            ),
+            (m.as_ref().unwrap().reason, m.as_ref().unwrap().weight, m.as_ref().unwrap().correct),
             (Reason::Count, 0.5, false)
         );
         // B missing.
         let (p, m) = both("an apple above a dog", &[("apple", 1.0, 1.0)]);
         assert_eq!((text(&p), text(&m)), ("1 apple", "an apple"));
         // A missing, B twice.
-        let (p, m) = both(
-            "an apple above a mouse",
-            &[("mouse", 1.0, 1.0), ("mouse", 5.0, 1.0)],
-        );
+        let (p, m) = both("an apple above a mouse", &[("mouse", 1.0, 1.0), ("mouse", 5.0, 1.0)]);
         assert_eq!((text(&p), text(&m)), ("2 mouse", "2 mice"));
         // Both missing: the paper writes "0 {B}", measured drops the pair.
         let (p, m) = both("an apple above a dog", &[]);
@@ -311,35 +255,12 @@ mod tests {
         let v = Vocabulary::coco80();
         let p = Prompt::parse("a cat above a dog", &v).unwrap();
         let verdict = judge(&p, &[det("cat", 1.0, 9.0), det("dog", 1.0, 1.0)], &v).unwrap();
-        let w = Weights {
-            correct: 1.0,
-            relabeled_location: 0.25,
-            relabeled_count: 0.0,
-        };
-        assert_eq!(
-            relabel(RelabelPolicy::Measured, &w, &p, &verdict, &v)
-                .unwrap()
-                .weight,
-            0.25
-        );
-        assert!(Weights {
-            relabeled_count: -1.0,
-            ..w
-        }
-        .validate()
-        .unwrap_err()
-        .contains("weights.relabeled_count"));
-        assert!(Weights {
-            correct: f64::NAN,
-            ..w
-        }
-        .validate()
-        .is_err());
+        let w = Weights { correct: 1.0, relabeled_location: 0.25, relabeled_count: 0.0 };
+        assert_eq!(relabel(RelabelPolicy::Measured, &w, &p, &verdict, &v).unwrap().weight, 0.25);
+        assert!(Weights { relabeled_count: -1.0, ..w }.validate().unwrap_err().contains("weights.relabeled_count"));
+        assert!(Weights { correct: f64::NAN, ..w }.validate().is_err());
         assert_eq!("paper".parse::<RelabelPolicy>(), Ok(RelabelPolicy::Paper));
-        assert!("best"
-            .parse::<RelabelPolicy>()
-            .unwrap_err()
-            .contains("best"));
+        assert!("best".parse::<RelabelPolicy>().unwrap_err().contains("best"));
     }
 
     #[test]
@@ -353,13 +274,7 @@ mod tests {
                 d.extend((0..ca).map(|i| det("knife", f64::from(i), 1.0)));
                 d.extend((0..cb).map(|i| det("sheep", f64::from(i), 9.0)));
                 let verdict = judge(&p, &d, &v).unwrap();
-                if let Some(r) = relabel(
-                    RelabelPolicy::Measured,
-                    &Weights::default(),
-                    &p,
-                    &verdict,
-                    &v,
-                ) {
+                if let Some(r) = relabel(RelabelPolicy::Measured, &Weights::default(), &p, &verdict, &v) {
                     assert!(Prompt::parse(&r.prompt, &v).is_ok(), "{}", r.prompt);
                 }
             }

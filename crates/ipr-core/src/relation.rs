@@ -107,14 +107,11 @@ impl FromStr for Relation {
     type Err = String;
     /// Accepts the prompt phrase ("to the left of") or the short name ("left").
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.phrase() == s || r.short() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown relation {s:?}: expected one of \"to the left of\", \"to the right of\", \"above\", \"below\""
-                )
-            })
+        Self::ALL.into_iter().find(|r| r.phrase() == s || r.short() == s).ok_or_else(|| {
+            format!(
+                "unknown relation {s:?}: expected one of \"to the left of\", \"to the right of\", \"above\", \"below\""
+            )
+        })
     }
 }
 
@@ -125,44 +122,20 @@ mod tests {
     #[test]
     fn strict_comparisons_and_ties() {
         assert!(Relation::LeftOf.holds((1.0, 5.0), (2.0, 0.0)));
-        assert!(
-            !Relation::LeftOf.holds((2.0, 5.0), (2.0, 0.0)),
-            "a tie is not left"
-        );
-        assert!(
-            !Relation::RightOf.holds((2.0, 5.0), (2.0, 0.0)),
-            "a tie is not right"
-        );
-        assert!(
-            Relation::Above.holds((9.0, 1.0), (0.0, 2.0)),
-            "y grows downward"
-        );
+        assert!(!Relation::LeftOf.holds((2.0, 5.0), (2.0, 0.0)), "a tie is not left");
+        assert!(!Relation::RightOf.holds((2.0, 5.0), (2.0, 0.0)), "a tie is not right");
+        assert!(Relation::Above.holds((9.0, 1.0), (0.0, 2.0)), "y grows downward");
         assert!(Relation::Below.holds((9.0, 3.0), (0.0, 2.0)));
         assert!(!Relation::Above.holds((0.0, 2.0), (5.0, 2.0)));
     }
 
     #[test]
     fn observed_takes_the_dominant_axis() {
-        assert_eq!(
-            Relation::observed((0.0, 0.0), (10.0, 3.0)),
-            Some(Relation::LeftOf)
-        );
-        assert_eq!(
-            Relation::observed((10.0, 0.0), (0.0, 3.0)),
-            Some(Relation::RightOf)
-        );
-        assert_eq!(
-            Relation::observed((0.0, 0.0), (1.0, 10.0)),
-            Some(Relation::Above)
-        );
-        assert_eq!(
-            Relation::observed((0.0, 10.0), (1.0, 0.0)),
-            Some(Relation::Below)
-        );
-        assert_eq!(
-            Relation::observed((0.0, 0.0), (4.0, 4.0)),
-            Some(Relation::LeftOf)
-        );
+        assert_eq!(Relation::observed((0.0, 0.0), (10.0, 3.0)), Some(Relation::LeftOf));
+        assert_eq!(Relation::observed((10.0, 0.0), (0.0, 3.0)), Some(Relation::RightOf));
+        assert_eq!(Relation::observed((0.0, 0.0), (1.0, 10.0)), Some(Relation::Above));
+        assert_eq!(Relation::observed((0.0, 10.0), (1.0, 0.0)), Some(Relation::Below));
+        assert_eq!(Relation::observed((0.0, 0.0), (4.0, 4.0)), Some(Relation::LeftOf));
         assert_eq!(Relation::observed((3.0, 3.0), (3.0, 3.0)), None);
     }
 

@@ -62,12 +62,7 @@ impl PromptRow {
             (RelType::Spatial(relation), Some(a), Some(b)) => Prompt::Spatial { a, relation, b },
             (RelType::And, Some(a), Some(b)) => Prompt::And { a, b },
             (RelType::Single, Some(a), None) => Prompt::Single { a },
-            _ => {
-                return Err(format!(
-                    "row {}: rel_type {:?} does not fit its objects",
-                    self.unique_id, self.rel_type
-                ))
-            }
+            _ => return Err(format!("row {}: rel_type {:?} does not fit its objects", self.unique_id, self.rel_type)),
         };
         if parsed != expected {
             return Err(format!(
@@ -103,16 +98,8 @@ pub fn sr2d_prompts(vocab: &Vocabulary) -> Vec<Prompt> {
     for s1 in 0..n {
         for s2 in s1 + 1..n {
             for relation in Relation::ALL {
-                out.push(Prompt::Spatial {
-                    a: s1,
-                    relation,
-                    b: s2,
-                });
-                out.push(Prompt::Spatial {
-                    a: s2,
-                    relation,
-                    b: s1,
-                });
+                out.push(Prompt::Spatial { a: s1, relation, b: s2 });
+                out.push(Prompt::Spatial { a: s2, relation, b: s1 });
             }
             out.push(Prompt::And { a: s1, b: s2 });
             out.push(Prompt::And { a: s2, b: s1 });
@@ -124,20 +111,12 @@ pub fn sr2d_prompts(vocab: &Vocabulary) -> Vec<Prompt> {
 
 /// The SR2D rows over `vocab` (ids are positions).
 pub fn sr2d_rows(vocab: &Vocabulary) -> Vec<PromptRow> {
-    sr2d_prompts(vocab)
-        .iter()
-        .enumerate()
-        .map(|(i, p)| PromptRow::new(i as u64, p, vocab))
-        .collect()
+    sr2d_prompts(vocab).iter().enumerate().map(|(i, p)| PromptRow::new(i as u64, p, vocab)).collect()
 }
 
 /// Rows for an arbitrary list of prompts, with ids `0..`.
 pub fn rows_for(prompts: &[Prompt], vocab: &Vocabulary) -> Vec<PromptRow> {
-    prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| PromptRow::new(i as u64, p, vocab))
-        .collect()
+    prompts.iter().enumerate().map(|(i, p)| PromptRow::new(i as u64, p, vocab)).collect()
 }
 
 /// The rows as JSON text byte-identical to VISOR's `json.dump(data, f, indent=2)`
@@ -155,14 +134,10 @@ pub fn read_rows(path: &Path) -> Result<Vec<PromptRow>> {
         if row.unique_id != i as u64 {
             return Err(Error::file(
                 path,
-                format!(
-                    "row {i} has unique_id {}, expected {i} (ids must equal positions)",
-                    row.unique_id
-                ),
+                format!("row {i} has unique_id {}, expected {i} (ids must equal positions)", row.unique_id),
             ));
         }
-        row.rel()
-            .map_err(|m| Error::file(path, format!("row {i}: field rel_type: {m}")))?;
+        row.rel().map_err(|m| Error::file(path, format!("row {i}: field rel_type: {m}")))?;
     }
     Ok(rows)
 }
@@ -176,10 +151,7 @@ mod tests {
         let v = Vocabulary::coco80();
         let rows = sr2d_rows(&v);
         assert_eq!(rows.len(), 31_680);
-        let spatial = rows
-            .iter()
-            .filter(|r| matches!(r.rel(), Ok(RelType::Spatial(_))))
-            .count();
+        let spatial = rows.iter().filter(|r| matches!(r.rel(), Ok(RelType::Spatial(_)))).count();
         assert_eq!(spatial, 25_280);
         assert_eq!(rows[1103].text, "a kite to the right of a bicycle");
         assert_eq!(rows[11036].text, "a cat below a bottle");
@@ -188,14 +160,9 @@ mod tests {
         assert_eq!(rows[8].text, "a person and a bicycle");
         assert_eq!(rows[8].rel_type, "and");
         let last = rows.last().unwrap();
-        assert_eq!(
-            (last.text.as_str(), last.rel_type.as_str(), last.num_objects),
-            ("a toothbrush", "single", 1)
-        );
+        assert_eq!((last.text.as_str(), last.rel_type.as_str(), last.num_objects), ("a toothbrush", "single", 1));
         assert_eq!(last.obj_2_attributes, vec![None]);
-        assert!(rows
-            .iter()
-            .any(|r| r.text == "an airplane above an umbrella"));
+        assert!(rows.iter().any(|r| r.text == "an airplane above an umbrella"));
         assert!(rows.iter().any(|r| r.text == "a hair drier below a tv"));
         for row in &rows {
             let p = row.prompt(&v).unwrap_or_else(|e| panic!("{e}"));
@@ -222,18 +189,12 @@ mod tests {
         assert_eq!(read_rows(&path).unwrap(), rows);
         rows[1].unique_id = 7;
         std::fs::write(&path, to_visor_json(&rows)).unwrap();
-        assert!(read_rows(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("row 1 has unique_id 7"));
+        assert!(read_rows(&path).unwrap_err().to_string().contains("row 1 has unique_id 7"));
         rows[1].unique_id = 1;
         rows[2].rel_type = "beside".into();
         std::fs::write(&path, to_visor_json(&rows)).unwrap();
         let e = read_rows(&path).unwrap_err().to_string();
-        assert!(
-            e.contains("row 2: field rel_type: unknown relation \"beside\""),
-            "{e}"
-        );
+        assert!(e.contains("row 2: field rel_type: unknown relation \"beside\""), "{e}");
         std::fs::write(&path, "[{\"unique_id\": 0").unwrap();
         assert!(read_rows(&path).unwrap_err().to_string().contains("p.json"));
     }

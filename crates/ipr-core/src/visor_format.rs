@@ -38,9 +38,7 @@ fn sra_from_json<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D
         serde_json::Value::Bool(b) => Ok(b),
         serde_json::Value::Number(n) if n.as_f64() == Some(0.0) => Ok(false),
         serde_json::Value::Number(n) if n.as_f64() == Some(1.0) => Ok(true),
-        other => Err(serde::de::Error::custom(format!(
-            "sra is {other}, expected 0, 1, true or false"
-        ))),
+        other => Err(serde::de::Error::custom(format!("sra is {other}, expected 0, 1, true or false"))),
     }
 }
 
@@ -57,14 +55,14 @@ impl VisorResult {
     }
 }
 
+/// Results-file entries in order: image key ("<unique_id>_<k>") and its result.
+pub type ResultEntries = Vec<(String, VisorResult)>;
+
 /// Split an image key "<unique_id>_<k>".
 pub fn parse_image_key(key: &str) -> std::result::Result<(u64, u32), String> {
     let bad = || format!("image key {key:?} is not \"<unique_id>_<k>\" with whole numbers");
     let (id, k) = key.split_once('_').ok_or_else(bad)?;
-    Ok((
-        id.parse().map_err(|_| bad())?,
-        k.parse().map_err(|_| bad())?,
-    ))
+    Ok((id.parse().map_err(|_| bad())?, k.parse().map_err(|_| bad())?))
 }
 
 pub fn image_key(prompt_id: u64, k: u32) -> String {
@@ -72,15 +70,10 @@ pub fn image_key(prompt_id: u64, k: u32) -> String {
 }
 
 /// Read a results file; entries keep the file's order. Errors name the file and the key.
-pub fn read_results(path: &Path) -> Result<Vec<(String, VisorResult)>> {
+pub fn read_results(path: &Path) -> Result<ResultEntries> {
     let text = crate::fs::read_to_string(path)?;
-    let map: serde_json::Map<String, serde_json::Value> =
-        crate::fs::from_json_str(&text).map_err(|m| {
-            Error::file(
-                path,
-                format!("{m} (expected a JSON object of image keys to results)"),
-            )
-        })?;
+    let map: serde_json::Map<String, serde_json::Value> = crate::fs::from_json_str(&text)
+        .map_err(|m| Error::file(path, format!("{m} (expected a JSON object of image keys to results)")))?;
     map.into_iter()
         .map(|(key, value)| {
             parse_image_key(&key).map_err(|m| Error::file(path, m))?;
@@ -93,15 +86,8 @@ pub fn read_results(path: &Path) -> Result<Vec<(String, VisorResult)>> {
 
 /// Write a results file (atomically), in the given order.
 pub fn write_results(path: &Path, entries: &[(String, VisorResult)]) -> Result<()> {
-    let map: serde_json::Map<String, serde_json::Value> = entries
-        .iter()
-        .map(|(k, r)| {
-            (
-                k.clone(),
-                serde_json::to_value(r).expect("result serialises"),
-            )
-        })
-        .collect();
+    let map: serde_json::Map<String, serde_json::Value> =
+        entries.iter().map(|(k, r)| (k.clone(), serde_json::to_value(r).expect("result serialises"))).collect();
     crate::fs::write_json(path, &map)
 }
 
@@ -116,10 +102,7 @@ pub fn score_results(
     for (key, r) in entries {
         let (id, _) = parse_image_key(key)?;
         let row = rows.get(id as usize).ok_or_else(|| {
-            format!(
-                "image key {key:?}: unique_id {id} is not in the prompt table ({} rows)",
-                rows.len()
-            )
+            format!("image key {key:?}: unique_id {id} is not in the prompt table ({} rows)", rows.len())
         })?;
         let RelType::Spatial(relation) = row.rel().map_err(|m| format!("prompt {id}: {m}"))? else {
             continue;
@@ -128,13 +111,7 @@ pub fn score_results(
             continue;
         };
         let found = |name: &str| r.classes.iter().any(|c| c == name);
-        out.push(ImageScore {
-            prompt_id: id,
-            relation,
-            found_a: found(a),
-            found_b: found(b),
-            sra: r.sra,
-        });
+        out.push(ImageScore { prompt_id: id, relation, found_a: found(a), found_b: found(b), sra: r.sra });
     }
     Ok(out)
 }
@@ -163,9 +140,7 @@ mod tests {
         let out = dir.path().join("out.json");
         write_results(&out, &entries).unwrap();
         assert_eq!(read_results(&out).unwrap(), entries);
-        assert!(std::fs::read_to_string(&out)
-            .unwrap()
-            .contains("\"sra\": 0"));
+        assert!(std::fs::read_to_string(&out).unwrap().contains("\"sra\": 0"));
     }
 
     #[test]
@@ -173,31 +148,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (text, want) in [
             (r#"{"1_0": {"classes": ["a"], "recall": 1, "sra": 0"#, "EOF"),
-            (
-                r#"{"1_0": {"classes": ["a"], "sra": 0}}"#,
-                "key \"1_0\": missing field `recall`",
-            ),
-            (
-                r#"{"1_0": {"classes": ["a"], "recall": 1, "sra": 2}}"#,
-                "key \"1_0\": field sra: sra is 2",
-            ),
-            (
-                r#"{"1-0": {"classes": [], "recall": 0, "sra": 0}}"#,
-                "image key \"1-0\"",
-            ),
-            (
-                r#"{"1_0": {"classes": "a", "recall": 1, "sra": 0}}"#,
-                "field classes",
-            ),
+            (r#"{"1_0": {"classes": ["a"], "sra": 0}}"#, "key \"1_0\": missing field `recall`"),
+            (r#"{"1_0": {"classes": ["a"], "recall": 1, "sra": 2}}"#, "key \"1_0\": field sra: sra is 2"),
+            (r#"{"1-0": {"classes": [], "recall": 0, "sra": 0}}"#, "image key \"1-0\""),
+            (r#"{"1_0": {"classes": "a", "recall": 1, "sra": 0}}"#, "field classes"),
             (r#"[1, 2]"#, "expected a JSON object"),
         ] {
-            let e = read_results(&write(dir.path(), text))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains("results.json") && e.contains(want),
-                "{e} (wanted {want})"
-            );
+            let e = read_results(&write(dir.path(), text)).unwrap_err().to_string();
+            assert!(e.contains("results.json") && e.contains(want), "{e} (wanted {want})");
         }
     }
 }

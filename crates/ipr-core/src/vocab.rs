@@ -124,11 +124,7 @@ impl Vocabulary {
                 let name = n.into();
                 let article = indefinite_article(&name);
                 let plural = plural(&name);
-                ObjectName {
-                    name,
-                    article,
-                    plural,
-                }
+                ObjectName { name, article, plural }
             })
             .collect();
         Self::from_objects(objects)
@@ -145,16 +141,10 @@ impl Vocabulary {
             validate_name(&o.name)?;
             validate_name(&o.plural).map_err(|e| format!("plural of {:?}: {e}", o.name))?;
             if !matches!(o.article, "a" | "an") {
-                return Err(format!(
-                    "article of {:?} is {:?}, expected \"a\" or \"an\"",
-                    o.name, o.article
-                ));
+                return Err(format!("article of {:?} is {:?}, expected \"a\" or \"an\"", o.name, o.article));
             }
             if by_name.insert(o.name.clone(), id).is_some() {
-                return Err(format!(
-                    "object name {:?} appears twice in the vocabulary",
-                    o.name
-                ));
+                return Err(format!("object name {:?} appears twice in the vocabulary", o.name));
             }
             // Count captions are parsed through the plural, so it must name one class only.
             if let Some(other) = by_plural.insert(o.plural.clone(), id) {
@@ -164,11 +154,7 @@ impl Vocabulary {
                 ));
             }
         }
-        Ok(Self {
-            objects,
-            by_name,
-            by_plural,
-        })
+        Ok(Self { objects, by_name, by_plural })
     }
 
     /// The COCO-80 vocabulary of SR2D.
@@ -199,12 +185,8 @@ impl Vocabulary {
 
     /// The id of `name`, or an error listing what was expected.
     pub fn require(&self, name: &str) -> Result<ObjectId, String> {
-        self.id(name).ok_or_else(|| {
-            format!(
-                "unknown object name {name:?}: not in the vocabulary ({} names)",
-                self.len()
-            )
-        })
+        self.id(name)
+            .ok_or_else(|| format!("unknown object name {name:?}: not in the vocabulary ({} names)", self.len()))
     }
 
     pub fn name(&self, id: ObjectId) -> &str {
@@ -236,14 +218,10 @@ fn validate_name(name: &str) -> Result<(), String> {
         return Err("object name is empty".into());
     }
     if name.split(' ').any(str::is_empty) {
-        return Err(format!(
-            "object name {name:?} has leading, trailing or double spaces"
-        ));
+        return Err(format!("object name {name:?} has leading, trailing or double spaces"));
     }
     if name.chars().any(|c| c.is_uppercase() || c.is_control()) {
-        return Err(format!(
-            "object name {name:?} must be lower case without control characters"
-        ));
+        return Err(format!("object name {name:?} must be lower case without control characters"));
     }
     Ok(())
 }
@@ -254,9 +232,7 @@ fn validate_name(name: &str) -> Result<(), String> {
 pub fn indefinite_article(name: &str) -> &'static str {
     let w = name.split(' ').next().unwrap_or("");
     const AN_SILENT_H: [&str; 4] = ["hour", "honest", "honor", "heir"];
-    const A_BEFORE_VOWEL: [&str; 10] = [
-        "uni", "use", "usu", "uti", "ura", "ure", "eu", "ewe", "one", "once",
-    ];
+    const A_BEFORE_VOWEL: [&str; 10] = ["uni", "use", "usu", "uti", "ura", "ure", "eu", "ewe", "one", "once"];
     if AN_SILENT_H.iter().any(|p| w.starts_with(p)) {
         return "an";
     }
@@ -294,9 +270,7 @@ fn plural_word(w: &str) -> String {
         ("loaf", "loaves"),
     ];
     // Nouns that are already plural or do not change.
-    const INVARIANT: [&str; 8] = [
-        "sheep", "deer", "fish", "scissors", "skis", "broccoli", "glasses", "pants",
-    ];
+    const INVARIANT: [&str; 8] = ["sheep", "deer", "fish", "scissors", "skis", "broccoli", "glasses", "pants"];
     if let Some((_, p)) = IRREGULAR.iter().find(|(s, _)| *s == w) {
         return (*p).to_string();
     }
@@ -307,10 +281,7 @@ fn plural_word(w: &str) -> String {
     if ends("s") || ends("x") || ends("z") || ends("ch") || ends("sh") {
         return format!("{w}es");
     }
-    if ends("y")
-        && w.len() > 1
-        && !matches!(w.as_bytes()[w.len() - 2], b'a' | b'e' | b'i' | b'o' | b'u')
-    {
+    if ends("y") && w.len() > 1 && !matches!(w.as_bytes()[w.len() - 2], b'a' | b'e' | b'i' | b'o' | b'u') {
         return format!("{}ies", &w[..w.len() - 1]);
     }
     if ends("fe") {
@@ -326,16 +297,8 @@ mod tests {
     #[test]
     fn coco_articles_match_inflect() {
         let v = Vocabulary::coco80();
-        let an: Vec<&str> = v
-            .objects()
-            .iter()
-            .filter(|o| o.article == "an")
-            .map(|o| o.name.as_str())
-            .collect();
-        assert_eq!(
-            an,
-            ["airplane", "elephant", "umbrella", "apple", "orange", "oven"]
-        );
+        let an: Vec<&str> = v.objects().iter().filter(|o| o.article == "an").map(|o| o.name.as_str()).collect();
+        assert_eq!(an, ["airplane", "elephant", "umbrella", "apple", "orange", "oven"]);
         assert_eq!(v.with_article(v.id("hair drier").unwrap()), "a hair drier");
         assert_eq!(v.with_article(v.id("tv").unwrap()), "a tv");
         assert_eq!(v.with_article(v.id("hot dog").unwrap()), "a hot dog");
@@ -378,14 +341,9 @@ mod tests {
 
     #[test]
     fn other_articles() {
-        for (w, a) in [
-            ("unicorn", "a"),
-            ("hour glass", "an"),
-            ("egg", "an"),
-            ("euro", "a"),
-            ("ice cube", "an"),
-            ("house", "a"),
-        ] {
+        for (w, a) in
+            [("unicorn", "a"), ("hour glass", "an"), ("egg", "an"), ("euro", "a"), ("ice cube", "an"), ("house", "a")]
+        {
             assert_eq!(indefinite_article(w), a, "{w}");
         }
     }
@@ -393,16 +351,9 @@ mod tests {
     #[test]
     fn rejects_bad_vocabularies() {
         assert!(Vocabulary::new(Vec::<String>::new()).is_err());
-        assert!(Vocabulary::new(["dog", "dog"])
-            .unwrap_err()
-            .contains("twice"));
-        assert!(Vocabulary::new(["hot  dog"])
-            .unwrap_err()
-            .contains("double"));
+        assert!(Vocabulary::new(["dog", "dog"]).unwrap_err().contains("twice"));
+        assert!(Vocabulary::new(["hot  dog"]).unwrap_err().contains("double"));
         assert!(Vocabulary::new(["Dog"]).unwrap_err().contains("lower case"));
-        assert!(Vocabulary::coco80()
-            .require("unicorn")
-            .unwrap_err()
-            .contains("unicorn"));
+        assert!(Vocabulary::coco80().require("unicorn").unwrap_err().contains("unicorn"));
     }
 }

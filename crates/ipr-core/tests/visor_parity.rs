@@ -27,17 +27,12 @@ fn sr2d_is_byte_identical_to_visors_file() {
 fn metrics_match_visor_py() {
     let rows = sr2d_rows(&Vocabulary::coco80());
     let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap();
     let models = expected["models"].as_object().unwrap();
     assert_eq!(models.len(), 4);
     for (name, want) in models {
         let entries = read_results(&fixtures().join(format!("results_{name}.json"))).unwrap();
-        assert_eq!(
-            entries.len() as f64,
-            want["Num_Imgs"].as_f64().unwrap(),
-            "{name}: visor.py counts every entry"
-        );
+        assert_eq!(entries.len() as f64, want["Num_Imgs"].as_f64().unwrap(), "{name}: visor.py counts every entry");
         let m = visor_metrics(&score_results(&entries, &rows).unwrap()).unwrap();
         for (key, got) in [
             ("OA", m.oa),
@@ -50,10 +45,7 @@ fn metrics_match_visor_py() {
         ] {
             // visor.py prints two decimals.
             let w = want[key].as_f64().unwrap();
-            assert!(
-                (got - w).abs() <= 0.005 + 1e-9,
-                "{name} {key}: ipr {got}, visor.py {w}"
-            );
+            assert!((got - w).abs() <= 0.005 + 1e-9, "{name} {key}: ipr {got}, visor.py {w}");
         }
     }
 }
@@ -76,9 +68,7 @@ fn judge_reproduces_visor_sra() {
                 .classes
                 .iter()
                 .zip(&r.centroid)
-                .map(|(c, [x, y])| {
-                    Detection::new(c.clone(), 0.5, BBox::new(*x, *y, *x, *y).unwrap()).unwrap()
-                })
+                .map(|(c, [x, y])| Detection::new(c.clone(), 0.5, BBox::new(*x, *y, *x, *y).unwrap()).unwrap())
                 .collect();
             let verdict = judge(&row.prompt(&vocab).unwrap(), &detections, &vocab).unwrap();
             assert_eq!(verdict.visor_sra, r.sra, "{name} {key}");

@@ -1,0 +1,23 @@
+//! One module per command: argument structs and a thin call into the libraries.
+
+pub mod eval;
+pub mod prompts;
+pub mod relabel;
+pub mod run;
+
+use anyhow::{Context, Result};
+use ipr_core::Vocabulary;
+use std::path::Path;
+
+/// The vocabulary named on the command line: "coco80" (SR2D's), or a JSON file holding an
+/// array of class names.
+pub fn load_vocab(spec: &str) -> Result<Vocabulary> {
+    if spec == "coco80" {
+        return Ok(Vocabulary::coco80());
+    }
+    let path = Path::new(spec);
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading vocabulary {}", path.display()))?;
+    let names: Vec<String> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON array of class names", path.display()))?;
+    Vocabulary::new(names).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}

@@ -1,0 +1,122 @@
+//! The `ipr` binary end to end: the commands of the foundation, on real files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ipr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ipr")).args(args).output().expect("ipr runs")
+}
+
+fn visor_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ipr-core/tests/fixtures/visor")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn prompts_sr2d_writes_visors_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sr2d.json");
+    let o = ipr(&["prompts", "sr2d", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(rows.len(), 31_680);
+    assert_eq!(rows[1103]["text"], "a kite to the right of a bicycle");
+    assert_eq!(rows[11036]["text"], "a cat below a bottle");
+    let keys: Vec<_> = rows[0].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(keys, ["unique_id", "num_objects", "obj_1_attributes", "obj_2_attributes", "rel_type", "text"]);
+}
+
+#[test]
+fn eval_visor_json_prints_one_object_matching_visor_py() {
+    let results = visor_fixtures().join("results_seed2.json");
+    let o = ipr(&["eval", "visor", "--results", results.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(stdout.trim().lines().count(), 1, "one JSON object on one line");
+    let got: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let keys: Vec<_> = got.keys().cloned().collect();
+    assert_eq!(keys, ["OA", "VISOR_uncond", "VISOR_cond", "VISOR_1", "VISOR_2", "VISOR_3", "VISOR_4"]);
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(visor_fixtures().join("expected.json")).unwrap()).unwrap();
+    for k in keys {
+        let (g, w) = (got[&k].as_f64().unwrap(), expected["models"]["seed2"][&k].as_f64().unwrap());
+        assert!((g - w).abs() <= 0.005 + 1e-9, "{k}: {g} vs visor.py {w}");
+    }
+    // The readable table.
+    let o = ipr(&["eval", "visor", "--results", results.to_str().unwrap(), "--by-relation"]);
+    let table = String::from_utf8(o.stdout).unwrap();
+    assert!(table.contains("VISOR_uncond") && table.contains("above"), "{table}");
+}
+
+#[test]
+fn bad_inputs_fail_with_the_place_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"12_0": {"classes": ["dog"], "recall": 1}}"#).unwrap();
+    let o = ipr(&["eval", "visor", "--results", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("bad.json") && e.contains("\"12_0\"") && e.contains("missing field `sra`"), "{e}");
+    let o = ipr(&["eval", "visor", "--results", dir.path().join("missing.json").to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("missing.json"));
+    let o = ipr(&["relabel", "--detections", bad.to_str().unwrap(), "--policy", "best", "--out", "x"]);
+    assert!(!o.status.success() && stderr(&o).contains("best"), "{}", stderr(&o));
+}
+
+#[test]
+fn detections_to_labelled_imagefolder_and_visor_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples");
+    std::fs::create_dir(&samples).unwrap();
+    let det = |k: u32, dog: f64, cat: f64| {
+        serde_json::json!({"file_name": format!("10801_{k}.png"), "prompt_id": 10801, "prompt": "a dog to the left of a cat",
+            "image_index": k, "detections": [{"label": "dog", "score": 0.9, "box": [dog, 0.0, dog + 2.0, 2.0]},
+                                              {"label": "cat", "score": 0.8, "box": [cat, 0.0, cat + 2.0, 2.0]}]})
+    };
+    let lines: Vec<String> = [det(0, 0.0, 10.0), det(1, 10.0, 0.0)].iter().map(|v| v.to_string()).collect();
+    let detections = dir.path().join("detections.jsonl");
+    std::fs::write(&detections, lines.join("\n") + "\n").unwrap();
+    for k in 0..2 {
+        std::fs::write(samples.join(format!("10801_{k}.png")), b"not decoded here").unwrap();
+    }
+    let out = dir.path().join("labelled");
+    let o = ipr(&[
+        "relabel",
+        "--detections",
+        detections.to_str().unwrap(),
+        "--policy",
+        "paper",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta = std::fs::read_to_string(out.join("metadata.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = meta.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows[0]["prompt"], "a dog to the left of a cat");
+    assert_eq!(rows[1]["prompt"], "a dog to the right of a cat");
+    assert_eq!((rows[1]["weight"].as_f64(), rows[1]["reason"].as_str()), (Some(0.5), Some("location")));
+    assert!(out.join("10801_1.png").is_file());
+
+    let results = dir.path().join("results.json");
+    let o = ipr(&[
+        "eval",
+        "visor",
+        "--detections",
+        detections.to_str().unwrap(),
+        "--write-results",
+        results.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((m["OA"].as_f64(), m["VISOR_uncond"].as_f64()), (Some(100.0), Some(50.0)));
+    // The written results file scores the same through VISOR's path.
+    // Prompt 10801 of SR2D is "a dog to the left of a cat": the written results file, scored
+    // through VISOR's path (objects from the SR2D table), gives the same numbers.
+    let o2 = ipr(&["eval", "visor", "--results", results.to_str().unwrap(), "--json"]);
+    assert!(o2.status.success(), "{}", stderr(&o2));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&o2.stdout).unwrap(), m);
+}
