@@ -143,6 +143,45 @@ mod tests {
         assert!(std::fs::read_to_string(&out).unwrap().contains("\"sra\": 0"));
     }
 
+    /// A results file worked out by hand, with "and" and single rows that must be skipped and
+    /// prompts with fewer than 4 images.
+    #[test]
+    fn hand_computed_results_file() {
+        use crate::metrics::visor_metrics;
+        let rows = crate::sr2d::sr2d_rows(&crate::Vocabulary::coco80());
+        // 0: "a person to the left of a bicycle"; 4: "a person above a bicycle";
+        // 8: "a person and a bicycle" (and); 31600: "a person" (single).
+        assert_eq!(
+            (rows[0].text.as_str(), rows[4].text.as_str()),
+            ("a person to the left of a bicycle", "a person above a bicycle")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            r#"{
+            "0_0": {"classes": ["person", "bicycle"], "recall": 2, "sra": 1},
+            "0_1": {"classes": ["person", "bicycle", "bicycle"], "recall": 2, "sra": 0},
+            "0_2": {"classes": ["person"], "recall": 1, "sra": 0},
+            "4_0": {"classes": ["bicycle", "person"], "recall": 2, "sra": true},
+            "8_0": {"classes": [], "recall": 0, "sra": 0},
+            "8_1": {"classes": ["person", "bicycle"], "recall": 2, "sra": 1},
+            "31600_0": {"classes": ["person"], "recall": 1, "sra": 1}
+        }"#,
+        );
+        let scores = score_results(&read_results(&p).unwrap(), &rows).unwrap();
+        assert_eq!(scores.len(), 4, "the 'and' and single rows are skipped");
+        let m = visor_metrics(&scores).unwrap();
+        // Both found in 3 of 4 images; 2 of those 3 correct; prompt 0 has 1 correct of 3
+        // images, prompt 4 has 1 of 1.
+        assert_eq!(m.oa, 75.0);
+        assert!((m.visor_cond - 200.0 / 3.0).abs() < 1e-12);
+        assert_eq!(m.visor_uncond, 50.0);
+        assert_eq!((m.visor_1, m.visor_2, m.visor_3, m.visor_4), (100.0, 0.0, 0.0, 0.0));
+        assert_eq!((m.obj_acc_a, m.obj_acc_b), (100.0, 75.0));
+        let e = score_results(&[("40000_0".into(), read_results(&p).unwrap()[0].1.clone())], &rows).unwrap_err();
+        assert!(e.contains("unique_id 40000 is not in the prompt table"), "{e}");
+    }
+
     #[test]
     fn malformed_results_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
