@@ -43,12 +43,7 @@ impl Default for CaptionNoise {
     /// The rates of the probe described in the design (30% correct, 15% wrong, the rest
     /// "and"); one scene in six has one object, one in ten three.
     fn default() -> Self {
-        Self {
-            p_correct_relation: 0.30,
-            p_wrong_relation: 0.15,
-            p_single: 1.0 / 6.0,
-            p_three: 0.10,
-        }
+        Self { p_correct_relation: 0.30, p_wrong_relation: 0.15, p_single: 1.0 / 6.0, p_three: 0.10 }
     }
 }
 
@@ -67,9 +62,7 @@ impl CaptionNoise {
         }
         let rel = self.p_correct_relation + self.p_wrong_relation;
         if rel > 1.0 + 1e-12 {
-            return Err(format!(
-                "p_correct_relation + p_wrong_relation is {rel}, expected at most 1"
-            ));
+            return Err(format!("p_correct_relation + p_wrong_relation is {rel}, expected at most 1"));
         }
         let mix = self.p_single + self.p_three;
         if mix > 1.0 + 1e-12 {
@@ -112,11 +105,7 @@ pub struct CaptionedScenes {
 impl CaptionedScenes {
     pub fn new(noise: CaptionNoise, seed: u64) -> Result<Self, String> {
         noise.validate()?;
-        Ok(Self {
-            noise,
-            seed,
-            vocab: vocabulary(),
-        })
+        Ok(Self { noise, seed, vocab: vocabulary() })
     }
 
     pub fn noise(&self) -> &CaptionNoise {
@@ -129,13 +118,7 @@ impl CaptionedScenes {
         rng.set_stream(index);
         let (scene, caption, kind) = self.scene_and_caption(&mut rng);
         let text = caption.render(&self.vocab);
-        TrainingPair {
-            image: render(&scene),
-            scene,
-            caption,
-            text,
-            kind,
-        }
+        TrainingPair { image: render(&scene), scene, caption, text, kind }
     }
 
     /// Samples `start..start + n`.
@@ -147,11 +130,7 @@ impl CaptionedScenes {
         let u: f64 = rng.random();
         if u < self.noise.p_single {
             let a = rng.random_range(0..NUM_CLASSES);
-            return (
-                Scene::single(a, rng),
-                Prompt::Single { a },
-                CaptionKind::Single,
-            );
+            return (Scene::single(a, rng), Prompt::Single { a }, CaptionKind::Single);
         }
         if u < self.noise.p_single + self.noise.p_three {
             return three_objects(rng);
@@ -160,32 +139,17 @@ impl CaptionedScenes {
         let relation = Relation::ALL[rng.random_range(0..4)];
         let scene = Scene::spatial(a, relation, b, rng);
         // Mention the objects in either order; the true relation follows the order.
-        let (a, relation, b) = if rng.random_bool(0.5) {
-            (a, relation, b)
-        } else {
-            (b, relation.opposite(), a)
-        };
+        let (a, relation, b) = if rng.random_bool(0.5) { (a, relation, b) } else { (b, relation.opposite(), a) };
         let v: f64 = rng.random();
         if v < self.noise.p_correct_relation {
-            (
-                scene,
-                Prompt::Spatial { a, relation, b },
-                CaptionKind::CorrectRelation,
-            )
+            (scene, Prompt::Spatial { a, relation, b }, CaptionKind::CorrectRelation)
         } else if v < self.noise.p_correct_relation + self.noise.p_wrong_relation {
             let (ca, cb) = (center_of(&scene, a), center_of(&scene, b));
             // A wrong caption says something false by VISOR's centre test: the opposite relation,
             // or the cross-axis relation whose (small) offset points the other way.
-            let wrong: Vec<Relation> = Relation::ALL
-                .into_iter()
-                .filter(|r| !r.holds(ca, cb))
-                .collect();
+            let wrong: Vec<Relation> = Relation::ALL.into_iter().filter(|r| !r.holds(ca, cb)).collect();
             let relation = wrong[rng.random_range(0..wrong.len())];
-            (
-                scene,
-                Prompt::Spatial { a, relation, b },
-                CaptionKind::WrongRelation,
-            )
+            (scene, Prompt::Spatial { a, relation, b }, CaptionKind::WrongRelation)
         } else {
             (scene, Prompt::And { a, b }, CaptionKind::And)
         }
@@ -210,20 +174,11 @@ fn three_objects<R: Rng + ?Sized>(rng: &mut R) -> (Scene, Prompt, CaptionKind) {
         (vec![a, b, c], vec![(a, 1), (b, 1), (c, 1)])
     };
     let scene = Scene::with_classes(&classes, rng);
-    (
-        scene,
-        Prompt::Count { counts }.canonical(),
-        CaptionKind::Count,
-    )
+    (scene, Prompt::Count { counts }.canonical(), CaptionKind::Count)
 }
 
 fn center_of(scene: &Scene, class: ObjectId) -> (f64, f64) {
-    scene
-        .objects
-        .iter()
-        .find(|o| o.class == class)
-        .expect("the caption's object is in the scene")
-        .center()
+    scene.objects.iter().find(|o| o.class == class).expect("the caption's object is in the scene").center()
 }
 
 #[cfg(test)]
@@ -233,12 +188,7 @@ mod tests {
     /// Measure the rates from the scenes themselves (geometry and counts), not from `kind`.
     #[test]
     fn measured_rates_match_the_parameters() {
-        let noise = CaptionNoise {
-            p_correct_relation: 0.4,
-            p_wrong_relation: 0.2,
-            p_single: 0.1,
-            p_three: 0.2,
-        };
+        let noise = CaptionNoise { p_correct_relation: 0.4, p_wrong_relation: 0.2, p_single: 0.1, p_three: 0.2 };
         let gen = CaptionedScenes::new(noise, 5).unwrap();
         let n = 6000;
         let (mut single, mut three, mut two, mut correct, mut wrong, mut and) = (0, 0, 0, 0, 0, 0);
@@ -250,10 +200,8 @@ mod tests {
                 p => p.objects().into_iter().map(|c| (c, 1)).collect(),
             };
             named.sort();
-            let mut present: Vec<(ObjectId, usize)> = (0..NUM_CLASSES)
-                .map(|c| (c, s.scene.count(c)))
-                .filter(|x| x.1 > 0)
-                .collect();
+            let mut present: Vec<(ObjectId, usize)> =
+                (0..NUM_CLASSES).map(|c| (c, s.scene.count(c))).filter(|x| x.1 > 0).collect();
             present.sort();
             assert_eq!(named, present, "sample {i}: {}", s.text);
             assert_eq!(Prompt::parse(&s.text, &vocabulary()).unwrap(), s.caption);
@@ -279,9 +227,7 @@ mod tests {
         }
         let rate = |k: i32, of: i32| f64::from(k) / f64::from(of);
         // Binomial standard errors are below 0.007 here; allow about four of them.
-        let close = |got: f64, want: f64, what: &str| {
-            assert!((got - want).abs() < 0.025, "{what}: {got} vs {want}")
-        };
+        let close = |got: f64, want: f64, what: &str| assert!((got - want).abs() < 0.025, "{what}: {got} vs {want}");
         close(rate(single, n as i32), 0.1, "single");
         close(rate(three, n as i32), 0.2, "three");
         close(rate(correct, two), 0.4, "correct relation");
@@ -301,22 +247,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_rates() {
-        let bad = CaptionNoise {
-            p_correct_relation: 0.8,
-            p_wrong_relation: 0.3,
-            ..Default::default()
-        };
-        assert!(CaptionedScenes::new(bad, 0)
-            .unwrap_err()
-            .contains("at most 1"));
-        let bad = CaptionNoise {
-            p_single: -0.1,
-            ..Default::default()
-        };
+        let bad = CaptionNoise { p_correct_relation: 0.8, p_wrong_relation: 0.3, ..Default::default() };
+        assert!(CaptionedScenes::new(bad, 0).unwrap_err().contains("at most 1"));
+        let bad = CaptionNoise { p_single: -0.1, ..Default::default() };
         assert!(bad.validate().unwrap_err().contains("p_single is -0.1"));
-        let e = serde_json::from_str::<CaptionNoise>(r#"{"p_wrong": 0.1}"#)
-            .unwrap_err()
-            .to_string();
+        let e = serde_json::from_str::<CaptionNoise>(r#"{"p_wrong": 0.1}"#).unwrap_err().to_string();
         assert!(e.contains("p_wrong"), "{e}");
     }
 }

@@ -38,46 +38,14 @@ pub struct ClassSpec {
 
 /// The classes in vocabulary order (ids are positions).
 pub const CLASSES: [ClassSpec; 8] = [
-    ClassSpec {
-        name: "apple",
-        shape: Shape::Disc,
-        hue: 0.0,
-    },
-    ClassSpec {
-        name: "carrot",
-        shape: Shape::TriangleDown,
-        hue: 45.0,
-    },
-    ClassSpec {
-        name: "leaf",
-        shape: Shape::Diamond,
-        hue: 90.0,
-    },
-    ClassSpec {
-        name: "tree",
-        shape: Shape::TriangleUp,
-        hue: 135.0,
-    },
-    ClassSpec {
-        name: "bubble",
-        shape: Shape::Ring,
-        hue: 180.0,
-    },
-    ClassSpec {
-        name: "box",
-        shape: Shape::Square,
-        hue: 225.0,
-    },
-    ClassSpec {
-        name: "candle",
-        shape: Shape::Bar,
-        hue: 270.0,
-    },
-    ClassSpec {
-        name: "flower",
-        shape: Shape::Cross,
-        hue: 315.0,
-    },
+    ClassSpec { name: "apple", shape: Shape::Disc, hue: 0.0 },
+    ClassSpec { name: "carrot", shape: Shape::TriangleDown, hue: 45.0 },
+    ClassSpec { name: "leaf", shape: Shape::Diamond, hue: 90.0 },
+    ClassSpec { name: "tree", shape: Shape::TriangleUp, hue: 135.0 },
+    ClassSpec { name: "bubble", shape: Shape::Ring, hue: 180.0 },
+    ClassSpec { name: "box", shape: Shape::Square, hue: 225.0 },
+    ClassSpec { name: "candle", shape: Shape::Bar, hue: 270.0 },
+    ClassSpec { name: "flower", shape: Shape::Cross, hue: 315.0 },
 ];
 
 /// Number of classes.
@@ -156,26 +124,10 @@ mod tests {
             for size in 6..=14 {
                 let (w, h) = (c.shape.width_for(size), size);
                 let covered = |i, j| c.shape.covers(i, j, w, h);
-                assert!(
-                    (0..w).any(|i| covered(i, 0)),
-                    "{} {size}: top row empty",
-                    c.name
-                );
-                assert!(
-                    (0..w).any(|i| covered(i, h - 1)),
-                    "{} {size}: bottom row empty",
-                    c.name
-                );
-                assert!(
-                    (0..h).any(|j| covered(0, j)),
-                    "{} {size}: left column empty",
-                    c.name
-                );
-                assert!(
-                    (0..h).any(|j| covered(w - 1, j)),
-                    "{} {size}: right column empty",
-                    c.name
-                );
+                assert!((0..w).any(|i| covered(i, 0)), "{} {size}: top row empty", c.name);
+                assert!((0..w).any(|i| covered(i, h - 1)), "{} {size}: bottom row empty", c.name);
+                assert!((0..h).any(|j| covered(0, j)), "{} {size}: left column empty", c.name);
+                assert!((0..h).any(|j| covered(w - 1, j)), "{} {size}: right column empty", c.name);
             }
         }
     }

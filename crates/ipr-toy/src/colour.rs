@@ -69,10 +69,7 @@ mod tests {
             assert!((c - 0.72 * 255.0).abs() < 1.5, "chroma {c}");
             let (h2, s, v) = rgb_to_hsv(rgb);
             assert_eq!(h2, h);
-            assert!(
-                (s - 0.8).abs() < 0.01 && (v - 0.9).abs() < 0.01,
-                "s {s} v {v}"
-            );
+            assert!((s - 0.8).abs() < 0.01 && (v - 0.9).abs() < 0.01, "s {s} v {v}");
         }
     }
 

@@ -17,9 +17,7 @@ pub fn gaussian_blur(img: &RgbImage, sigma: f64) -> RgbImage {
         return img.clone();
     }
     let radius = (3.0 * sigma).ceil() as i64;
-    let kernel: Vec<f64> = (-radius..=radius)
-        .map(|d| (-((d * d) as f64) / (2.0 * sigma * sigma)).exp())
-        .collect();
+    let kernel: Vec<f64> = (-radius..=radius).map(|d| (-((d * d) as f64) / (2.0 * sigma * sigma)).exp()).collect();
     let norm: f64 = kernel.iter().sum();
     let (w, h) = (i64::from(img.width()), i64::from(img.height()));
     let pass = |src: &[f64], horizontal: bool| -> Vec<f64> {
@@ -30,11 +28,8 @@ pub fn gaussian_blur(img: &RgbImage, sigma: f64) -> RgbImage {
                     let mut acc = 0.0;
                     for (k, weight) in kernel.iter().enumerate() {
                         let d = k as i64 - radius;
-                        let (sx, sy) = if horizontal {
-                            ((x + d).clamp(0, w - 1), y)
-                        } else {
-                            (x, (y + d).clamp(0, h - 1))
-                        };
+                        let (sx, sy) =
+                            if horizontal { ((x + d).clamp(0, w - 1), y) } else { (x, (y + d).clamp(0, h - 1)) };
                         acc += weight * src[((sy * w + sx) * 3 + ch) as usize];
                     }
                     out[((y * w + x) * 3 + ch) as usize] = acc / norm;
@@ -45,29 +40,17 @@ pub fn gaussian_blur(img: &RgbImage, sigma: f64) -> RgbImage {
     };
     let src: Vec<f64> = img.as_raw().iter().map(|&v| f64::from(v)).collect();
     let blurred = pass(&pass(&src, true), false);
-    let raw = blurred
-        .iter()
-        .map(|v| v.round().clamp(0.0, 255.0) as u8)
-        .collect();
+    let raw = blurred.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect();
     RgbImage::from_raw(img.width(), img.height(), raw).expect("same size")
 }
 
 /// Shift every pixel's hue by `hue_shift` degrees and scale its saturation and value.
 /// Grey pixels (the background) keep their hue-less grey, scaled by `value_scale`.
-pub fn drift_colour(
-    img: &RgbImage,
-    hue_shift: f64,
-    saturation_scale: f64,
-    value_scale: f64,
-) -> RgbImage {
+pub fn drift_colour(img: &RgbImage, hue_shift: f64, saturation_scale: f64, value_scale: f64) -> RgbImage {
     let mut out = img.clone();
     for p in out.pixels_mut() {
         let (h, s, v) = rgb_to_hsv(p.0);
-        p.0 = hsv_to_rgb(
-            h + hue_shift,
-            (s * saturation_scale).clamp(0.0, 1.0),
-            (v * value_scale).clamp(0.0, 1.0),
-        );
+        p.0 = hsv_to_rgb(h + hue_shift, (s * saturation_scale).clamp(0.0, 1.0), (v * value_scale).clamp(0.0, 1.0));
     }
     out
 }
@@ -77,11 +60,8 @@ pub fn add_noise(img: &RgbImage, amplitude: f64, seed: u64) -> RgbImage {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = img.clone();
     for p in out.pixels_mut() {
-        *p = Rgb(p.0.map(|v| {
-            (f64::from(v) + rng.random_range(-amplitude..=amplitude))
-                .round()
-                .clamp(0.0, 255.0) as u8
-        }));
+        *p =
+            Rgb(p.0.map(|v| (f64::from(v) + rng.random_range(-amplitude..=amplitude)).round().clamp(0.0, 255.0) as u8));
     }
     out
 }
@@ -110,13 +90,8 @@ mod tests {
         let (h, s, v) = rgb_to_hsv(d.get_pixel(0, 0).0);
         assert!(hue_distance(h, 115.0) < 1.0 && (s - 0.4).abs() < 0.01 && (v - 0.88).abs() < 0.01);
         let grey = RgbImage::from_pixel(2, 1, Rgb([100, 100, 100]));
-        assert_eq!(
-            hue_chroma(drift_colour(&grey, 40.0, 2.0, 1.0).get_pixel(0, 0).0).1,
-            0.0
-        );
+        assert_eq!(hue_chroma(drift_colour(&grey, 40.0, 2.0, 1.0).get_pixel(0, 0).0).1, 0.0);
         assert_eq!(add_noise(&grey, 5.0, 3), add_noise(&grey, 5.0, 3));
-        assert!(add_noise(&grey, 5.0, 3)
-            .pixels()
-            .all(|p| p.0.iter().all(|&v| (95..=105).contains(&v))));
+        assert!(add_noise(&grey, 5.0, 3).pixels().all(|p| p.0.iter().all(|&v| (95..=105).contains(&v))));
     }
 }

@@ -13,6 +13,7 @@ pub mod degrade;
 pub mod grid;
 pub mod render;
 pub mod split;
+pub mod tokenizer;
 pub mod world;
 
 pub use captions::{CaptionNoise, CaptionedScenes, TrainingPair};
@@ -20,4 +21,5 @@ pub use classes::{vocabulary, ClassSpec, Shape, CLASSES};
 pub use grid::write_grid;
 pub use render::render;
 pub use split::{PairSplit, Split};
+pub use tokenizer::WordTokenizer;
 pub use world::{PlacedObject, Rect, Scene, IMAGE_SIZE};

@@ -46,9 +46,7 @@ mod tests {
         let hash = render(&scene(42))
             .as_raw()
             .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            });
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         assert_eq!(hash, 17_605_458_036_520_510_023, "pixel hash of seed 42");
     }
 

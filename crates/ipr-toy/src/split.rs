@@ -55,9 +55,7 @@ pub type Pair = (ObjectId, ObjectId);
 
 /// Every unordered pair of classes in `itertools.combinations` order.
 pub fn all_pairs() -> Vec<Pair> {
-    (0..NUM_CLASSES)
-        .flat_map(|i| (i + 1..NUM_CLASSES).map(move |j| (i, j)))
-        .collect()
+    (0..NUM_CLASSES).flat_map(|i| (i + 1..NUM_CLASSES).map(move |j| (i, j))).collect()
 }
 
 /// A split of [`all_pairs`] into training and held-out pairs, each in combinations order.
@@ -96,16 +94,9 @@ impl PairSplit {
                 held_out.push((a, b));
             }
         }
-        assert_eq!(
-            held_out.len(),
-            NUM_HELD_OUT,
-            "the greedy draw always fills the held-out set"
-        );
+        assert_eq!(held_out.len(), NUM_HELD_OUT, "the greedy draw always fills the held-out set");
         held_out.sort();
-        let train = all_pairs()
-            .into_iter()
-            .filter(|p| !held_out.contains(p))
-            .collect();
+        let train = all_pairs().into_iter().filter(|p| !held_out.contains(p)).collect();
         PairSplit { train, held_out }
     }
 
@@ -136,10 +127,7 @@ impl PairSplit {
         sr2d_rows()
             .into_iter()
             .filter(|row| {
-                let (a, b) = (
-                    row.obj1().and_then(|n| vocab.id(n)),
-                    row.obj2().and_then(|n| vocab.id(n)),
-                );
+                let (a, b) = (row.obj1().and_then(|n| vocab.id(n)), row.obj2().and_then(|n| vocab.id(n)));
                 matches!((a, b), (Some(a), Some(b)) if self.split_of(a, b) == Some(split))
             })
             .collect()
@@ -147,10 +135,7 @@ impl PairSplit {
 
     /// The spatial rows (4 relations x both orders) of one side's pairs: what VISOR scores.
     pub fn spatial_rows(&self, split: Split) -> Vec<PromptRow> {
-        self.rows(split)
-            .into_iter()
-            .filter(|r| matches!(r.rel(), Ok(RelType::Spatial(_))))
-            .collect()
+        self.rows(split).into_iter().filter(|r| matches!(r.rel(), Ok(RelType::Spatial(_)))).collect()
     }
 }
 
@@ -172,11 +157,7 @@ mod tests {
         assert_eq!(s.pairs(Split::HeldOut).len(), 7);
         let v = vocabulary();
         let names = |split| {
-            s.pairs(split)
-                .iter()
-                .map(|&(a, b)| format!("{}+{}", v.name(a), v.name(b)))
-                .collect::<Vec<_>>()
-                .join(" ")
+            s.pairs(split).iter().map(|&(a, b)| format!("{}+{}", v.name(a), v.name(b))).collect::<Vec<_>>().join(" ")
         };
         // The held-out pairs, spelled out: a change here changes every held-out number.
         assert_eq!(
@@ -185,13 +166,8 @@ mod tests {
         );
         let checksum = names(Split::Train)
             .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            });
-        assert_eq!(
-            checksum, 4_262_290_302_599_854_463,
-            "FNV-1a of the training pair list"
-        );
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        assert_eq!(checksum, 4_262_290_302_599_854_463, "FNV-1a of the training pair list");
         assert_eq!(PairSplit::with_seed(SPLIT_SEED), s);
         assert_ne!(PairSplit::with_seed(1), s);
     }
@@ -229,19 +205,10 @@ mod tests {
         let s = PairSplit::fixed();
         let (train, held) = (s.spatial_rows(Split::Train), s.spatial_rows(Split::HeldOut));
         assert_eq!((train.len(), held.len()), (21 * 8, 7 * 8));
-        assert_eq!(
-            (s.rows(Split::Train).len(), s.rows(Split::HeldOut).len()),
-            (21 * 10, 7 * 10)
-        );
+        assert_eq!((s.rows(Split::Train).len(), s.rows(Split::HeldOut).len()), (21 * 10, 7 * 10));
         for row in train.iter().chain(&held) {
-            assert_eq!(
-                all[row.unique_id as usize], *row,
-                "ids are those of the full list"
-            );
-            assert!(matches!(
-                row.prompt(&v),
-                Ok(ipr_core::Prompt::Spatial { .. })
-            ));
+            assert_eq!(all[row.unique_id as usize], *row, "ids are those of the full list");
+            assert!(matches!(row.prompt(&v), Ok(ipr_core::Prompt::Spatial { .. })));
         }
         assert!(train.iter().all(|p| !held.iter().any(|q| q.text == p.text)));
         assert_eq!(held[0].text, "an apple to the left of a carrot");

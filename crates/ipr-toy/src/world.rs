@@ -65,12 +65,7 @@ impl PlacedObject {
     /// An object of `class` drawn in `rect`; its box is computed from the shape's pixels.
     pub fn new(class_id: ObjectId, rect: Rect, colour: [u8; 3]) -> Self {
         let bbox = drawn_box(class(class_id).shape, rect);
-        Self {
-            class: class_id,
-            rect,
-            colour,
-            bbox,
-        }
+        Self { class: class_id, rect, colour, bbox }
     }
 
     /// The shape of the object's class.
@@ -103,29 +98,19 @@ impl Scene {
     }
 
     /// `a` stands in `relation` to `b`, unambiguously (see the module doc).
-    pub fn spatial<R: Rng + ?Sized>(
-        a: ObjectId,
-        relation: Relation,
-        b: ObjectId,
-        rng: &mut R,
-    ) -> Scene {
+    pub fn spatial<R: Rng + ?Sized>(a: ObjectId, relation: Relation, b: ObjectId, rng: &mut R) -> Scene {
         let mut max_size = SIZE_RANGE.1;
         loop {
             for _ in 0..MAX_TRIES {
                 let oa = random_object(a, max_size, rng);
                 let ob = random_object(b, max_size, rng);
                 if unambiguous(&oa, relation, &ob) {
-                    return Scene {
-                        objects: vec![oa, ob],
-                    };
+                    return Scene { objects: vec![oa, ob] };
                 }
             }
             // Unreachable at the default sizes (two 13 px objects fit side by side); kept so a
             // change of constants degrades to smaller objects instead of looping forever.
-            assert!(
-                max_size > MIN_SIZE,
-                "no room for a spatial scene on a {IMAGE_SIZE} px canvas"
-            );
+            assert!(max_size > MIN_SIZE, "no room for a spatial scene on a {IMAGE_SIZE} px canvas");
             max_size -= 1;
         }
     }
@@ -145,11 +130,7 @@ impl Scene {
                 }
                 return Scene { objects };
             }
-            assert!(
-                max_size > MIN_SIZE,
-                "{} objects do not fit on a {IMAGE_SIZE} px canvas",
-                classes.len()
-            );
+            assert!(max_size > MIN_SIZE, "{} objects do not fit on a {IMAGE_SIZE} px canvas", classes.len());
             max_size -= 1;
         }
     }
