@@ -15,14 +15,8 @@ use crate::error::{Error, Result};
 
 /// Reads and parses a JSON file, naming the file in any error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }
 
 /// A config value that diffusers accepts either as one number for all blocks or as one per block.
@@ -39,11 +33,9 @@ impl PerBlock {
         match self {
             PerBlock::One(v) => Ok(vec![*v; n]),
             PerBlock::Each(v) if v.len() == n => Ok(v.clone()),
-            PerBlock::Each(v) => Err(Error::config(
-                path,
-                key,
-                format!("has {} entries, expected one per down block ({n})", v.len()),
-            )),
+            PerBlock::Each(v) => {
+                Err(Error::config(path, key, format!("has {} entries, expected one per down block ({n})", v.len())))
+            }
         }
     }
 }
@@ -58,24 +50,10 @@ fn d_blocks() -> Vec<usize> {
     vec![320, 640, 1280, 1280]
 }
 fn d_down_blocks() -> Vec<String> {
-    [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
 fn d_up_blocks() -> Vec<String> {
-    [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
 }
 fn d_4() -> usize {
     4
@@ -251,22 +229,13 @@ impl UNetConfig {
             other => return bad("mid_block_type", format!("unsupported value {other:?}")),
         }
         if self.act_fn != "silu" {
-            return bad(
-                "act_fn",
-                format!("only \"silu\" is supported, got {:?}", self.act_fn),
-            );
+            return bad("act_fn", format!("only \"silu\" is supported, got {:?}", self.act_fn));
         }
         if self.time_embedding_type != "positional" {
-            return bad(
-                "time_embedding_type",
-                "only \"positional\" is supported".into(),
-            );
+            return bad("time_embedding_type", "only \"positional\" is supported".into());
         }
         if self.resnet_time_scale_shift != "default" {
-            return bad(
-                "resnet_time_scale_shift",
-                "only \"default\" is supported".into(),
-            );
+            return bad("resnet_time_scale_shift", "only \"default\" is supported".into());
         }
         if self.attention_type != "default" {
             return bad("attention_type", "only \"default\" is supported".into());
@@ -280,32 +249,21 @@ impl UNetConfig {
             ("class_embed_type", self.class_embed_type.is_some()),
             ("num_class_embeds", self.num_class_embeds.is_some()),
             ("time_embedding_dim", self.time_embedding_dim.is_some()),
-            (
-                "time_embedding_act_fn",
-                self.time_embedding_act_fn.is_some(),
-            ),
+            ("time_embedding_act_fn", self.time_embedding_act_fn.is_some()),
             ("timestep_post_act", self.timestep_post_act.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
             ("encoder_hid_dim_type", self.encoder_hid_dim_type.is_some()),
             ("cross_attention_norm", self.cross_attention_norm.is_some()),
-            (
-                "mid_block_only_cross_attention",
-                self.mid_block_only_cross_attention == Some(true),
-            ),
+            ("mid_block_only_cross_attention", self.mid_block_only_cross_attention == Some(true)),
             (
                 "reverse_transformer_layers_per_block",
-                self.reverse_transformer_layers_per_block
-                    .as_ref()
-                    .is_some_and(|v| !v.is_null()),
+                self.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()),
             ),
         ];
         for (key, set) in unsupported_flags {
             if set {
-                return bad(
-                    key,
-                    "is not supported by ipr-diffusion (only diffusers' default)".into(),
-                );
+                return bad(key, "is not supported by ipr-diffusion (only diffusers' default)".into());
             }
         }
         if self.resnet_out_scale_factor != 1.0 {
@@ -315,10 +273,7 @@ impl UNetConfig {
             None => {}
             Some("text_time") => {
                 if self.addition_time_embed_dim.is_none() {
-                    return bad(
-                        "addition_time_embed_dim",
-                        "required by addition_embed_type \"text_time\"".into(),
-                    );
+                    return bad("addition_time_embed_dim", "required by addition_embed_type \"text_time\"".into());
                 }
                 if self.projection_class_embeddings_input_dim.is_none() {
                     return bad(
@@ -327,36 +282,20 @@ impl UNetConfig {
                     );
                 }
             }
-            Some(other) => {
-                return bad(
-                    "addition_embed_type",
-                    format!("unsupported value {other:?}"),
-                )
-            }
+            Some(other) => return bad("addition_embed_type", format!("unsupported value {other:?}")),
         }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             if c % self.norm_num_groups != 0 {
                 return bad(
                     "norm_num_groups",
-                    format!(
-                        "{} does not divide block_out_channels[{i}] = {c}",
-                        self.norm_num_groups
-                    ),
+                    format!("{} does not divide block_out_channels[{i}] = {c}", self.norm_num_groups),
                 );
             }
         }
         let layout = self.layout(path)?;
-        for (i, (&c, &h)) in self
-            .block_out_channels
-            .iter()
-            .zip(&layout.num_attention_heads)
-            .enumerate()
-        {
+        for (i, (&c, &h)) in self.block_out_channels.iter().zip(&layout.num_attention_heads).enumerate() {
             if h == 0 || c % h != 0 {
-                return bad(
-                    "attention_head_dim",
-                    format!("{h} heads do not divide block_out_channels[{i}] = {c}"),
-                );
+                return bad("attention_head_dim", format!("{h} heads do not divide block_out_channels[{i}] = {c}"));
             }
         }
         Ok(())
@@ -369,13 +308,9 @@ impl UNetConfig {
         // `attention_head_dim` is really the head count).
         let heads = match &self.num_attention_heads {
             Some(h) => h.expand(n, path, "num_attention_heads")?,
-            None => self
-                .attention_head_dim
-                .expand(n, path, "attention_head_dim")?,
+            None => self.attention_head_dim.expand(n, path, "attention_head_dim")?,
         };
-        let tl =
-            self.transformer_layers_per_block
-                .expand(n, path, "transformer_layers_per_block")?;
+        let tl = self.transformer_layers_per_block.expand(n, path, "transformer_layers_per_block")?;
         let mut rev = tl.clone();
         rev.reverse();
         Ok(UNetLayout {
@@ -452,27 +387,17 @@ impl ClipTextConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let c: Self = read_json(path)?;
         if c.hidden_act != "quick_gelu" && c.hidden_act != "gelu" {
-            return Err(Error::config(
-                path,
-                "hidden_act",
-                format!("unsupported value {:?}", c.hidden_act),
-            ));
+            return Err(Error::config(path, "hidden_act", format!("unsupported value {:?}", c.hidden_act)));
         }
         if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
-            return Err(Error::config(
-                path,
-                "num_attention_heads",
-                "must divide hidden_size",
-            ));
+            return Err(Error::config(path, "num_attention_heads", "must divide hidden_size"));
         }
         Ok(c)
     }
 
     /// Whether the checkpoint holds `text_projection` (transformers' `CLIPTextModelWithProjection`).
     pub fn with_projection(&self) -> bool {
-        self.architectures
-            .iter()
-            .any(|a| a == "CLIPTextModelWithProjection")
+        self.architectures.iter().any(|a| a == "CLIPTextModelWithProjection")
     }
 }
 
@@ -541,18 +466,10 @@ impl VaeConfig {
             ));
         }
         if c.down_block_types.iter().any(|t| t != "DownEncoderBlock2D") {
-            return Err(Error::config(
-                path,
-                "down_block_types",
-                "only DownEncoderBlock2D is supported",
-            ));
+            return Err(Error::config(path, "down_block_types", "only DownEncoderBlock2D is supported"));
         }
         if c.up_block_types.iter().any(|t| t != "UpDecoderBlock2D") {
-            return Err(Error::config(
-                path,
-                "up_block_types",
-                "only UpDecoderBlock2D is supported",
-            ));
+            return Err(Error::config(path, "up_block_types", "only UpDecoderBlock2D is supported"));
         }
         Ok(c)
     }

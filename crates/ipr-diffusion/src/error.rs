@@ -11,29 +11,16 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Error {
     /// A file could not be read.
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// A JSON file did not parse (serde names the key, line and column).
     #[error("{path}: {source}")]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Json { path: PathBuf, source: serde_json::Error },
     /// A configuration key holds a value this crate does not support, or values that disagree.
     #[error("{path}: key `{key}`: {message}")]
-    Config {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    Config { path: PathBuf, key: String, message: String },
     /// A weights file is missing a tensor or holds one of the wrong shape.
     #[error("{path}: {source}")]
-    Weights {
-        path: PathBuf,
-        source: candle_core::Error,
-    },
+    Weights { path: PathBuf, source: candle_core::Error },
     /// A tokenizer could not be built from its files.
     #[error("{path}: tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
@@ -47,10 +34,6 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn config(path: impl Into<PathBuf>, key: &str, message: impl Into<String>) -> Self {
-        Error::Config {
-            path: path.into(),
-            key: key.to_string(),
-            message: message.into(),
-        }
+        Error::Config { path: path.into(), key: key.to_string(), message: message.into() }
     }
 }

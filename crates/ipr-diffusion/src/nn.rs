@@ -23,11 +23,7 @@ impl Linear {
     /// Loads `weight` (and `bias` when `bias` is true) from `vb`.
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         Ok(Self { weight, bias })
     }
 
@@ -70,11 +66,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -97,12 +89,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
-            num_groups,
-            eps,
-        })
+        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, num_groups, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -112,9 +99,7 @@ impl GroupNorm {
         let mean = xg.mean_keepdim(D::Minus1)?;
         let xc = xg.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .reshape(dims.as_slice())?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
         let mut pshape = vec![1usize; dims.len()];
         pshape[1] = c;
         let w = self.weight.reshape(pshape.as_slice())?;
@@ -182,19 +167,12 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// Multi-head scaled dot-product attention (Vaswani et al. 2017) over `(B, L, H*D)` projections,
 /// with an optional additive mask broadcast to `(B, H, Lq, Lk)`; returns `(B, Lq, H*D)`.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, lq, inner) = q.dims3()?;
     let lk = k.dim(1)?;
     let d = inner / heads;
-    let split = |t: &Tensor, l: usize| -> Result<Tensor> {
-        Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?)
-    };
+    let split =
+        |t: &Tensor, l: usize| -> Result<Tensor> { Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?) };
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
     let scale = 1.0 / (d as f64).sqrt();
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
@@ -208,8 +186,6 @@ pub fn attention(
 
 /// Additive causal mask `(L, L)`: 0 on and below the diagonal, a large negative value above.
 pub fn causal_mask(len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 }))
-        .collect();
+    let v: Vec<f32> = (0..len).flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 })).collect();
     Ok(Tensor::from_vec(v, (len, len), device)?.to_dtype(dtype)?)
 }

@@ -20,8 +20,7 @@ use crate::error::{Error, Result};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
-const CLIP_SPLIT: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A CLIP tokenizer loaded from a folder.
 pub struct ClipTokenizer {
@@ -52,30 +51,21 @@ fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>> {
 impl ClipTokenizer {
     /// Loads `folder/vocab.json`, `folder/merges.txt` and the special tokens of `folder`.
     pub fn load(folder: &Path) -> Result<Self> {
-        let err = |path: &Path, message: String| Error::Tokenizer {
-            path: path.to_path_buf(),
-            message,
-        };
+        let err = |path: &Path, message: String| Error::Tokenizer { path: path.to_path_buf(), message };
         let vocab = folder.join("vocab.json");
         let merges = folder.join("merges.txt");
         for f in [&vocab, &merges] {
             if !f.exists() {
                 return Err(Error::Io {
                     path: f.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "missing tokenizer file",
-                    ),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "missing tokenizer file"),
                 });
             }
         }
         let config = read_optional_json(&folder.join("tokenizer_config.json"))?;
         let special = read_optional_json(&folder.join("special_tokens_map.json"))?;
         let lookup = |key: &str| -> Option<String> {
-            [&config, &special]
-                .into_iter()
-                .flatten()
-                .find_map(|c| c.get(key).and_then(token_string))
+            [&config, &special].into_iter().flatten().find_map(|c| c.get(key).and_then(token_string))
         };
         let pad = lookup("pad_token").unwrap_or_else(|| EOS.to_string());
         let model_max_length = config
@@ -94,28 +84,14 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| err(&vocab, e.to_string()))?;
         let mut tokenizer = tokenizers::Tokenizer::new(bpe);
-        let ws = Replace::new(
-            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
-            " ",
-        )
-        .map_err(|e| err(folder, e.to_string()))?;
-        tokenizer
-            .with_normalizer(Some(NormSeq::new(vec![
-                NFC.into(),
-                ws.into(),
-                Lowercase.into(),
-            ])))
+        let ws = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
             .map_err(|e| err(folder, e.to_string()))?;
-        let split = Split::new(
-            SplitPattern::Regex(CLIP_SPLIT.into()),
-            SplitDelimiterBehavior::Removed,
-            true,
-        )
-        .map_err(|e| err(folder, e.to_string()))?;
-        tokenizer.with_pre_tokenizer(Some(PreSeq::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, true).into(),
-        ])));
+        tokenizer
+            .with_normalizer(Some(NormSeq::new(vec![NFC.into(), ws.into(), Lowercase.into()])))
+            .map_err(|e| err(folder, e.to_string()))?;
+        let split = Split::new(SplitPattern::Regex(CLIP_SPLIT.into()), SplitDelimiterBehavior::Removed, true)
+            .map_err(|e| err(folder, e.to_string()))?;
+        tokenizer.with_pre_tokenizer(Some(PreSeq::new(vec![split.into(), ByteLevel::new(false, true, true).into()])));
         // transformers registers BOS, EOS and the pad token as special added tokens: they are matched
         // in the raw text before BPE, so with pad "!" a "!" in a prompt becomes id 0, not "!</w>".
         let mut specials = vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)];
@@ -124,9 +100,7 @@ impl ClipTokenizer {
         }
         let _ = tokenizer.add_special_tokens(specials);
         let id = |t: &str| {
-            tokenizer
-                .token_to_id(t)
-                .ok_or_else(|| err(&vocab, format!("token {t:?} is not in the vocabulary")))
+            tokenizer.token_to_id(t).ok_or_else(|| err(&vocab, format!("token {t:?} is not in the vocabulary")))
         };
         Ok(Self {
             bos_id: id(BOS)?,
@@ -144,10 +118,7 @@ impl ClipTokenizer {
         let enc = self
             .tokenizer
             .encode(text, false)
-            .map_err(|e| Error::Tokenizer {
-                path: self.folder.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| Error::Tokenizer { path: self.folder.clone(), message: e.to_string() })?;
         let body = enc.get_ids();
         let keep = body.len().min(self.model_max_length.saturating_sub(2));
         let mut ids = Vec::with_capacity(self.model_max_length);

@@ -19,11 +19,7 @@ fn check(pipeline: &str, sub: &str) {
         "héllo wörld ☃ it'll we've",
     ];
     for (i, p) in probes.iter().enumerate() {
-        let want: Vec<u32> = r
-            .i64s(&format!("{sub}/ids.{i}"))
-            .into_iter()
-            .map(|v| v as u32)
-            .collect();
+        let want: Vec<u32> = r.i64s(&format!("{sub}/ids.{i}")).into_iter().map(|v| v as u32).collect();
         assert_eq!(tok.encode(p).unwrap(), want, "{pipeline}/{sub}: {p:?}");
     }
 }
@@ -46,9 +42,6 @@ fn sdxl_tokenizers() {
 
 #[test]
 fn missing_files_are_named() {
-    let msg = ClipTokenizer::load(&fixtures().join("nowhere"))
-        .err()
-        .unwrap()
-        .to_string();
+    let msg = ClipTokenizer::load(&fixtures().join("nowhere")).err().unwrap().to_string();
     assert!(msg.contains("vocab.json"), "{msg}");
 }

@@ -41,31 +41,18 @@ fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
     if n == 1 {
         return vec![a];
     }
-    (0..n)
-        .map(|i| a + (b - a) * i as f64 / (n - 1) as f64)
-        .collect()
+    (0..n).map(|i| a + (b - a) * i as f64 / (n - 1) as f64).collect()
 }
 
 /// The betas of a schedule.
 pub fn betas(schedule: &BetaSchedule, num_train_timesteps: usize) -> Vec<f64> {
     match schedule {
-        BetaSchedule::Linear {
-            beta_start,
-            beta_end,
-        } => linspace(*beta_start, *beta_end, num_train_timesteps),
-        BetaSchedule::ScaledLinear {
-            beta_start,
-            beta_end,
-        } => linspace(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps)
-            .into_iter()
-            .map(|b| b * b)
-            .collect(),
+        BetaSchedule::Linear { beta_start, beta_end } => linspace(*beta_start, *beta_end, num_train_timesteps),
+        BetaSchedule::ScaledLinear { beta_start, beta_end } => {
+            linspace(beta_start.sqrt(), beta_end.sqrt(), num_train_timesteps).into_iter().map(|b| b * b).collect()
+        }
         BetaSchedule::SquaredCosCapV2 => {
-            let alpha_bar = |t: f64| {
-                ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-                    .cos()
-                    .powi(2)
-            };
+            let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
             let n = num_train_timesteps as f64;
             (0..num_train_timesteps)
                 .map(|i| {

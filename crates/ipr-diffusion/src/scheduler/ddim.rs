@@ -57,47 +57,26 @@ impl Ddim {
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { ac[0] };
         let b = &config.base;
         // DDIM rounds linspace timesteps and truncates to int64 like numpy's astype.
-        let timesteps = spaced_timesteps(
-            b.timestep_spacing,
-            n_train,
-            num_inference_steps,
-            b.steps_offset,
-        )
-        .into_iter()
-        .map(|t| {
-            let t = if b.timestep_spacing == super::TimestepSpacing::Linspace {
-                super::round_half_even(t)
-            } else {
-                t
-            };
-            t as usize
-        })
-        .collect();
-        Ok(Self {
-            config,
-            alphas_cumprod: ac,
-            final_alpha_cumprod,
-            timesteps,
-            num_inference_steps,
-        })
+        let timesteps = spaced_timesteps(b.timestep_spacing, n_train, num_inference_steps, b.steps_offset)
+            .into_iter()
+            .map(|t| {
+                let t =
+                    if b.timestep_spacing == super::TimestepSpacing::Linspace { super::round_half_even(t) } else { t };
+                t as usize
+            })
+            .collect();
+        Ok(Self { config, alphas_cumprod: ac, final_alpha_cumprod, timesteps, num_inference_steps })
     }
 
     /// One DDIM step (eta = 0) from step index `i` to the previous timestep.
     pub fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor) -> Result<Tensor> {
-        let t = *self.timesteps.get(i).ok_or_else(|| {
-            Error::Input(format!(
-                "step index {i} past {} steps",
-                self.timesteps.len()
-            ))
-        })?;
-        let prev_t =
-            t as i64 - (self.config.base.num_train_timesteps / self.num_inference_steps) as i64;
+        let t = *self
+            .timesteps
+            .get(i)
+            .ok_or_else(|| Error::Input(format!("step index {i} past {} steps", self.timesteps.len())))?;
+        let prev_t = t as i64 - (self.config.base.num_train_timesteps / self.num_inference_steps) as i64;
         let a_t = self.alphas_cumprod[t];
-        let a_prev = if prev_t >= 0 {
-            self.alphas_cumprod[prev_t as usize]
-        } else {
-            self.final_alpha_cumprod
-        };
+        let a_prev = if prev_t >= 0 { self.alphas_cumprod[prev_t as usize] } else { self.final_alpha_cumprod };
         let b_t = 1.0 - a_t;
         let (mut x0, eps) = match self.config.base.prediction_type {
             PredictionType::Epsilon => {

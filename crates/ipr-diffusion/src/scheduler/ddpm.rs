@@ -48,18 +48,12 @@ fn per_sample(values: Vec<f64>, like: &Tensor) -> Result<Tensor> {
 
 fn coefficients(ac: &[f64], timesteps: &[usize], x0: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
     if x0.dim(0)? != timesteps.len() {
-        return Err(Error::Input(format!(
-            "{} timesteps for a batch of {}",
-            timesteps.len(),
-            x0.dim(0)?
-        )));
+        return Err(Error::Input(format!("{} timesteps for a batch of {}", timesteps.len(), x0.dim(0)?)));
     }
     let mut a = Vec::with_capacity(timesteps.len());
     let mut s = Vec::with_capacity(timesteps.len());
     for &t in timesteps {
-        let ac_t = *ac
-            .get(t)
-            .ok_or_else(|| Error::Input(format!("timestep {t} out of range 0..{}", ac.len())))?;
+        let ac_t = *ac.get(t).ok_or_else(|| Error::Input(format!("timestep {t} out of range 0..{}", ac.len())))?;
         a.push(ac_t.sqrt());
         s.push((1.0 - ac_t).sqrt());
     }
@@ -67,12 +61,7 @@ fn coefficients(ac: &[f64], timesteps: &[usize], x0: &Tensor) -> Result<(Vec<f64
 }
 
 /// `sqrt(a_t) x0 + sqrt(1 - a_t) noise`, one timestep per sample.
-pub fn add_noise(
-    alphas_cumprod: &[f64],
-    x0: &Tensor,
-    noise: &Tensor,
-    timesteps: &[usize],
-) -> Result<Tensor> {
+pub fn add_noise(alphas_cumprod: &[f64], x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
     let (a, s) = coefficients(alphas_cumprod, timesteps, x0)?;
     let a = per_sample(a, x0)?;
     let s = per_sample(s, x0)?;
@@ -80,12 +69,7 @@ pub fn add_noise(
 }
 
 /// `sqrt(a_t) noise - sqrt(1 - a_t) x0`, one timestep per sample.
-pub fn velocity(
-    alphas_cumprod: &[f64],
-    x0: &Tensor,
-    noise: &Tensor,
-    timesteps: &[usize],
-) -> Result<Tensor> {
+pub fn velocity(alphas_cumprod: &[f64], x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
     let (a, s) = coefficients(alphas_cumprod, timesteps, x0)?;
     let a = per_sample(a, x0)?;
     let s = per_sample(s, x0)?;

@@ -6,9 +6,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::{
-    alphas_cumprod, betas, spaced_timesteps, BaseSchedule, PredictionType, TimestepSpacing,
-};
+use super::{alphas_cumprod, betas, spaced_timesteps, BaseSchedule, PredictionType, TimestepSpacing};
 use crate::config::SchedulerConfig;
 use crate::error::{Error, Result};
 
@@ -24,38 +22,18 @@ impl EulerDiscreteConfig {
     pub fn from_config(c: &SchedulerConfig, path: &Path) -> Result<Self> {
         let unsupported = [
             ("use_karras_sigmas", c.use_karras_sigmas == Some(true)),
-            (
-                "use_exponential_sigmas",
-                c.use_exponential_sigmas == Some(true),
-            ),
+            ("use_exponential_sigmas", c.use_exponential_sigmas == Some(true)),
             ("use_beta_sigmas", c.use_beta_sigmas == Some(true)),
-            (
-                "interpolation_type",
-                c.interpolation_type
-                    .as_deref()
-                    .is_some_and(|v| v != "linear"),
-            ),
-            (
-                "final_sigmas_type",
-                c.final_sigmas_type.as_deref().is_some_and(|v| v != "zero"),
-            ),
-            (
-                "timestep_type",
-                c.timestep_type.as_deref().is_some_and(|v| v != "discrete"),
-            ),
+            ("interpolation_type", c.interpolation_type.as_deref().is_some_and(|v| v != "linear")),
+            ("final_sigmas_type", c.final_sigmas_type.as_deref().is_some_and(|v| v != "zero")),
+            ("timestep_type", c.timestep_type.as_deref().is_some_and(|v| v != "discrete")),
         ];
         for (key, set) in unsupported {
             if set {
-                return Err(Error::config(
-                    path,
-                    key,
-                    "only diffusers' default is supported by the Euler sampler",
-                ));
+                return Err(Error::config(path, key, "only diffusers' default is supported by the Euler sampler"));
             }
         }
-        Ok(Self {
-            base: BaseSchedule::resolve(c, path, "linspace")?,
-        })
+        Ok(Self { base: BaseSchedule::resolve(c, path, "linspace")? })
     }
 }
 
@@ -96,25 +74,14 @@ impl EulerDiscrete {
         let ac = alphas_cumprod(&betas(&b.beta_schedule, b.num_train_timesteps));
         let train_sigmas: Vec<f64> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
         // diffusers keeps these timesteps as float32.
-        let timesteps: Vec<f64> = spaced_timesteps(
-            b.timestep_spacing,
-            b.num_train_timesteps,
-            num_inference_steps,
-            b.steps_offset,
-        )
-        .into_iter()
-        .map(|t| t as f32 as f64)
-        .collect();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| interp(t, &train_sigmas))
-            .collect();
+        let timesteps: Vec<f64> =
+            spaced_timesteps(b.timestep_spacing, b.num_train_timesteps, num_inference_steps, b.steps_offset)
+                .into_iter()
+                .map(|t| t as f32 as f64)
+                .collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train_sigmas)).collect();
         sigmas.push(0.0);
-        Ok(Self {
-            config,
-            timesteps,
-            sigmas,
-        })
+        Ok(Self { config, timesteps, sigmas })
     }
 
     /// `sigma_max` for linspace/trailing spacing, `sqrt(sigma_max^2 + 1)` for leading.
@@ -128,10 +95,7 @@ impl EulerDiscrete {
 
     fn sigma(&self, i: usize) -> Result<f64> {
         if i + 1 >= self.sigmas.len() {
-            return Err(Error::Input(format!(
-                "step index {i} past {} steps",
-                self.timesteps.len()
-            )));
+            return Err(Error::Input(format!("step index {i} past {} steps", self.timesteps.len())));
         }
         Ok(self.sigmas[i])
     }

@@ -104,10 +104,7 @@ impl Sampler {
         num_inference_steps: usize,
     ) -> Result<Self> {
         Ok(match kind {
-            SamplerKind::Ddim => Sampler::Ddim(Ddim::new(
-                DdimConfig::from_config(config, path)?,
-                num_inference_steps,
-            )?),
+            SamplerKind::Ddim => Sampler::Ddim(Ddim::new(DdimConfig::from_config(config, path)?, num_inference_steps)?),
             SamplerKind::Euler => Sampler::Euler(EulerDiscrete::new(
                 EulerDiscreteConfig::from_config(config, path)?,
                 num_inference_steps,
@@ -117,12 +114,7 @@ impl Sampler {
 
     /// Reads `scheduler_config.json` and builds `kind` from it.
     pub fn load(kind: SamplerKind, path: &Path, num_inference_steps: usize) -> Result<Self> {
-        Self::from_config(
-            kind,
-            &SchedulerConfig::load(path)?,
-            path,
-            num_inference_steps,
-        )
+        Self::from_config(kind, &SchedulerConfig::load(path)?, path, num_inference_steps)
     }
 
     /// The timesteps the model is called at, in order (floats: Euler's may be fractional).
@@ -171,30 +163,16 @@ pub struct BaseSchedule {
 impl BaseSchedule {
     fn resolve(c: &SchedulerConfig, path: &Path, default_spacing: &str) -> Result<Self> {
         if c.thresholding == Some(true) {
-            return Err(Error::config(
-                path,
-                "thresholding",
-                "dynamic thresholding is not supported",
-            ));
+            return Err(Error::config(path, "thresholding", "dynamic thresholding is not supported"));
         }
         if c.rescale_betas_zero_snr == Some(true) {
-            return Err(Error::config(
-                path,
-                "rescale_betas_zero_snr",
-                "is not supported",
-            ));
+            return Err(Error::config(path, "rescale_betas_zero_snr", "is not supported"));
         }
         Ok(Self {
             num_train_timesteps: c.num_train_timesteps.unwrap_or(1000),
             beta_schedule: BetaSchedule::from_config(c, path)?,
-            prediction_type: PredictionType::parse(
-                c.prediction_type.as_deref().unwrap_or("epsilon"),
-                path,
-            )?,
-            timestep_spacing: TimestepSpacing::parse(
-                c.timestep_spacing.as_deref().unwrap_or(default_spacing),
-                path,
-            )?,
+            prediction_type: PredictionType::parse(c.prediction_type.as_deref().unwrap_or("epsilon"), path)?,
+            timestep_spacing: TimestepSpacing::parse(c.timestep_spacing.as_deref().unwrap_or(default_spacing), path)?,
             steps_offset: c.steps_offset.unwrap_or(0),
         })
     }
@@ -213,24 +191,13 @@ pub fn spaced_timesteps(
     match spacing {
         TimestepSpacing::Linspace => {
             let last = (big_n - 1) as f64;
-            let mut t: Vec<f64> = (0..n)
-                .map(|i| {
-                    if n == 1 {
-                        0.0
-                    } else {
-                        last * i as f64 / (n - 1) as f64
-                    }
-                })
-                .collect();
+            let mut t: Vec<f64> = (0..n).map(|i| if n == 1 { 0.0 } else { last * i as f64 / (n - 1) as f64 }).collect();
             t.reverse();
             t
         }
         TimestepSpacing::Leading => {
             let ratio = big_n / n;
-            (0..n)
-                .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
+            (0..n).rev().map(|i| (i * ratio + steps_offset) as f64).collect()
         }
         TimestepSpacing::Trailing => {
             // np.round(np.arange(N, 0, -N / n)) - 1, with numpy's float steps.

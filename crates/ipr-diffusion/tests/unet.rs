@@ -1,0 +1,35 @@
+//! UNet outputs against diffusers' `UNet2DConditionModel` of the tiny pipelines, for fixed inputs
+//! with two different timesteps in one batch (per-sample timesteps).
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{assert_close, fixtures, Reference};
+use ipr_diffusion::unet::{AddedCond, UNet2DConditionModel};
+
+fn check(name: &str) {
+    let r = Reference::load(name);
+    let unet = UNet2DConditionModel::load(&fixtures().join(name).join("unet"), DType::F32, &Device::Cpu).unwrap();
+    let added = r
+        .has("unet/text_embeds")
+        .then(|| AddedCond { text_embeds: r.get("unet/text_embeds"), time_ids: r.get("unet/time_ids") });
+    let out = unet
+        .forward(&r.get("unet/sample"), &r.get("unet/timesteps"), &r.get("unet/encoder_hidden_states"), added.as_ref())
+        .unwrap();
+    assert_close(&format!("{name} unet"), &out, &r.get("unet/out"), 1e-4);
+}
+
+#[test]
+fn sd15_unet_conv_projection_int_heads() {
+    check("tiny-sd15");
+}
+
+#[test]
+fn sd21_unet_linear_projection_head_list() {
+    check("tiny-sd21");
+}
+
+#[test]
+fn sdxl_unet_text_time_and_two_transformer_layers() {
+    check("tiny-sdxl");
+}
