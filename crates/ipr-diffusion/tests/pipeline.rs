@@ -1,0 +1,39 @@
+//! Final latents of the whole pipeline against diffusers:
+//! `pipe(prompts, negative_prompt=negatives, num_inference_steps=4, guidance_scale=5.0,
+//! latents=L, output_type="latent")` with `DDIMScheduler.from_config(pipe.scheduler.config)` and
+//! with `EulerDiscreteScheduler.from_config(...)`, for a batch of two prompts.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{assert_close, fixtures, Reference};
+use ipr_diffusion::pipeline::{Pipeline, SampleParams};
+use ipr_diffusion::scheduler::SamplerKind;
+
+const PROMPTS: [&str; 2] = ["a photo of a red cube to the left of a blue sphere", "A Dog   above a cat!"];
+const NEGATIVES: [&str; 2] = ["blurry, bad quality", ""];
+
+fn check(name: &str) {
+    let r = Reference::load(name);
+    let pipe = Pipeline::load(&fixtures().join(name), DType::F32, &Device::Cpu).unwrap();
+    for (kind, key) in [(SamplerKind::Ddim, "pipeline/ddim_out"), (SamplerKind::Euler, "pipeline/euler_out")] {
+        let params = SampleParams { num_inference_steps: 4, guidance_scale: 5.0, sampler: kind };
+        let out = pipe.generate(&PROMPTS, Some(&NEGATIVES), &r.get("pipeline/latents"), &params).unwrap();
+        assert_close(&format!("{name} {key}"), &out, &r.get(key), 1e-4);
+    }
+}
+
+#[test]
+fn sd15_pipeline() {
+    check("tiny-sd15");
+}
+
+#[test]
+fn sd21_pipeline_v_prediction() {
+    check("tiny-sd21");
+}
+
+#[test]
+fn sdxl_pipeline() {
+    check("tiny-sdxl");
+}
