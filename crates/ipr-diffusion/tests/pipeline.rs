@@ -37,3 +37,11 @@ fn sd21_pipeline_v_prediction() {
 fn sdxl_pipeline() {
     check("tiny-sdxl");
 }
+
+#[test]
+fn pixel_space_pipeline_without_vae() {
+    check("tiny-pixel");
+    let pipe = Pipeline::load(&fixtures().join("tiny-pixel"), DType::F32, &Device::Cpu).unwrap();
+    assert!(pipe.vae.is_none());
+    assert_eq!(pipe.vae_scale_factor(), 1);
+}

@@ -34,6 +34,11 @@ fn sd15_prompt_embeds() {
 }
 
 #[test]
+fn pixel_prompt_embeds() {
+    sd("tiny-pixel");
+}
+
+#[test]
 fn sd21_prompt_embeds() {
     sd("tiny-sd21");
 }

@@ -33,3 +33,8 @@ fn sd21_unet_linear_projection_head_list() {
 fn sdxl_unet_text_time_and_two_transformer_layers() {
     check("tiny-sdxl");
 }
+
+#[test]
+fn pixel_unet_three_levels() {
+    check("tiny-pixel");
+}
