@@ -1,0 +1,7 @@
+//! The IPR loop and its artifacts: what `ipr run` does, as library functions.
+//!
+//! The binary (`src/main.rs`) only parses arguments and calls into this crate and the
+//! method/engine crates. See ARCHITECTURE.md.
+
+pub mod metrics_file;
+pub mod report;
