@@ -3,5 +3,6 @@
 //! The binary (`src/main.rs`) only parses arguments and calls into this crate and the
 //! method/engine crates. See ARCHITECTURE.md.
 
+pub mod config;
 pub mod metrics_file;
 pub mod report;
