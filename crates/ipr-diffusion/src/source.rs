@@ -1,0 +1,86 @@
+//! Where a model folder comes from: a local diffusers-format folder, or a Hugging Face repo id
+//! (`org/name`, optionally `@revision`) found in the local Hugging Face cache, laid out as
+//! `huggingface_hub` writes it: `<cache>/models--org--name/refs/<revision>` holds a commit hash,
+//! `<cache>/models--org--name/snapshots/<commit>/` the files. The cache is `$HF_HUB_CACHE`, else
+//! `$HF_HOME/hub`, else `~/.cache/huggingface/hub`. Nothing is downloaded.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+fn not_found(path: PathBuf, what: &str) -> Error {
+    Error::Io { path, source: std::io::Error::new(std::io::ErrorKind::NotFound, what.to_string()) }
+}
+
+/// The Hugging Face hub cache directory from the environment.
+pub fn hf_cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("huggingface").join("hub"))
+}
+
+/// Resolves `repo` (`org/name` or `org/name@revision`) inside `cache`.
+pub fn resolve_in_cache(cache: &Path, repo: &str) -> Result<PathBuf> {
+    let (id, revision) = repo.split_once('@').unwrap_or((repo, "main"));
+    let root = cache.join(format!("models--{}", id.replace('/', "--")));
+    if !root.is_dir() {
+        return Err(not_found(
+            root,
+            "model not in the Hugging Face cache (download it with huggingface-cli, or pass a folder)",
+        ));
+    }
+    let snapshots = root.join("snapshots");
+    // A revision may be a commit hash already.
+    if snapshots.join(revision).is_dir() {
+        return Ok(snapshots.join(revision));
+    }
+    let reference = root.join("refs").join(revision);
+    let commit = std::fs::read_to_string(&reference).map_err(|source| Error::Io { path: reference.clone(), source })?;
+    let dir = snapshots.join(commit.trim());
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(not_found(dir, "snapshot named by the ref is missing"))
+    }
+}
+
+/// A local folder if `spec` is one; otherwise a repo id looked up in the Hugging Face cache.
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_like_repo = spec.split('@').next().is_some_and(|id| id.matches('/').count() == 1)
+        && !spec.starts_with('.')
+        && !spec.starts_with('/');
+    if !looks_like_repo {
+        return Err(not_found(path.to_path_buf(), "no such model folder"));
+    }
+    let cache = hf_cache_dir().ok_or_else(|| not_found(PathBuf::from("$HF_HOME"), "no Hugging Face cache"))?;
+    resolve_in_cache(&cache, spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_snapshot_through_ref_and_names_missing_paths() {
+        let tmp = std::env::temp_dir().join(format!("ipr-hf-cache-{}", std::process::id()));
+        let root = tmp.join("models--org--tiny");
+        std::fs::create_dir_all(root.join("snapshots").join("abc123")).unwrap();
+        std::fs::create_dir_all(root.join("refs")).unwrap();
+        std::fs::write(root.join("refs").join("main"), "abc123\n").unwrap();
+        assert_eq!(resolve_in_cache(&tmp, "org/tiny").unwrap(), root.join("snapshots").join("abc123"));
+        assert_eq!(resolve_in_cache(&tmp, "org/tiny@abc123").unwrap(), root.join("snapshots").join("abc123"));
+        let msg = resolve_in_cache(&tmp, "org/other").unwrap_err().to_string();
+        assert!(msg.contains("models--org--other"), "{msg}");
+        let msg = resolve_in_cache(&tmp, "org/tiny@v2").unwrap_err().to_string();
+        assert!(msg.contains("refs"), "{msg}");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
