@@ -1,1 +1,16 @@
-//! Detectors: the `Detector` trait, the exact toy detector, OWL-ViT. See ARCHITECTURE.md.
+//! Detectors: the [`Detector`] trait, the exact toy detector and a seeded noise wrapper.
+//!
+//! IPR's feedback and VISOR's scores both come from an object detector: GLIP in the paper's
+//! relabeling, OWL-ViT in VISOR. A detector here takes an image and the class names to look
+//! for (the prompt's objects, as VISOR queries them) and returns labelled boxes in pixels.
+//! The toy world's detector is exact by construction, so the loop can be studied without
+//! detector error, and [`noise::NoisyDetector`] adds misses, false boxes and label swaps at
+//! chosen rates to study feedback as imperfect as GLIP's. See ARCHITECTURE.md.
+
+pub mod detector;
+pub mod noise;
+pub mod toy;
+
+pub use detector::{DetectError, Detector};
+pub use noise::{DetectorNoise, NoisyDetector};
+pub use toy::{ToyDetector, ToyDetectorConfig};

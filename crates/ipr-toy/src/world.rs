@@ -31,8 +31,10 @@ pub const HUE_JITTER: f64 = 6.0;
 pub const SATURATION_RANGE: (f64, f64) = (0.7, 0.95);
 /// Range of an object's HSV value (brightness).
 pub const VALUE_RANGE: (f64, f64) = (0.7, 0.95);
-/// Smallest gap in pixels between two objects' boxes (on at least one axis).
-pub const MIN_GAP: u32 = 2;
+/// Smallest gap in pixels between two objects' boxes (on at least one axis). Three pixels
+/// keep two blurred objects of one class from running into one blob at the detector's blur
+/// tolerance, and leave room for two 13 px objects side by side.
+pub const MIN_GAP: u32 = 3;
 /// In a spatial scene, the largest ratio of the cross-axis centre offset to the along-axis one.
 pub const MAX_CROSS_RATIO: f64 = 0.5;
 
