@@ -512,4 +512,53 @@ impl SchedulerConfig {
     pub fn load(path: &Path) -> Result<Self> {
         read_json(path)
     }
+
+    /// What diffusers' `StableDiffusionPipeline.__init__` does to the scheduler it loads (SD 1.x /
+    /// 2.x only; the SDXL pipeline does not): a `steps_offset` other than 1 is set to 1, and a
+    /// `clip_sample` that is true (explicitly, or by default in DDIM / DDPM configs) is set to
+    /// false. Samplers built later with `from_config` inherit the fixed values.
+    pub fn apply_sd_pipeline_fixups(&mut self) {
+        self.steps_offset = Some(1);
+        let class_default_true = matches!(self.class_name.as_deref(), Some("DDIMScheduler") | Some("DDPMScheduler"));
+        if self.clip_sample == Some(true) || (self.clip_sample.is_none() && class_default_true) {
+            self.clip_sample = Some(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sd_pipeline_fixups_match_diffusers() {
+        let mut c: SchedulerConfig =
+            serde_json::from_str(r#"{"_class_name": "DDIMScheduler", "steps_offset": 0}"#).unwrap();
+        c.apply_sd_pipeline_fixups();
+        assert_eq!((c.steps_offset, c.clip_sample), (Some(1), Some(false)));
+        // PNDM has no clip_sample parameter: a missing key stays missing (DDIM's default applies later).
+        let mut c: SchedulerConfig = serde_json::from_str(r#"{"_class_name": "PNDMScheduler"}"#).unwrap();
+        c.apply_sd_pipeline_fixups();
+        assert_eq!((c.steps_offset, c.clip_sample), (Some(1), None));
+    }
+
+    #[test]
+    fn unet_config_errors_name_file_and_key() {
+        let c: UNetConfig = serde_json::from_str(r#"{"resnet_time_scale_shift": "scale_shift"}"#).unwrap();
+        let msg = c.validate(Path::new("unet/config.json")).unwrap_err().to_string();
+        assert!(msg.contains("unet/config.json") && msg.contains("resnet_time_scale_shift"), "{msg}");
+        let c: UNetConfig = serde_json::from_str(r#"{"attention_head_dim": [8, 8]}"#).unwrap();
+        let msg = c.validate(Path::new("u.json")).unwrap_err().to_string();
+        assert!(msg.contains("attention_head_dim") && msg.contains("2 entries"), "{msg}");
+    }
+
+    #[test]
+    fn unet_defaults_are_sd15() {
+        let c: UNetConfig = serde_json::from_str("{}").unwrap();
+        c.validate(Path::new("u.json")).unwrap();
+        let l = c.layout(Path::new("u.json")).unwrap();
+        assert_eq!(c.block_out_channels, vec![320, 640, 1280, 1280]);
+        assert_eq!(l.num_attention_heads, vec![8; 4]);
+        assert_eq!((c.cross_attention_dim, c.norm_num_groups, c.in_channels), (1280, 32, 4));
+    }
 }

@@ -101,7 +101,10 @@ impl Pipeline {
             TextEncoders::Single { tokenizer, text_encoder }
         };
         let scheduler_config_path = folder.join("scheduler").join("scheduler_config.json");
-        let scheduler_config = SchedulerConfig::load(&scheduler_config_path)?;
+        let mut scheduler_config = SchedulerConfig::load(&scheduler_config_path)?;
+        if matches!(text, TextEncoders::Single { .. }) {
+            scheduler_config.apply_sd_pipeline_fixups();
+        }
         Ok(Self { unet, vae, text, scheduler_config, scheduler_config_path, dtype, device: device.clone() })
     }
 
