@@ -1,5 +1,5 @@
 //! The toy shapes world: classes, scenes, renderer, pair split, caption noise model,
-//! word-level tokenizer, image grids.
+//! word-level tokenizer, an oracle sampler, image grids.
 //!
 //! A world small enough to train and evaluate a diffusion model on two CPU cores, with an exact
 //! detector (in `ipr-detect`), so the whole IPR loop runs and is tested anywhere. Prompts are in
@@ -11,6 +11,7 @@ pub mod classes;
 pub mod colour;
 pub mod degrade;
 pub mod grid;
+pub mod oracle;
 pub mod render;
 pub mod split;
 pub mod tokenizer;
@@ -19,6 +20,7 @@ pub mod world;
 pub use captions::{CaptionNoise, CaptionedScenes, TrainingPair};
 pub use classes::{vocabulary, ClassSpec, Shape, CLASSES};
 pub use grid::write_grid;
+pub use oracle::oracle_image;
 pub use render::render;
 pub use split::{PairSplit, Split};
 pub use tokenizer::WordTokenizer;
