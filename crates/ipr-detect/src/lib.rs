@@ -10,7 +10,17 @@
 pub mod detector;
 pub mod noise;
 pub mod toy;
+// Neural evaluators on candle (VISOR's OWL-ViT, CLIP score), parity-tested against transformers.
+pub mod clip_score;
+pub mod clip_vision;
+pub mod model_error;
+pub mod owlvit;
+pub mod pil_resize;
+pub mod preprocess;
 
+pub use clip_score::{clip_score, ClipScorer};
 pub use detector::{DetectError, Detector};
+pub use model_error::ModelError;
 pub use noise::{DetectorNoise, NoisyDetector};
+pub use owlvit::OwlVitDetector;
 pub use toy::{ToyDetector, ToyDetectorConfig};

@@ -1,0 +1,106 @@
+//! `config.json` of an `OwlViTForObjectDetection` checkpoint (Minderer et al. 2022, "Simple
+//! Open-Vocabulary Object Detection with Vision Transformers"; transformers' `OwlViTConfig`).
+//!
+//! The text tower is a CLIP text transformer, so its config is ipr-diffusion's
+//! [`ClipTextConfig`]; the vision tower is this crate's [`ClipVisionConfig`].
+
+use std::path::Path;
+
+use ipr_diffusion::config::ClipTextConfig;
+use serde_json::Value;
+
+use crate::clip_vision::ClipVisionConfig;
+use crate::model_error::{read_json, ModelError, Result};
+
+/// The parts of `OwlViTConfig` the detector uses.
+#[derive(Debug, Clone)]
+pub struct OwlVitConfig {
+    pub text_config: ClipTextConfig,
+    pub vision_config: ClipVisionConfig,
+    /// Width of the projected text embeddings; OWL-ViT's class head needs it equal to the text
+    /// width (`class_head.dense0` maps image features to `text_config.hidden_size`).
+    pub projection_dim: usize,
+}
+
+pub(crate) fn sub_config<T: serde::de::DeserializeOwned>(v: &Value, path: &Path, key: &str) -> Result<T> {
+    let sub = v.get(key).ok_or_else(|| ModelError::config(path, key, "missing"))?;
+    serde_json::from_value(sub.clone()).map_err(|e| ModelError::config(path, key, e.to_string()))
+}
+
+pub(crate) fn check_text(c: &ClipTextConfig, path: &Path) -> Result<()> {
+    if c.hidden_act != "quick_gelu" && c.hidden_act != "gelu" {
+        return Err(ModelError::config(path, "text_config.hidden_act", format!("unsupported {:?}", c.hidden_act)));
+    }
+    if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+        return Err(ModelError::config(path, "text_config.num_attention_heads", "must divide hidden_size"));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_vision(c: &ClipVisionConfig, path: &Path) -> Result<()> {
+    if c.hidden_act != "quick_gelu" && c.hidden_act != "gelu" {
+        return Err(ModelError::config(path, "vision_config.hidden_act", format!("unsupported {:?}", c.hidden_act)));
+    }
+    if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+        return Err(ModelError::config(path, "vision_config.num_attention_heads", "must divide hidden_size"));
+    }
+    if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
+        return Err(ModelError::config(path, "vision_config.patch_size", "must divide image_size"));
+    }
+    Ok(())
+}
+
+impl OwlVitConfig {
+    /// Reads and checks `config.json`; errors name the file and key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        Self::from_value(&v, path)
+    }
+
+    pub(crate) fn from_value(v: &Value, path: &Path) -> Result<Self> {
+        match v.get("model_type").and_then(Value::as_str) {
+            Some("owlvit") => {}
+            Some("owlv2") => {
+                return Err(ModelError::config(path, "model_type", "OWLv2 is not implemented (only OWL-ViT v1)"));
+            }
+            other => {
+                return Err(ModelError::config(
+                    path,
+                    "model_type",
+                    format!("expected \"owlvit\" (an OwlViTForObjectDetection folder), found {other:?}"),
+                ));
+            }
+        }
+        let mut text_config: ClipTextConfig = sub_config(v, path, "text_config")?;
+        // OWL-ViT always pools the text at argmax(input_ids); ipr-diffusion's CLIP text model does
+        // so for the legacy eos_token_id 2.
+        text_config.eos_token_id = 2;
+        let vision_config: ClipVisionConfig = sub_config(v, path, "vision_config")?;
+        check_text(&text_config, path)?;
+        check_vision(&vision_config, path)?;
+        let projection_dim = v.get("projection_dim").and_then(Value::as_u64).unwrap_or(512) as usize;
+        if projection_dim != text_config.hidden_size {
+            return Err(ModelError::config(
+                path,
+                "projection_dim",
+                format!("{projection_dim} differs from text_config.hidden_size {}", text_config.hidden_size),
+            ));
+        }
+        Ok(Self { text_config, vision_config, projection_dim })
+    }
+
+    /// google/owlvit-base-patch32's shape (ViT-B/32 at 768 px, 512-wide text), for benchmarks.
+    pub fn base_patch32() -> Self {
+        let v = serde_json::json!({
+            "model_type": "owlvit",
+            "projection_dim": 512,
+            "text_config": {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+                "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 16,
+                "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407},
+            "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                "num_attention_heads": 12, "image_size": 768, "patch_size": 32, "hidden_act": "quick_gelu",
+                "layer_norm_eps": 1e-5}
+        });
+        Self::from_value(&v, Path::new("<owlvit-base-patch32>")).expect("built-in config is valid")
+    }
+}
