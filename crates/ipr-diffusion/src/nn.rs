@@ -70,10 +70,12 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = upcast(x)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
         Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 }
@@ -95,11 +97,12 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let xg = x.reshape((b, self.num_groups, ()))?;
+        let dtype = x.dtype();
+        let xg = upcast(x)?.reshape((b, self.num_groups, ()))?;
         let mean = xg.mean_keepdim(D::Minus1)?;
         let xc = xg.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?.to_dtype(dtype)?;
         let mut pshape = vec![1usize; dims.len()];
         pshape[1] = c;
         let w = self.weight.reshape(pshape.as_slice())?;
@@ -144,9 +147,18 @@ impl Conv2d {
     }
 }
 
-/// Softmax from primitive ops (candle's `softmax_last_dim` has no backward).
+/// Softmax from primitive ops (candle's `softmax_last_dim` has no backward), in f32 for half inputs.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    Ok(candle_nn::ops::softmax(&upcast(x)?, D::Minus1)?.to_dtype(x.dtype())?)
+}
+
+/// Half-precision tensors as f32 (norm statistics and softmax need the range and precision, as
+/// torch's kernels accumulate in f32); f32 and f64 pass through.
+fn upcast(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => Ok(x.to_dtype(DType::F32)?),
+        _ => Ok(x.clone()),
+    }
 }
 
 /// `x * sigmoid(1.702 x)` (OpenAI CLIP's activation).

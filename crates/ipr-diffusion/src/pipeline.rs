@@ -158,7 +158,7 @@ impl Pipeline {
     }
 
     /// Denoises `latents` (the initial noise, unscaled) for the given conditional and
-    /// unconditional embeddings; returns the final latents (before the VAE).
+    /// unconditional embeddings; returns the final latents (before the VAE), in f32.
     pub fn denoise(
         &self,
         cond: &PromptEmbeds,
@@ -196,12 +196,14 @@ impl Pipeline {
             }
             _ => None,
         };
-        let mut x = (latents.to_dtype(self.dtype)? * sampler.init_noise_sigma())?;
+        // Latents, guidance and sampler updates stay in f32 whatever the weights' dtype; only the
+        // UNet runs in `self.dtype`.
+        let mut x = (latents.to_dtype(DType::F32)? * sampler.init_noise_sigma())?;
         for (i, t) in sampler.timesteps().into_iter().enumerate() {
             let input = if cfg { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
-            let input = sampler.scale_model_input(&input, i)?;
+            let input = sampler.scale_model_input(&input, i)?.to_dtype(self.dtype)?;
             let ts = Tensor::new(&[t as f32], &self.device)?;
-            let out = self.unet.forward(&input, &ts, &context, added.as_ref())?;
+            let out = self.unet.forward(&input, &ts, &context, added.as_ref())?.to_dtype(DType::F32)?;
             let pred = if cfg {
                 let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
                 (&u + ((c - &u)? * params.guidance_scale)?)?
@@ -231,11 +233,11 @@ impl Pipeline {
         self.denoise(&cond, &uncond, latents, params)
     }
 
-    /// Images in [0, 1], `(B, C, H, W)`, from final latents (through the VAE when there is one).
+    /// Images in [0, 1], `(B, C, H, W)`, f32, from final latents (through the VAE when there is one).
     pub fn to_images(&self, latents: &Tensor) -> Result<Tensor> {
         let x = match &self.vae {
-            Some(v) => v.decode_latents(latents)?,
-            None => latents.clone(),
+            Some(v) => v.decode_latents(&latents.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?,
+            None => latents.to_dtype(DType::F32)?,
         };
         Ok(((x / 2.0)? + 0.5)?.clamp(0.0, 1.0)?)
     }
