@@ -58,3 +58,36 @@ fn images_of_the_opposite_relation_are_location_errors() {
         assert!(outcome == Outcome::LocationError && !sra, "{text}: {outcome:?}");
     }
 }
+
+/// `ipr_toy::eval` with the real detector: the oracle scores 100 on both splits; the oracle
+/// drawing the opposite relation finds every object and no relation.
+#[test]
+fn toy_eval_of_the_oracle() {
+    use ipr_toy::eval::{evaluate, BoxError};
+    let v = vocabulary();
+    let split = PairSplit::fixed();
+    let det = ToyDetector::default();
+    let sampler = |flip: bool| {
+        let v = v.clone();
+        move |row: &ipr_core::sr2d::PromptRow, n: usize| -> Result<Vec<image::RgbImage>, BoxError> {
+            let mut p = row.prompt(&v)?;
+            if let (true, Prompt::Spatial { a, relation, b }) = (flip, &p) {
+                p = Prompt::Spatial { a: *a, relation: relation.opposite(), b: *b };
+            }
+            (0..n as u64).map(|k| Ok(oracle_image(&p, &v, 1, k)?.1)).collect()
+        }
+    };
+    let detect = |img: &image::RgbImage, classes: &[&str]| det.detect(img, classes).map_err(BoxError::from);
+    let m = evaluate(&split, 4, sampler(false), detect).unwrap();
+    for side in Split::ALL {
+        let s = m.get(side).unwrap();
+        assert_eq!([s.oa, s.visor_cond, s.visor_uncond, s.visor_1, s.visor_4], [100.0; 5], "{side:?}");
+    }
+    assert_eq!(m.get(Split::Train).unwrap().num_images, 21 * 8 * 4);
+    assert_eq!(m.get(Split::HeldOut).unwrap().num_prompts, 7 * 8);
+    let json = serde_json::to_value(&m).unwrap();
+    assert_eq!(json["held_out"]["VISOR_cond"], 100.0);
+    let flipped = evaluate(&split, 1, sampler(true), detect).unwrap();
+    let s = flipped.get(Split::HeldOut).unwrap();
+    assert_eq!((s.oa, s.visor_cond), (100.0, 0.0));
+}
