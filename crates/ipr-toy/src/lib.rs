@@ -1,5 +1,6 @@
 //! The toy shapes world: classes, scenes, renderer, pair split, caption noise model,
-//! word-level tokenizer, an oracle sampler, VISOR evaluation per split, image grids.
+//! word-level tokenizer, an oracle sampler, VISOR evaluation per split, imagefolder export,
+//! image grids.
 //!
 //! A world small enough to train and evaluate a diffusion model on two CPU cores, with an exact
 //! detector (in `ipr-detect`), so the whole IPR loop runs and is tested anywhere. Prompts are in
@@ -11,6 +12,7 @@ pub mod classes;
 pub mod colour;
 pub mod degrade;
 pub mod eval;
+pub mod export;
 pub mod grid;
 pub mod oracle;
 pub mod render;
