@@ -13,6 +13,7 @@ pub mod toy;
 // Neural evaluators on candle (VISOR's OWL-ViT, CLIP score), parity-tested against transformers.
 pub mod clip_score;
 pub mod clip_vision;
+pub mod folder;
 pub mod model_error;
 pub mod owlvit;
 pub mod pil_resize;

@@ -34,6 +34,12 @@ pub enum ModelError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A manifest (`metadata.jsonl`, `detections.jsonl`) could not be read or written.
+    #[error(transparent)]
+    Dataset(#[from] ipr_core::Error),
+    /// A detector behind the `Detector` trait failed.
+    #[error(transparent)]
+    Detect(#[from] crate::detector::DetectError),
 }
 
 impl ModelError {

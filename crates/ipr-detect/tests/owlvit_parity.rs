@@ -253,3 +253,43 @@ fn pil_bicubic_resize_is_bit_exact() {
         assert_eq!(diff, 0, "case {i}: {w}x{h} -> {nw}x{nh}: {diff} pixels differ from Pillow");
     }
 }
+
+#[test]
+fn imagefolder_stages_detect_and_clip_score() {
+    use ipr_detect::folder::{clip_score_samples, detect_samples, prompt_classes};
+    let vocab = ipr_core::Vocabulary::new(["dog", "cat"]).unwrap();
+    assert_eq!(prompt_classes("a dog to the left of a cat", &vocab).unwrap(), ["dog", "cat"]);
+    let d = scratch("folder");
+    let mut manifest = String::new();
+    for (k, name) in ["wide", "gray", "alpha"].iter().enumerate() {
+        std::fs::copy(fixtures().join(format!("images/{name}.png")), d.join(format!("7_{k}.png"))).unwrap();
+        manifest += &format!(
+            "{{\"file_name\":\"7_{k}.png\",\"prompt_id\":7,\"prompt\":\"a dog to the left of a cat\",\"image_index\":{k},\"seed\":{k}}}\n"
+        );
+    }
+    std::fs::write(d.join("metadata.jsonl"), manifest).unwrap();
+
+    let mut det = OwlVitDetector::load(&fixtures().join("tiny-owlvit"), &Device::Cpu).unwrap();
+    det.threshold = 0.3;
+    let mut calls = 0;
+    let rows = detect_samples(&det, &d, &vocab, &mut |_, _| calls += 1).unwrap();
+    assert_eq!((rows.len(), calls), (3, 3));
+    for row in &rows {
+        let image = load_rgb(&d.join(&row.file_name)).unwrap();
+        assert_eq!(row.detections, det.detect(&image, &["dog", "cat"]).unwrap());
+        assert!(row.detections.iter().all(|x| x.label == "dog" || x.label == "cat"));
+    }
+
+    let scorer = ClipScorer::load(&fixtures().join("tiny-clip"), &Device::Cpu).unwrap();
+    let (per_image, score) = clip_score_samples(&scorer, &d, 2, &mut |_, _| {}).unwrap();
+    let images: Vec<_> = ["wide", "gray", "alpha"]
+        .iter()
+        .map(|n| load_rgb(&fixtures().join(format!("images/{n}.png"))).unwrap())
+        .collect();
+    let direct = scorer.pair_scores(&images.iter().collect::<Vec<_>>(), &["a dog to the left of a cat"; 3]).unwrap();
+    for ((_, a), b) in per_image.iter().zip(&direct) {
+        assert!((a - b).abs() <= 1e-4 * b.abs() + 1e-4);
+    }
+    assert!((score - clip_score(&direct)).abs() < 1e-4);
+    let _ = std::fs::remove_dir_all(&d);
+}
