@@ -93,7 +93,7 @@ impl<D: Detector> Detector for NoisyDetector<D> {
         let mut out = Vec::with_capacity(found.len() + 1);
         for mut d in found {
             // Draw both numbers for every detection so one rate does not shift the other's draws.
-            let (miss, swap, pick): (f64, f64, usize) = (rng.random(), rng.random(), rng.random_range(0..usize::MAX));
+            let (miss, swap, pick): (f64, f64, usize) = (rng.random(), rng.random(), rng.random::<u32>() as usize);
             if miss < n.miss_rate {
                 continue;
             }
@@ -103,7 +103,7 @@ impl<D: Detector> Detector for NoisyDetector<D> {
             }
             out.push(d);
         }
-        let (fp, pick): (f64, usize) = (rng.random(), rng.random_range(0..usize::MAX));
+        let (fp, pick): (f64, usize) = (rng.random(), rng.random::<u32>() as usize);
         if fp < n.false_box_rate && !classes.is_empty() {
             let (w, h) = (f64::from(image.width()), f64::from(image.height()));
             let side = |rng: &mut ChaCha8Rng, max: f64| f64::from(rng.random_range(6u32..=12)).min(max);

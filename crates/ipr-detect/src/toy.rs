@@ -20,27 +20,27 @@ use ipr_toy::colour::{hue_chroma, hue_distance};
 
 /// Pixels with chroma (max - min channel) below this are background. Objects are rendered
 /// with chroma of at least 0.7 * 0.7 * 255 = 125 and the background has 0, so a blurred edge
-/// pixel counts as object when it is roughly 40% object or more: boxes then stay within a
-/// pixel of the true edges up to a Gaussian blur of sigma 1.2 (measured on 900 scenes; sigma
-/// 1.5 loses 2% of objects), and saturation may fall to 0.4 times the rendered one (0.35 loses
-/// 3%). Per-channel noise of amplitude `a` gives grey pixels a chroma of at most `2a`, so noise
-/// up to +-24 never reaches this threshold; it may still flip a one-pixel tip of a shape, so
-/// boxes stay within 1 px up to +-16 and within 2 px up to +-24 (at +-32, 97% within 1 px). (A lower second
-/// threshold for growing components was tried and rejected: it bridged the 2 px gap between
-/// blurred objects of one class and let noise widen boxes.)
+/// pixel counts as object when it is roughly 40% object or more. Measured on 900 scenes (all
+/// scene kinds): boxes stay within 1 px of the true edges up to a Gaussian blur of sigma 1.2
+/// (sigma 1.5 loses 2% of objects); saturation may fall to 0.4 times the rendered one (0.35
+/// loses 3%). Per-channel noise of amplitude `a` gives grey pixels a chroma of at most `2a`,
+/// so noise up to +-24 never creates objects; it may flip a one-pixel tip of a shape, so boxes
+/// stay within 1 px up to +-16 and within 2 px up to +-24 (at +-32, 97% within 1 px). A lower
+/// second threshold for growing components (hysteresis) was tried and rejected: it bridged
+/// the gap between nearby blurred objects of one class and let noise widen boxes.
 pub const CHROMA_MIN: f64 = 48.0;
 
 /// Largest hue distance (degrees) from a class hue for a pixel to be labelled with it. Class
 /// hues are 45 degrees apart, so 22.5 would split the circle; 20 leaves a dead band of 5
 /// degrees between classes where pixels of a drifted colour are ignored rather than
 /// mislabelled. With the renderer's jitter of +-6 degrees, a model's colours may drift by
-/// +-12 degrees and stay exact (measured; at +-14 the rounding of 8-bit colours pushes about
-/// 1% of objects out, at +-16 about 17%).
+/// +-12 degrees and stay exact (measured; at +-14 the rounding of 8-bit colours pushes up to
+/// 1% of objects out, at +-16 about 16%).
 pub const HUE_TOLERANCE: f64 = 20.0;
 
 /// Connected components smaller than this many pixels are speckle, not objects. The smallest
-/// object the world draws (a 7 px candle, 3 x 7) has 21 pixels; the speckle of a noisy
-/// sample is a few pixels.
+/// object the world draws (a candle at the fallback size of 7 px, 3 x 7) has 21 pixels; the
+/// speckle of a noisy sample is a few pixels.
 pub const MIN_COMPONENT_PIXELS: usize = 8;
 
 /// Same-class components whose boxes overlap, touch, or are at most this many pixels apart are
