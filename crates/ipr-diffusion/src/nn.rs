@@ -70,12 +70,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = upcast(x)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let xn = normalize_last_dim(x, self.eps)?;
         Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 }
@@ -97,12 +92,8 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let dtype = x.dtype();
-        let xg = upcast(x)?.reshape((b, self.num_groups, ()))?;
-        let mean = xg.mean_keepdim(D::Minus1)?;
-        let xc = xg.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?.to_dtype(dtype)?;
+        let xg = x.reshape((b, self.num_groups, ()))?;
+        let xn = normalize_last_dim(&xg, self.eps)?.reshape(dims.as_slice())?;
         let mut pshape = vec![1usize; dims.len()];
         pshape[1] = c;
         let w = self.weight.reshape(pshape.as_slice())?;
@@ -147,9 +138,27 @@ impl Conv2d {
     }
 }
 
-/// Softmax from primitive ops (candle's `softmax_last_dim` has no backward), in f32 for half inputs.
+/// Softmax over the last dimension with a backward: fused on the CPU ([`crate::fused`]), from
+/// primitive ops elsewhere (candle's `softmax_last_dim` has no backward), in f32 for half inputs.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = crate::fused::softmax_last_dim(x)? {
+        return Ok(y);
+    }
     Ok(candle_nn::ops::softmax(&upcast(x)?, D::Minus1)?.to_dtype(x.dtype())?)
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension, with a backward: fused on the CPU,
+/// from primitive ops (in f32 for half inputs) elsewhere.
+pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(y) = crate::fused::normalize_last_dim(x, eps)? {
+        return Ok(y);
+    }
+    let dtype = x.dtype();
+    let x = upcast(x)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?)
 }
 
 /// Half-precision tensors as f32 (norm statistics and softmax need the range and precision, as

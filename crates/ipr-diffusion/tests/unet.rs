@@ -38,3 +38,20 @@ fn sdxl_unet_text_time_and_two_transformer_layers() {
 fn pixel_unet_three_levels() {
     check("tiny-pixel");
 }
+
+/// The UNet in f16 (the dtype CUDA sampling uses) stays within f16 precision of diffusers' f32.
+#[test]
+fn f16_unet_is_close() {
+    for name in ["tiny-sd15", "tiny-sdxl"] {
+        let r = Reference::load(name);
+        let unet = UNet2DConditionModel::load(&fixtures().join(name).join("unet"), DType::F16, &Device::Cpu).unwrap();
+        let h = |k: &str| r.get(k).to_dtype(DType::F16).unwrap();
+        let added = r
+            .has("unet/text_embeds")
+            .then(|| AddedCond { text_embeds: h("unet/text_embeds"), time_ids: r.get("unet/time_ids") });
+        let out = unet
+            .forward(&h("unet/sample"), &r.get("unet/timesteps"), &h("unet/encoder_hidden_states"), added.as_ref())
+            .unwrap();
+        assert_close(&format!("{name} f16 unet"), &out, &r.get("unet/out"), 5e-3);
+    }
+}
