@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::clip_vision::{l2_normalize, ClipVisionConfig, ClipVisionTransformer};
 use crate::model_error::{read_json, ModelError, Result};
-use crate::owlvit::config::{check_text, check_vision, sub_config};
+use crate::owlvit::config::{check_text, check_vision, sub_config, vision_defaults};
 use crate::preprocess::ImageProcessorConfig;
 
 /// A transformers `CLIPModel`: both towers and their projections.
@@ -49,8 +49,8 @@ impl ClipModel {
                 ),
             ));
         }
-        let text_config: ClipTextConfig = sub_config(&v, &path, "text_config")?;
-        let vision_config: ClipVisionConfig = sub_config(&v, &path, "vision_config")?;
+        let text_config: ClipTextConfig = sub_config(&v, &path, "text_config", serde_json::json!({}))?;
+        let vision_config: ClipVisionConfig = sub_config(&v, &path, "vision_config", vision_defaults(224))?;
         check_text(&text_config, &path)?;
         check_vision(&vision_config, &path)?;
         let projection_dim = v.get("projection_dim").and_then(Value::as_u64).unwrap_or(512) as usize;

@@ -96,7 +96,8 @@ impl ImageProcessorConfig {
         };
         c.do_resize = flag("do_resize", c.do_resize)?;
         c.do_center_crop = flag("do_center_crop", c.do_center_crop)?;
-        c.do_rescale = flag("do_rescale", c.do_rescale)?;
+        // Early OWL-ViT configs on the hub spell do_rescale "rescale" (transformers maps it too).
+        c.do_rescale = flag("do_rescale", flag("rescale", c.do_rescale)?)?;
         c.do_normalize = flag("do_normalize", c.do_normalize)?;
         if let Some(r) = v.get("resample").filter(|r| !r.is_null()) {
             if r.as_u64() != Some(3) {

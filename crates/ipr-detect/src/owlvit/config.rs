@@ -22,9 +22,31 @@ pub struct OwlVitConfig {
     pub projection_dim: usize,
 }
 
-pub(crate) fn sub_config<T: serde::de::DeserializeOwned>(v: &Value, path: &Path, key: &str) -> Result<T> {
+/// Reads `v[key]` over `defaults`: older checkpoints store only the keys that differ from
+/// transformers' defaults, so a missing key takes transformers' default for that model type.
+pub(crate) fn sub_config<T: serde::de::DeserializeOwned>(
+    v: &Value,
+    path: &Path,
+    key: &str,
+    defaults: Value,
+) -> Result<T> {
     let sub = v.get(key).ok_or_else(|| ModelError::config(path, key, "missing"))?;
-    serde_json::from_value(sub.clone()).map_err(|e| ModelError::config(path, key, e.to_string()))
+    let mut merged = defaults;
+    match (sub, merged.as_object_mut()) {
+        (Value::Object(given), Some(m)) => {
+            for (k, val) in given {
+                m.insert(k.clone(), val.clone());
+            }
+        }
+        _ => return Err(ModelError::config(path, key, format!("expected an object, found {sub}"))),
+    }
+    serde_json::from_value(merged).map_err(|e| ModelError::config(path, key, e.to_string()))
+}
+
+/// transformers' `CLIPVisionConfig` / `OwlViTVisionConfig` defaults (they differ in image size).
+pub(crate) fn vision_defaults(image_size: usize) -> Value {
+    serde_json::json!({"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "image_size": image_size, "patch_size": 32})
 }
 
 pub(crate) fn check_text(c: &ClipTextConfig, path: &Path) -> Result<()> {
@@ -71,11 +93,13 @@ impl OwlVitConfig {
                 ));
             }
         }
-        let mut text_config: ClipTextConfig = sub_config(v, path, "text_config")?;
+        // OwlViTTextConfig's defaults where they differ from CLIP's: 16 positions.
+        let text_defaults = serde_json::json!({"max_position_embeddings": 16});
+        let mut text_config: ClipTextConfig = sub_config(v, path, "text_config", text_defaults)?;
         // OWL-ViT always pools the text at argmax(input_ids); ipr-diffusion's CLIP text model does
         // so for the legacy eos_token_id 2.
         text_config.eos_token_id = 2;
-        let vision_config: ClipVisionConfig = sub_config(v, path, "vision_config")?;
+        let vision_config: ClipVisionConfig = sub_config(v, path, "vision_config", vision_defaults(768))?;
         check_text(&text_config, path)?;
         check_vision(&vision_config, path)?;
         let projection_dim = v.get("projection_dim").and_then(Value::as_u64).unwrap_or(512) as usize;
@@ -102,5 +126,33 @@ impl OwlVitConfig {
                 "layer_norm_eps": 1e-5}
         });
         Self::from_value(&v, Path::new("<owlvit-base-patch32>")).expect("built-in config is valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_configs_take_transformers_defaults() {
+        let v = serde_json::json!({"model_type": "owlvit", "text_config": {}, "vision_config": {}});
+        let c = OwlVitConfig::from_value(&v, Path::new("config.json")).unwrap();
+        let full = OwlVitConfig::base_patch32();
+        assert_eq!(c.text_config.max_position_embeddings, 16);
+        assert_eq!((c.vision_config.image_size, c.vision_config.patch_size), (768, 32));
+        assert_eq!(c.vision_config.hidden_size, full.vision_config.hidden_size);
+        assert_eq!(c.projection_dim, 512);
+    }
+
+    #[test]
+    fn wrong_model_types_name_the_key() {
+        for (mt, needle) in [("owlv2", "OWLv2"), ("clip", "\"clip\"")] {
+            let v = serde_json::json!({"model_type": mt, "text_config": {}, "vision_config": {}});
+            let e = OwlVitConfig::from_value(&v, Path::new("m/config.json")).unwrap_err().to_string();
+            assert!(e.contains("m/config.json") && e.contains("model_type") && e.contains(needle), "{e}");
+        }
+        let v = serde_json::json!({"model_type": "owlvit", "text_config": {}, "vision_config": {"patch_size": 33}});
+        let e = OwlVitConfig::from_value(&v, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("vision_config.patch_size"), "{e}");
     }
 }
