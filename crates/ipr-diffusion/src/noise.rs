@@ -54,6 +54,14 @@ pub fn randn(seed: u64, shape: impl Into<Shape>, dtype: DType, device: &Device) 
     Ok(t.to_device(device)?.to_dtype(dtype)?)
 }
 
+/// A batch whose sample `i` is `randn(seeds[i], sample_shape)`: each image of a batch is
+/// reproducible alone from its own seed, whatever batch it was drawn in.
+pub fn randn_per_sample(seeds: &[u64], sample_shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    let samples =
+        seeds.iter().map(|&s| randn(s, sample_shape, DType::F32, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&samples, 0)?.to_device(device)?.to_dtype(dtype)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +74,13 @@ mod tests {
         let mean = a.iter().sum::<f64>() / a.len() as f64;
         let var = a.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / a.len() as f64;
         assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.03, "mean {mean} var {var}");
+    }
+
+    #[test]
+    fn per_sample_seeds_do_not_depend_on_the_batch() {
+        let batch = randn_per_sample(&[3, 9], &[2, 4, 4], DType::F32, &Device::Cpu).unwrap();
+        let alone = randn(9, (2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let diff: f32 = (batch.get(1).unwrap() - alone).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert_eq!(diff, 0.0);
     }
 }

@@ -65,6 +65,8 @@ pub struct Pipeline {
     pub scheduler_config_path: PathBuf,
     pub dtype: DType,
     pub device: Device,
+    /// SDXL: an absent negative prompt means zero embeddings (`model_index.json`, default true).
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 fn require_dir(path: PathBuf) -> Result<PathBuf> {
@@ -105,7 +107,23 @@ impl Pipeline {
         if matches!(text, TextEncoders::Single { .. }) {
             scheduler_config.apply_sd_pipeline_fixups();
         }
-        Ok(Self { unet, vae, text, scheduler_config, scheduler_config_path, dtype, device: device.clone() })
+        let index = folder.join("model_index.json");
+        let force_zeros_for_empty_prompt = if index.exists() {
+            let v: serde_json::Value = crate::config::read_json(&index)?;
+            v.get("force_zeros_for_empty_prompt").and_then(|b| b.as_bool()).unwrap_or(true)
+        } else {
+            true
+        };
+        Ok(Self {
+            unet,
+            vae,
+            text,
+            scheduler_config,
+            scheduler_config_path,
+            dtype,
+            device: device.clone(),
+            force_zeros_for_empty_prompt,
+        })
     }
 
     /// `2^(len(vae.block_out_channels) - 1)`, or 1 without a VAE.
@@ -142,18 +160,18 @@ impl Pipeline {
         }
     }
 
-    /// Unconditional embeddings when no negative prompt is given: SDXL uses zeros
-    /// (`force_zeros_for_empty_prompt`), SD 1.x / 2.x encode "".
+    /// Unconditional embeddings when no negative prompt is given: SDXL uses zeros (unless its
+    /// `model_index.json` sets `force_zeros_for_empty_prompt` false), SD 1.x / 2.x encode "".
     pub fn empty_negative(&self, batch: usize) -> Result<PromptEmbeds> {
         match &self.text {
-            TextEncoders::Single { .. } => self.encode_prompts(&vec![""; batch]),
-            TextEncoders::Dual { .. } => {
+            TextEncoders::Dual { .. } if self.force_zeros_for_empty_prompt => {
                 let p = self.encode_prompts(&[""])?;
                 Ok(PromptEmbeds {
                     embeds: p.embeds.zeros_like()?.repeat((batch, 1, 1))?,
                     pooled: p.pooled.map(|t| t.zeros_like()?.repeat((batch, 1))).transpose()?,
                 })
             }
+            _ => self.encode_prompts(&vec![""; batch]),
         }
     }
 

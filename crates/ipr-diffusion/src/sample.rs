@@ -24,7 +24,8 @@ pub struct SampleRequest {
     /// None, one for all prompts, or one per prompt.
     pub negative_prompts: Vec<String>,
     pub params: SampleParams,
-    /// Seed of the initial noise when `latents` is not given ([`crate::noise::randn`]).
+    /// Seed of the initial noise when `latents` is not given: image `i` starts from
+    /// `noise::randn(seed + i, ...)`, so each image can be regenerated alone.
     pub seed: u64,
     /// Initial latents (tensor `latents`, shape `(B, C, H, W)` with B = number of prompts).
     pub latents: Option<PathBuf>,
@@ -166,7 +167,11 @@ pub fn sample(req: &SampleRequest) -> Result<SampleOutput> {
             }
             l.to_device(&device)?
         }
-        None => crate::noise::randn(req.seed, pipe.latent_shape(b), DType::F32, &device)?,
+        None => {
+            let (_, c, h, w) = pipe.latent_shape(b);
+            let seeds: Vec<u64> = (0..b as u64).map(|i| req.seed.wrapping_add(i)).collect();
+            crate::noise::randn_per_sample(&seeds, &[c, h, w], DType::F32, &device)?
+        }
     };
     let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
     let negatives: Vec<&str> = req.negative_prompts.iter().map(String::as_str).collect();

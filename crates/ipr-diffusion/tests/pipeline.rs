@@ -64,3 +64,20 @@ fn half_precision_pipelines_run() {
         assert_eq!(images.dims(), &[2, 3, 16, 16]);
     }
 }
+
+/// Without negative prompts, SD encodes "" and SDXL uses zero embeddings (diffusers'
+/// `force_zeros_for_empty_prompt`).
+#[test]
+fn absent_negative_prompt() {
+    let sd = Pipeline::load(&fixtures().join("tiny-sd15"), DType::F32, &Device::Cpu).unwrap();
+    assert!(sd.force_zeros_for_empty_prompt);
+    let neg = sd.empty_negative(2).unwrap();
+    let empty = sd.encode_prompts(&["", ""]).unwrap();
+    assert_close("sd empty", &neg.embeds, &empty.embeds, 0.0);
+    let xl = Pipeline::load(&fixtures().join("tiny-sdxl"), DType::F32, &Device::Cpu).unwrap();
+    let neg = xl.empty_negative(2).unwrap();
+    assert_eq!(neg.embeds.dims(), &[2, 77, 64]);
+    let sum: f32 = neg.embeds.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    let pooled: f32 = neg.pooled.unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    assert_eq!((sum, pooled), (0.0, 0.0));
+}
