@@ -58,5 +58,38 @@ fn main() -> ipr_diffusion::Result<()> {
             println!("{name:<6} {images:>7} {:>10.2} {:>12.1}", 1.0 / per, per * 1e3);
         }
     }
+    train_steps(&device)?;
+    Ok(())
+}
+
+/// Training step (forward and backward through every parameter, toy config, 8 samples):
+/// candle's own conv backward vs the fused one (`ipr_diffusion::fused`).
+fn train_steps(device: &Device) -> ipr_diffusion::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/toy_unet_config.json");
+    let config: UNetConfig = read_json(&path)?;
+    let varmap = candle_nn::VarMap::new();
+    let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, DType::F32, device), config.clone(), &path)?;
+    let s = config.sample_size.unwrap_or(32);
+    let x = Tensor::randn(0f32, 1.0, (8, config.in_channels, s, s), device)?;
+    let ctx = Tensor::randn(0f32, 1.0, (8, 77, config.cross_attention_dim), device)?;
+    let t = Tensor::new(&[10f32, 100., 200., 300., 400., 500., 600., 700.], device)?;
+    println!("\ntraining step, toy config, batch 8 (all parameters trainable)");
+    for fast in [false, true] {
+        ipr_diffusion::fused::set_fast_conv_backward(fast);
+        let step = || -> ipr_diffusion::Result<()> {
+            let loss = unet.forward(&x, &t, &ctx, None)?.sqr()?.mean_all()?;
+            let _grads = loss.backward()?;
+            Ok(())
+        };
+        step()?;
+        let start = Instant::now();
+        let n = 3;
+        for _ in 0..n {
+            step()?;
+        }
+        let per = start.elapsed().as_secs_f64() / n as f64;
+        let which = if fast { "fused conv backward" } else { "candle conv backward" };
+        println!("{which:<22} {:>8.0} ms/step", per * 1e3);
+    }
     Ok(())
 }
