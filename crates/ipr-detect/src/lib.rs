@@ -18,6 +18,7 @@ pub mod model_error;
 pub mod owlvit;
 pub mod pil_resize;
 pub mod preprocess;
+pub mod scipy_resize;
 
 pub use clip_score::{clip_score, ClipScorer};
 pub use detector::{DetectError, Detector};

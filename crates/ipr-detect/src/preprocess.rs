@@ -1,6 +1,7 @@
 //! Image preprocessing of transformers' CLIP-family image processors with the PIL backend
 //! (`OwlViTImageProcessorPil`, `CLIPImageProcessorPil`, transformers 5.24): `convert_to_rgb`,
-//! bicubic resize by Pillow, center crop, rescale by 1/255, normalise by the CLIP mean and std.
+//! bicubic resize by Pillow, center crop, rescale by 1/255, normalise by the CLIP mean and std;
+//! and `Owlv2ImageProcessorPil`'s rescale, pad to square, anti-aliased float resize, normalise.
 //!
 //! The arithmetic is numpy's: `(u8 as f64 * rescale_factor) as f32`, then `(x - mean) / std` in f32,
 //! so pixel values are bit-identical to transformers' (checked by the parity tests).
@@ -15,6 +16,7 @@ use serde_json::Value;
 
 use crate::model_error::{read_json, ModelError, Result};
 use crate::pil_resize::resize_bicubic;
+use crate::scipy_resize::{resize_antialiased, HwcImage};
 
 /// OpenAI CLIP's normalisation (transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -29,9 +31,22 @@ pub enum ResizeTo {
     ShortestEdge(usize),
 }
 
+/// How an image is resized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeBackend {
+    /// Pillow's bicubic on uint8, before rescaling (OWL-ViT, CLIP: [`resize_bicubic`]).
+    PilBicubic,
+    /// OWLv2: rescale, pad to a square with zeros (bottom, right), then scikit-image-style
+    /// anti-aliased linear resize of the float image ([`crate::scipy_resize`]).
+    ScipyAntialiased,
+}
+
 /// The settings of one image processor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageProcessorConfig {
+    pub backend: ResizeBackend,
+    /// OWLv2 only: pad to a square before resizing.
+    pub do_pad: bool,
     pub do_resize: bool,
     pub size: ResizeTo,
     pub do_center_crop: bool,
@@ -48,6 +63,8 @@ impl ImageProcessorConfig {
     /// `OwlViTImageProcessor`'s defaults (google/owlvit-base-patch32: 768 x 768, no crop).
     pub fn owlvit(image_size: usize) -> Self {
         Self {
+            backend: ResizeBackend::PilBicubic,
+            do_pad: false,
             do_resize: true,
             size: ResizeTo::Exact { height: image_size, width: image_size },
             do_center_crop: false,
@@ -58,6 +75,11 @@ impl ImageProcessorConfig {
             image_mean: CLIP_MEAN,
             image_std: CLIP_STD,
         }
+    }
+
+    /// `Owlv2ImageProcessor`'s defaults (google/owlv2-*: 960 x 960 after padding to a square).
+    pub fn owlv2(image_size: usize) -> Self {
+        Self { backend: ResizeBackend::ScipyAntialiased, do_pad: true, ..Self::owlvit(image_size) }
     }
 
     /// `CLIPImageProcessor`'s defaults (shortest edge 224, center crop 224).
@@ -96,10 +118,14 @@ impl ImageProcessorConfig {
         };
         c.do_resize = flag("do_resize", c.do_resize)?;
         c.do_center_crop = flag("do_center_crop", c.do_center_crop)?;
+        if c.backend == ResizeBackend::ScipyAntialiased {
+            c.do_pad = flag("do_pad", c.do_pad)?;
+        }
         // Early OWL-ViT configs on the hub spell do_rescale "rescale" (transformers maps it too).
         c.do_rescale = flag("do_rescale", flag("rescale", c.do_rescale)?)?;
         c.do_normalize = flag("do_normalize", c.do_normalize)?;
-        if let Some(r) = v.get("resample").filter(|r| !r.is_null()) {
+        // OWLv2's processor ignores `resample` (it always uses its own linear resize).
+        if let Some(r) = v.get("resample").filter(|r| !r.is_null() && c.backend == ResizeBackend::PilBicubic) {
             if r.as_u64() != Some(3) {
                 return Err(ModelError::config(
                     path,
@@ -152,6 +178,9 @@ impl ImageProcessorConfig {
         if w == 0 || h == 0 {
             return Err(ModelError::Input("empty image".into()));
         }
+        if self.backend == ResizeBackend::ScipyAntialiased {
+            return self.owlv2_pixel_values(image, device);
+        }
         let (mut buf, mut h, mut w) = (image.as_raw().clone(), h, w);
         if self.do_resize {
             let (nh, nw) = resize_target(self.size, h, w);
@@ -181,6 +210,32 @@ impl ImageProcessorConfig {
                     v = (v - self.image_mean[c]) / self.image_std[c];
                 }
                 chw[c * h * w + i] = v;
+            }
+        }
+        Ok(Tensor::from_vec(chw, (3, h, w), device)?)
+    }
+
+    /// OWLv2's order: rescale, pad, resize (float), normalise.
+    fn owlv2_pixel_values(&self, image: &RgbImage, device: &Device) -> Result<Tensor> {
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let (ph, pw) = if self.do_pad { (w.max(h), w.max(h)) } else { (h, w) };
+        let mut img = HwcImage { height: ph, width: pw, channels: 3, data: vec![0f32; ph * pw * 3] };
+        for (i, px) in image.as_raw().chunks_exact(3).enumerate() {
+            let (y, x) = (i / w, i % w);
+            for (dst, &v) in img.data[(y * pw + x) * 3..(y * pw + x + 1) * 3].iter_mut().zip(px) {
+                *dst = if self.do_rescale { (v as f64 * self.rescale_factor) as f32 } else { v as f32 };
+            }
+        }
+        if self.do_resize {
+            let (nh, nw) = resize_target(self.size, ph, pw);
+            img = resize_antialiased(&img, nh, nw);
+        }
+        let (h, w) = (img.height, img.width);
+        let mut chw = vec![0f32; 3 * h * w];
+        for (i, px) in img.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                chw[c * h * w + i] =
+                    if self.do_normalize { (px[c] - self.image_mean[c]) / self.image_std[c] } else { px[c] };
             }
         }
         Ok(Tensor::from_vec(chw, (3, h, w), device)?)

@@ -12,9 +12,28 @@ use serde_json::Value;
 use crate::clip_vision::ClipVisionConfig;
 use crate::model_error::{read_json, ModelError, Result};
 
-/// The parts of `OwlViTConfig` the detector uses.
+/// OWL-ViT (v1) or OWLv2 (Minderer et al. 2023, "Scaling Open-Vocabulary Object Detection"):
+/// same towers and heads, plus an objectness head and a different image processor in v2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwlVersion {
+    V1,
+    V2,
+}
+
+impl OwlVersion {
+    /// The checkpoint's prefix of the CLIP part (`owlvit.` / `owlv2.`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            OwlVersion::V1 => "owlvit",
+            OwlVersion::V2 => "owlv2",
+        }
+    }
+}
+
+/// The parts of `OwlViTConfig` / `Owlv2Config` the detector uses.
 #[derive(Debug, Clone)]
 pub struct OwlVitConfig {
+    pub version: OwlVersion,
     pub text_config: ClipTextConfig,
     pub vision_config: ClipVisionConfig,
     /// Width of the projected text embeddings; OWL-ViT's class head needs it equal to the text
@@ -80,26 +99,30 @@ impl OwlVitConfig {
     }
 
     pub(crate) fn from_value(v: &Value, path: &Path) -> Result<Self> {
-        match v.get("model_type").and_then(Value::as_str) {
-            Some("owlvit") => {}
-            Some("owlv2") => {
-                return Err(ModelError::config(path, "model_type", "OWLv2 is not implemented (only OWL-ViT v1)"));
-            }
+        let version = match v.get("model_type").and_then(Value::as_str) {
+            Some("owlvit") => OwlVersion::V1,
+            Some("owlv2") => OwlVersion::V2,
             other => {
                 return Err(ModelError::config(
                     path,
                     "model_type",
-                    format!("expected \"owlvit\" (an OwlViTForObjectDetection folder), found {other:?}"),
+                    format!(
+                        "expected \"owlvit\" or \"owlv2\" (an OwlViT/Owlv2ForObjectDetection folder), found {other:?}"
+                    ),
                 ));
             }
-        }
+        };
         // OwlViTTextConfig's defaults where they differ from CLIP's: 16 positions.
         let text_defaults = serde_json::json!({"max_position_embeddings": 16});
         let mut text_config: ClipTextConfig = sub_config(v, path, "text_config", text_defaults)?;
         // OWL-ViT always pools the text at argmax(input_ids); ipr-diffusion's CLIP text model does
         // so for the legacy eos_token_id 2.
         text_config.eos_token_id = 2;
-        let vision_config: ClipVisionConfig = sub_config(v, path, "vision_config", vision_defaults(768))?;
+        let mut vdefaults = vision_defaults(768);
+        if version == OwlVersion::V2 {
+            vdefaults["patch_size"] = 16.into(); // Owlv2VisionConfig: 768 px, patch 16
+        }
+        let vision_config: ClipVisionConfig = sub_config(v, path, "vision_config", vdefaults)?;
         check_text(&text_config, path)?;
         check_vision(&vision_config, path)?;
         let projection_dim = v.get("projection_dim").and_then(Value::as_u64).unwrap_or(512) as usize;
@@ -110,7 +133,7 @@ impl OwlVitConfig {
                 format!("{projection_dim} differs from text_config.hidden_size {}", text_config.hidden_size),
             ));
         }
-        Ok(Self { text_config, vision_config, projection_dim })
+        Ok(Self { version, text_config, vision_config, projection_dim })
     }
 
     /// google/owlvit-base-patch32's shape (ViT-B/32 at 768 px, 512-wide text), for benchmarks.
@@ -146,7 +169,7 @@ mod tests {
 
     #[test]
     fn wrong_model_types_name_the_key() {
-        for (mt, needle) in [("owlv2", "OWLv2"), ("clip", "\"clip\"")] {
+        for (mt, needle) in [("owl", "\"owl\""), ("clip", "\"clip\"")] {
             let v = serde_json::json!({"model_type": mt, "text_config": {}, "vision_config": {}});
             let e = OwlVitConfig::from_value(&v, Path::new("m/config.json")).unwrap_err().to_string();
             assert!(e.contains("m/config.json") && e.contains("model_type") && e.contains(needle), "{e}");

@@ -1,7 +1,8 @@
 //! OWL-ViT as VISOR runs it (Gokhale et al. 2022, "Benchmarking Spatial Relationships in
 //! Text-to-Image Generation"): queries "a photo of a {obj}", boxes with score > 0.1, each labelled
 //! with its best query. A model folder is what `OwlViTForObjectDetection.save_pretrained` and
-//! `OwlViTProcessor.save_pretrained` write (google/owlvit-base-patch32 on the hub has this layout).
+//! `OwlViTProcessor.save_pretrained` write (google/owlvit-base-patch32 on the hub has this layout);
+//! OWLv2 folders (google/owlv2-*) load the same way.
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ use image::RgbImage;
 use ipr_core::{BBox, Detection};
 use ipr_diffusion::tokenizer::ClipTokenizer;
 
+use super::config::OwlVersion;
 use super::model::OwlVit;
 use super::postprocess::{post_process_object_detection, QueryDetection};
 use crate::detector::{DetectError, Detector};
@@ -46,11 +48,12 @@ impl OwlVitDetector {
         // past the position table. Padding length does not change the outputs (causal attention,
         // EOS pooling), so clamp rather than fail.
         tokenizer.model_max_length = tokenizer.model_max_length.min(model.config.text_config.max_position_embeddings);
-        let processor = ImageProcessorConfig::load(
-            folder,
-            ImageProcessorConfig::owlvit(model.config.vision_config.image_size),
-            true,
-        )?;
+        let size = model.config.vision_config.image_size;
+        let defaults = match model.config.version {
+            OwlVersion::V1 => ImageProcessorConfig::owlvit(size),
+            OwlVersion::V2 => ImageProcessorConfig::owlv2(size),
+        };
+        let processor = ImageProcessorConfig::load(folder, defaults, true)?;
         let expect = model.config.vision_config.image_size;
         if processor.output_size(expect, expect + 1) != (expect, expect) {
             return Err(ModelError::config(
@@ -91,7 +94,20 @@ impl OwlVitDetector {
         let ids = self.tokenize(queries)?;
         let ids = Tensor::cat(&vec![&ids; images.len()], 0)?;
         let out = self.model.forward(&pixel_values, &ids)?;
-        let sizes: Vec<(usize, usize)> = images.iter().map(|im| (im.height() as usize, im.width() as usize)).collect();
+        // OWLv2 pads to a square, so its boxes are relative to the longer side (transformers
+        // scales them by max(H, W) in both axes).
+        let v2 = self.model.config.version == OwlVersion::V2 && self.processor.do_pad;
+        let sizes: Vec<(usize, usize)> = images
+            .iter()
+            .map(|im| {
+                let (h, w) = (im.height() as usize, im.width() as usize);
+                if v2 {
+                    (h.max(w), h.max(w))
+                } else {
+                    (h, w)
+                }
+            })
+            .collect();
         post_process_object_detection(&out.logits, &out.pred_boxes, threshold as f32, &sizes)
     }
 
@@ -108,7 +124,7 @@ impl OwlVitDetector {
 
 impl Detector for OwlVitDetector {
     fn name(&self) -> String {
-        "owlvit".into()
+        self.model.config.version.prefix().into()
     }
 
     fn detect(&self, image: &RgbImage, classes: &[&str]) -> std::result::Result<Vec<Detection>, DetectError> {

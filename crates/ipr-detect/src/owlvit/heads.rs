@@ -49,7 +49,8 @@ impl ClassHead {
     }
 }
 
-/// `box_head`: image tokens -> raw box offsets `(B, P, 4)`.
+/// `box_head`: image tokens -> raw box offsets `(B, P, 4)`; with one output, OWLv2's
+/// `objectness_head` (same MLP).
 pub struct BoxHead {
     dense0: Linear,
     dense1: Linear,
@@ -57,11 +58,11 @@ pub struct BoxHead {
 }
 
 impl BoxHead {
-    pub fn load(vb: VarBuilder, width: usize) -> Result<Self> {
+    pub fn load(vb: VarBuilder, width: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
             dense0: linear(width, width, vb.pp("dense0"))?,
             dense1: linear(width, width, vb.pp("dense1"))?,
-            dense2: linear(width, 4, vb.pp("dense2"))?,
+            dense2: linear(width, out_dim, vb.pp("dense2"))?,
         })
     }
 

@@ -5,7 +5,8 @@
 //!    token; the detector's own `layer_norm` -> one feature per patch (= per box);
 //! 2. the CLIP text tower (ipr-diffusion's, pooled at argmax(input_ids)), `text_projection`,
 //!    L2-normalised -> one embedding per query;
-//! 3. class head -> logits `(B, P, Q)`; box head + grid bias, sigmoid -> `(cx, cy, w, h)` in [0, 1].
+//! 3. class head -> logits `(B, P, Q)`; box head + grid bias, sigmoid -> `(cx, cy, w, h)` in [0, 1];
+//!    for OWLv2 (Minderer et al. 2023) also the objectness head -> `(B, P)`.
 
 use std::path::Path;
 
@@ -13,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
 use ipr_diffusion::clip_text::ClipTextModel;
 
-use super::config::OwlVitConfig;
+use super::config::{OwlVersion, OwlVitConfig};
 use super::heads::{box_bias, BoxHead, ClassHead};
 use crate::clip_vision::{l2_normalize, ClipVisionTransformer};
 use crate::model_error::{ModelError, Result};
@@ -29,6 +30,8 @@ pub struct OwlVitOutput {
     pub text_embeds: Tensor,
     /// `(B, grid, grid, D)` feature map (transformers' `image_embeds`).
     pub image_embeds: Tensor,
+    /// OWLv2 only: `(B, P)` objectness logits.
+    pub objectness_logits: Option<Tensor>,
 }
 
 /// An OWL-ViT detector's network.
@@ -40,6 +43,7 @@ pub struct OwlVit {
     layer_norm: LayerNorm,
     class_head: ClassHead,
     box_head: BoxHead,
+    objectness_head: Option<BoxHead>,
     box_bias: Tensor,
 }
 
@@ -49,7 +53,7 @@ impl OwlVit {
         let config = OwlVitConfig::load(&folder.join("config.json"))?;
         let weights = folder.join("model.safetensors");
         if !weights.exists() {
-            return Err(ModelError::missing(&weights, "OWL-ViT weights"));
+            return Err(ModelError::missing(&weights, "OWL-ViT/OWLv2 weights"));
         }
         // SAFETY: the file is mapped read-only and not modified while the model lives.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(std::slice::from_ref(&weights), DType::F32, device) }
@@ -65,7 +69,7 @@ impl OwlVit {
 
     /// Builds the model from a `VarBuilder` at the checkpoint's root.
     pub fn new(vb: VarBuilder, config: OwlVitConfig) -> Result<Self> {
-        let owl = vb.pp("owlvit");
+        let owl = vb.pp(config.version.prefix());
         let (dt, dv) = (config.text_config.hidden_size, config.vision_config.hidden_size);
         let text_model = ClipTextModel::new(owl.clone(), config.text_config.clone())?;
         let text_projection = candle_nn::linear_no_bias(dt, config.projection_dim, owl.pp("text_projection"))?;
@@ -78,7 +82,11 @@ impl OwlVit {
             vision_model,
             layer_norm: layer_norm(dv, ln, vb.pp("layer_norm"))?,
             class_head: ClassHead::load(vb.pp("class_head"), dv, dt)?,
-            box_head: BoxHead::load(vb.pp("box_head"), dv)?,
+            box_head: BoxHead::load(vb.pp("box_head"), dv, 4)?,
+            objectness_head: match config.version {
+                OwlVersion::V1 => None,
+                OwlVersion::V2 => Some(BoxHead::load(vb.pp("objectness_head"), dv, 1)?),
+            },
             box_bias: box_bias(grid, grid, vb.device())?,
             config,
         })
@@ -131,7 +139,11 @@ impl OwlVit {
         let feats = self.image_features(pixel_values)?;
         let (logits, pred_boxes) = self.heads(&feats, &query_embeds, &query_mask)?;
         let grid = self.config.vision_config.grid();
+        let objectness_logits = match &self.objectness_head {
+            Some(h) => Some(h.forward(&feats)?.squeeze(2)?),
+            None => None,
+        };
         let image_embeds = feats.reshape((b, grid, grid, self.config.vision_config.hidden_size))?;
-        Ok(OwlVitOutput { logits, pred_boxes, text_embeds: query_embeds, image_embeds })
+        Ok(OwlVitOutput { logits, pred_boxes, text_embeds: query_embeds, image_embeds, objectness_logits })
     }
 }
