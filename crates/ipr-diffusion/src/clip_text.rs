@@ -88,20 +88,9 @@ impl ClipTextModel {
     /// Loads `folder/config.json` and `folder/model.safetensors`.
     pub fn load(folder: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = ClipTextConfig::load(&folder.join("config.json"))?;
-        let weights = folder.join("model.safetensors");
-        if !weights.exists() {
-            return Err(Error::Io {
-                path: weights,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "missing text encoder weights"),
-            });
-        }
-        // SAFETY: the file is mapped read-only and not modified while the model lives.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(std::slice::from_ref(&weights), dtype, device) }
-            .map_err(|source| Error::Weights { path: weights.clone(), source })?;
-        Self::new(vb, config).map_err(|e| match e {
-            Error::Candle(source) => Error::Weights { path: weights, source },
-            e => e,
-        })
+        let files = crate::source::weight_files(folder, "model")?;
+        let vb = crate::source::mmap_weights(&files, dtype, device)?;
+        Self::new(vb, config).map_err(|e| crate::source::in_weights(e, &files))
     }
 
     /// Builds the model from a `VarBuilder` at the checkpoint's root.

@@ -6,6 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
 use crate::error::{Error, Result};
 
 fn not_found(path: PathBuf, what: &str) -> Error {
@@ -64,6 +67,46 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     resolve_in_cache(&cache, spec)
 }
 
+/// The safetensors files of one component, full precision first: `<stem>.safetensors`, else the
+/// shards listed in `<stem>.safetensors.index.json`, else the same two for the `fp16` variant
+/// (`<stem>.fp16.safetensors`, what `variant="fp16"` downloads). Errors name the expected file.
+pub fn weight_files(folder: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    for variant in ["", ".fp16"] {
+        let single = folder.join(format!("{stem}{variant}.safetensors"));
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index = folder.join(format!("{stem}{variant}.safetensors.index.json"));
+        if index.is_file() {
+            let v: serde_json::Value = crate::config::read_json(&index)?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                Error::config(&index, "weight_map", "expected an object of tensor name -> shard file")
+            })?;
+            let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| folder.join(f)).collect();
+            files.sort();
+            files.dedup();
+            return Ok(files);
+        }
+    }
+    Err(not_found(folder.join(format!("{stem}.safetensors")), "missing weights (also looked for .fp16 and sharded)"))
+}
+
+/// Memory-maps `files` into a `VarBuilder` (tensors converted to `dtype` on `device`).
+pub fn mmap_weights(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    // SAFETY: the files are mapped read-only and must not be modified while the model lives (as
+    // with any memory-mapped checkpoint).
+    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+        .map_err(|source| Error::Weights { path: files[0].clone(), source })
+}
+
+/// Names the weights file in a tensor error raised while building a model from it.
+pub fn in_weights(e: Error, files: &[PathBuf]) -> Error {
+    match e {
+        Error::Candle(source) => Error::Weights { path: files[0].clone(), source },
+        e => e,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +124,25 @@ mod tests {
         assert!(msg.contains("models--org--other"), "{msg}");
         let msg = resolve_in_cache(&tmp, "org/tiny@v2").unwrap_err().to_string();
         assert!(msg.contains("refs"), "{msg}");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn weight_files_prefer_full_precision_then_fp16_then_shards() {
+        let tmp = std::env::temp_dir().join(format!("ipr-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let msg = weight_files(&tmp, "model").unwrap_err().to_string();
+        assert!(msg.contains("model.safetensors"), "{msg}");
+        std::fs::write(tmp.join("model.fp16.safetensors"), b"").unwrap();
+        assert_eq!(weight_files(&tmp, "model").unwrap(), vec![tmp.join("model.fp16.safetensors")]);
+        let index = r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors"}}"#;
+        std::fs::write(tmp.join("model.safetensors.index.json"), index).unwrap();
+        assert_eq!(
+            weight_files(&tmp, "model").unwrap(),
+            vec![tmp.join("m-1.safetensors"), tmp.join("m-2.safetensors")]
+        );
+        std::fs::write(tmp.join("model.safetensors"), b"").unwrap();
+        assert_eq!(weight_files(&tmp, "model").unwrap(), vec![tmp.join("model.safetensors")]);
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::VaeConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::nn::{attention, silu, Conv2d, GroupNorm, Linear};
 use crate::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 
@@ -134,20 +134,9 @@ impl AutoencoderKL {
     /// Loads `folder/config.json` and `folder/diffusion_pytorch_model.safetensors`.
     pub fn load(folder: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = VaeConfig::load(&folder.join("config.json"))?;
-        let weights = folder.join("diffusion_pytorch_model.safetensors");
-        if !weights.exists() {
-            return Err(Error::Io {
-                path: weights,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "missing VAE weights"),
-            });
-        }
-        // SAFETY: the file is mapped read-only and not modified while the model lives.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(std::slice::from_ref(&weights), dtype, device) }
-            .map_err(|source| Error::Weights { path: weights.clone(), source })?;
-        Self::new(vb, config).map_err(|e| match e {
-            Error::Candle(source) => Error::Weights { path: weights, source },
-            e => e,
-        })
+        let files = crate::source::weight_files(folder, "diffusion_pytorch_model")?;
+        let vb = crate::source::mmap_weights(&files, dtype, device)?;
+        Self::new(vb, config).map_err(|e| crate::source::in_weights(e, &files))
     }
 
     /// Builds the model from a `VarBuilder` at the checkpoint's root.

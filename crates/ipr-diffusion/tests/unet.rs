@@ -55,3 +55,21 @@ fn f16_unet_is_close() {
         assert_close(&format!("{name} f16 unet"), &out, &r.get("unet/out"), 5e-3);
     }
 }
+
+/// A config that disagrees with the weights: the error names the weights file and the tensor.
+#[test]
+fn wrong_shapes_name_the_file_and_tensor() {
+    let src = fixtures().join("tiny-sd15").join("unet");
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["cross_attention_dim"] = serde_json::json!(48);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        src.join("diffusion_pytorch_model.safetensors"),
+        dir.path().join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let msg = UNet2DConditionModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(msg.contains("diffusion_pytorch_model.safetensors") && msg.contains("attn2.to_k"), "{msg}");
+}

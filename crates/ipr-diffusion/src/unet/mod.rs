@@ -52,20 +52,9 @@ impl UNet2DConditionModel {
     pub fn load(folder: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config_path = folder.join("config.json");
         let config = UNetConfig::load(&config_path)?;
-        let weights = folder.join("diffusion_pytorch_model.safetensors");
-        if !weights.exists() {
-            return Err(Error::Io {
-                path: weights,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "missing UNet weights"),
-            });
-        }
-        // SAFETY: the file is mapped read-only and not modified while the model lives.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(std::slice::from_ref(&weights), dtype, device) }
-            .map_err(|source| Error::Weights { path: weights.clone(), source })?;
-        Self::new(vb, config, &config_path).map_err(|e| match e {
-            Error::Candle(source) => Error::Weights { path: weights, source },
-            e => e,
-        })
+        let files = crate::source::weight_files(folder, "diffusion_pytorch_model")?;
+        let vb = crate::source::mmap_weights(&files, dtype, device)?;
+        Self::new(vb, config, &config_path).map_err(|e| crate::source::in_weights(e, &files))
     }
 
     /// Builds the model from a `VarBuilder` at the checkpoint's root; `config_path` names the
