@@ -4,10 +4,35 @@
 //! diffusers-format folders (SD 1.x, SD 2.x, SDXL) and for pixel-space models (the toy world).
 //!
 //! Parameter names equal diffusers' and transformers', so their safetensors load as they are.
-//! Every op on a path that training differentiates has a backward in candle: softmax and layer norm
-//! are written from primitive ops because candle's fused kernels have none (see
-//! `docs/stack-notes.md`). Each module's parity with diffusers is checked by the tests in `tests/`
-//! against outputs recorded by `scripts/fixtures/diffusion/make_tiny_pipelines.py`.
+//! Every op on a path that training differentiates has a correct backward: candle's fused softmax
+//! and layer norm have none, so [`fused`] provides CPU kernels with their own backward and [`nn`]
+//! falls back to primitive ops on other devices (see `docs/stack-notes.md`).
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use ipr_diffusion::{noise, pipeline::{Pipeline, SampleParams}, scheduler::SamplerKind};
+//!
+//! let pipe = Pipeline::load("path/to/stable-diffusion-v1-5".as_ref(), DType::F32, &Device::Cpu)?;
+//! let (_, c, h, w) = pipe.latent_shape(1);
+//! let latents = noise::randn_per_sample(&[42], &[c, h, w], DType::F32, &Device::Cpu)?;
+//! let params = SampleParams { num_inference_steps: 30, guidance_scale: 7.5, sampler: SamplerKind::Ddim };
+//! let out = pipe.generate(&["a cat to the left of a dog"], Some(&["blurry"]), &latents, &params)?;
+//! let images = pipe.to_images(&out)?; // (1, 3, 512, 512) in [0, 1]
+//! # Ok::<(), ipr_diffusion::Error>(())
+//! ```
+//!
+//! Modules, one concern each: [`config`] (the `config.json` files), [`tokenizer`], [`clip_text`],
+//! [`unet`] (embeddings, resnet, attention, blocks), [`vae`], [`scheduler`] (betas, DDIM, Euler,
+//! DDPM noising), [`pipeline`] (CFG text-to-image), [`sample`] (the library side of `ipr sample`),
+//! [`source`] (local folders, the Hugging Face cache, weight files), [`noise`] (seeded noise),
+//! [`nn`] and [`fused`] (layers and kernels).
+//!
+//! Parity: `tests/` loads tiny random pipelines saved by diffusers (`tests/fixtures/tiny-*`, each
+//! under 1 MB) and compares with outputs diffusers recorded for them
+//! (`scripts/fixtures/diffusion/make_tiny_pipelines.py`, which also records references for a real
+//! checkpoint: see `tests/real_models.rs`). `tests/gradients.rs` checks every parameter's gradient
+//! by finite differences. `examples/bench_unet.rs` measures CPU denoising steps per second next to
+//! `examples/bench_unet.py` (diffusers, same configs).
 
 pub mod clip_text;
 pub mod config;
