@@ -208,7 +208,7 @@ pub fn set_fast_conv_backward(on: bool) {
     FAST_CONV_BACKWARD.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// `x.conv2d(w, padding, stride)` with the faster backward of [`Conv2dFastBackward`] when a
+/// `x.conv2d(w, padding, stride)` with the faster backward described above when a
 /// gradient is needed on the CPU; `None` where the caller should use candle's conv directly.
 pub fn conv2d_fast_backward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Option<Tensor>> {
     let on = FAST_CONV_BACKWARD.load(std::sync::atomic::Ordering::Relaxed);
