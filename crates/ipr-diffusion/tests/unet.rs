@@ -73,3 +73,26 @@ fn wrong_shapes_name_the_file_and_tensor() {
     let msg = UNet2DConditionModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(msg.contains("diffusion_pytorch_model.safetensors") && msg.contains("attn2.to_k"), "{msg}");
 }
+
+/// Latent sizes the UNet's levels do not divide (5x5 with two levels, 13x13 with three): like
+/// diffusers, the upsamplers resize to the size of the skip connection they meet.
+#[test]
+fn odd_latent_sizes() {
+    for name in ["tiny-sd15", "tiny-sd21", "tiny-sdxl", "tiny-pixel"] {
+        let r = Reference::load(name);
+        let unet = UNet2DConditionModel::load(&fixtures().join(name).join("unet"), DType::F32, &Device::Cpu).unwrap();
+        let first = |k: &str| r.get(k).narrow(0, 0, 1).unwrap();
+        let added = r
+            .has("unet/text_embeds")
+            .then(|| AddedCond { text_embeds: first("unet/text_embeds"), time_ids: first("unet/time_ids") });
+        let out = unet
+            .forward(
+                &r.get("unet/odd_sample"),
+                &first("unet/timesteps"),
+                &first("unet/encoder_hidden_states"),
+                added.as_ref(),
+            )
+            .unwrap();
+        assert_close(&format!("{name} odd size"), &out, &r.get("unet/odd_out"), 1e-4);
+    }
+}
