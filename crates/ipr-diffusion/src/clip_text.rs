@@ -102,8 +102,11 @@ impl ClipTextModel {
         };
         let d = config.hidden_size;
         let emb = tm.pp("embeddings");
-        let token_embedding = emb.pp("token_embedding").get((config.vocab_size, d), "weight")?;
-        let position_embedding = emb.pp("position_embedding").get((config.max_position_embeddings, d), "weight")?;
+        // transformers' CLIP init (used only when building from a VarMap): normal, std 0.02.
+        let normal = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let token_embedding = emb.pp("token_embedding").get_with_hints((config.vocab_size, d), "weight", normal)?;
+        let position_embedding =
+            emb.pp("position_embedding").get_with_hints((config.max_position_embeddings, d), "weight", normal)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| ClipEncoderLayer::load(tm.pp("encoder").pp("layers").pp(i), &config))
             .collect::<Result<Vec<_>>>()?;

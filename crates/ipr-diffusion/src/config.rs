@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -19,8 +19,26 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }
 
+/// Writes `value` as pretty JSON with `"_class_name": class_name` first, atomically (temporary
+/// file in the same folder, then rename).
+pub fn write_json<T: Serialize>(path: &Path, value: &T, class_name: Option<&str>) -> Result<()> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let mut v = serde_json::to_value(value).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    if let (Some(name), Some(obj)) = (class_name, v.as_object_mut()) {
+        let mut with_class = serde_json::Map::new();
+        with_class.insert("_class_name".into(), name.into());
+        with_class.extend(std::mem::take(obj));
+        *obj = with_class;
+    }
+    let text = serde_json::to_string_pretty(&v).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text + "\n").map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
 /// A config value that diffusers accepts either as one number for all blocks or as one per block.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum PerBlock {
     One(usize),
@@ -90,7 +108,7 @@ fn d_mid() -> Option<String> {
 }
 
 /// `unet/config.json` of a `UNet2DConditionModel`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct UNetConfig {
     /// Latent (or pixel) height and width the model was trained at.
     pub sample_size: Option<usize>,
@@ -353,7 +371,7 @@ fn d_eos() -> i64 {
 }
 
 /// `text_encoder*/config.json` of a transformers `CLIPTextModel` / `CLIPTextModelWithProjection`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ClipTextConfig {
     #[serde(default = "d_vocab")]
     pub vocab_size: usize,
@@ -418,7 +436,7 @@ fn d_up_dec() -> Vec<String> {
 }
 
 /// `vae/config.json` of an `AutoencoderKL`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct VaeConfig {
     #[serde(default = "d_3ch")]
     pub in_channels: usize,
@@ -480,30 +498,52 @@ impl VaeConfig {
 /// Every key is optional because diffusers' `XScheduler.from_config(other_config)` takes the keys
 /// the file has and X's own defaults for the rest; [`crate::scheduler`] applies the defaults of the
 /// scheduler being built.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct SchedulerConfig {
     #[serde(rename = "_class_name")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub class_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_train_timesteps: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub beta_start: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub beta_end: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub beta_schedule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub trained_betas: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_sample: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_sample_range: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub set_alpha_to_one: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub steps_offset: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub prediction_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub thresholding: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timestep_spacing: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rescale_betas_zero_snr: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub interpolation_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub use_karras_sigmas: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub use_exponential_sigmas: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub use_beta_sigmas: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub final_sigmas_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timestep_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sigma_min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sigma_max: Option<f64>,
 }
 

@@ -7,9 +7,18 @@
 //! so an adapter can be attached in one place.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_nn::{Init, VarBuilder};
 
 use crate::error::Result;
+
+/// torch's default initialisation of `nn.Linear` / `nn.Conv2d` weights and biases
+/// (`kaiming_uniform_(a=sqrt(5))`): uniform in `+-1/sqrt(fan_in)`. Only used when a model is
+/// built from a `VarMap` (training from scratch); loading a checkpoint ignores it. Norms start at
+/// weight 1, bias 0, as in torch.
+pub fn torch_default_bound(fan_in: usize) -> Init {
+    let b = 1.0 / (fan_in.max(1) as f64).sqrt();
+    Init::Uniform { lo: -b, up: b }
+}
 
 /// `y = x W^T + b` over the last dimension of an input of any rank (torch's `nn.Linear`).
 #[derive(Debug, Clone)]
@@ -22,8 +31,9 @@ pub struct Linear {
 impl Linear {
     /// Loads `weight` (and `bias` when `bias` is true) from `vb`.
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bound = torch_default_bound(in_dim);
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", bound)?;
+        let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", bound)?) } else { None };
         Ok(Self { weight, bias })
     }
 
@@ -66,7 +76,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+        Ok(Self { weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?, bias: vb.get(dim, "bias")?, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -86,7 +96,8 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, num_groups, eps })
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        Ok(Self { weight, bias: vb.get(channels, "bias")?, num_groups, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -122,8 +133,12 @@ impl Conv2d {
         padding: usize,
     ) -> Result<Self> {
         Ok(Self {
-            weight: vb.get((out_c, in_c, kernel, kernel), "weight")?,
-            bias: Some(vb.get(out_c, "bias")?),
+            weight: vb.get_with_hints(
+                (out_c, in_c, kernel, kernel),
+                "weight",
+                torch_default_bound(in_c * kernel * kernel),
+            )?,
+            bias: Some(vb.get_with_hints(out_c, "bias", torch_default_bound(in_c * kernel * kernel))?),
             stride,
             padding,
         })
