@@ -81,3 +81,36 @@ fn absent_negative_prompt() {
     let pooled: f32 = neg.pooled.unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
     assert_eq!((sum, pooled), (0.0, 0.0));
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// An outdated SD scheduler config (DDIM, steps_offset 0, clip_sample true) is rewritten on load
+/// as diffusers' StableDiffusionPipeline does; the fixture script asserts that diffusers gives the
+/// recorded latents for this same folder.
+#[test]
+fn outdated_sd_scheduler_config_is_fixed_like_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("tiny-sd15"), dir.path());
+    let path = dir.path().join("scheduler").join("scheduler_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["_class_name"] = "DDIMScheduler".into();
+    config["steps_offset"] = 0.into();
+    config["clip_sample"] = true.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let r = Reference::load("tiny-sd15");
+    let pipe = Pipeline::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let params = SampleParams { num_inference_steps: 4, guidance_scale: 5.0, sampler: SamplerKind::Ddim };
+    let out = pipe.generate(&PROMPTS, Some(&NEGATIVES), &r.get("pipeline/latents"), &params).unwrap();
+    assert_close("outdated config", &out, &r.get("pipeline/ddim_out"), 1e-4);
+}
