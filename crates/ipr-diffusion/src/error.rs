@@ -24,6 +24,9 @@ pub enum Error {
     /// A tokenizer could not be built from its files.
     #[error("{path}: tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// A model could not be downloaded from the Hugging Face Hub (feature `hub`).
+    #[error("{repo}: download failed: {message}")]
+    Download { repo: String, message: String },
     /// Wrong inputs to a function of this crate (shapes, lengths, step indices).
     #[error("{0}")]
     Input(String),

@@ -2,7 +2,9 @@
 //! (`org/name`, optionally `@revision`) found in the local Hugging Face cache, laid out as
 //! `huggingface_hub` writes it: `<cache>/models--org--name/refs/<revision>` holds a commit hash,
 //! `<cache>/models--org--name/snapshots/<commit>/` the files. The cache is `$HF_HUB_CACHE`, else
-//! `$HF_HOME/hub`, else `~/.cache/huggingface/hub`. Nothing is downloaded.
+//! `$HF_HOME/hub`, else `~/.cache/huggingface/hub`. Nothing is downloaded unless the crate is built
+//! with the opt-in feature `hub`: then a repo missing from the cache is fetched into it (only the
+//! files a pipeline needs, see [`pipeline_files`]).
 
 use std::path::{Path, PathBuf};
 
@@ -64,7 +66,80 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
         return Err(not_found(path.to_path_buf(), "no such model folder"));
     }
     let cache = hf_cache_dir().ok_or_else(|| not_found(PathBuf::from("$HF_HOME"), "no Hugging Face cache"))?;
-    resolve_in_cache(&cache, spec)
+    match resolve_in_cache(&cache, spec) {
+        #[cfg(feature = "hub")]
+        Err(_) => download_model(spec),
+        found => found,
+    }
+}
+
+const COMPONENTS: [&str; 7] =
+    ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"];
+
+/// The files of a diffusers repository (listed as repo-relative paths) that [`crate::pipeline`]
+/// reads: `model_index.json`, every JSON / text file of the pipeline's component folders, and per
+/// component the weights [`weight_files`] would choose (full precision before the fp16 variant,
+/// a single file before shards).
+pub fn pipeline_files(files: &[String]) -> Vec<String> {
+    let has = |f: &str| files.iter().any(|x| x == f);
+    let mut out = vec!["model_index.json".to_string()];
+    for comp in COMPONENTS {
+        let prefix = format!("{comp}/");
+        let in_comp: Vec<&String> =
+            files.iter().filter(|f| f.strip_prefix(&prefix).is_some_and(|rest| !rest.contains('/'))).collect();
+        out.extend(
+            in_comp.iter().filter(|f| f.ends_with(".json") && !f.contains(".safetensors")).map(|f| f.to_string()),
+        );
+        out.extend(in_comp.iter().filter(|f| f.ends_with(".txt")).map(|f| f.to_string()));
+        let stem = if comp.starts_with("text_encoder") { "model" } else { "diffusion_pytorch_model" };
+        'variants: for variant in ["", ".fp16"] {
+            let single = format!("{comp}/{stem}{variant}.safetensors");
+            if has(&single) {
+                out.push(single);
+                break 'variants;
+            }
+            let index = format!("{comp}/{stem}{variant}.safetensors.index.json");
+            if has(&index) {
+                // diffusers names shards `<stem>[.fp16]-00001-of-00002.safetensors`.
+                let shard_prefix = format!("{comp}/{stem}{variant}-");
+                out.push(index);
+                out.extend(
+                    in_comp
+                        .iter()
+                        .filter(|f| f.starts_with(&shard_prefix) && f.ends_with(".safetensors") && f.contains("-of-"))
+                        .map(|f| f.to_string()),
+                );
+                break 'variants;
+            }
+        }
+    }
+    out
+}
+
+/// Downloads the files of `org/name[@revision]` that a pipeline needs into the Hugging Face cache
+/// and returns the snapshot folder (feature `hub`; honours `HF_HOME` / `HF_TOKEN` like
+/// `huggingface_hub`).
+#[cfg(feature = "hub")]
+pub fn download_model(spec: &str) -> Result<PathBuf> {
+    let (id, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+    let err = |e: hf_hub::api::sync::ApiError| Error::Download { repo: spec.to_string(), message: e.to_string() };
+    let api = hf_hub::api::sync::ApiBuilder::from_env().build().map_err(err)?;
+    let repo = api.repo(hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision.to_string()));
+    let listing: Vec<String> = repo.info().map_err(err)?.siblings.into_iter().map(|s| s.rfilename).collect();
+    if !listing.iter().any(|f| f == "model_index.json") {
+        return Err(Error::Download {
+            repo: spec.to_string(),
+            message: "not a diffusers pipeline (no model_index.json)".into(),
+        });
+    }
+    let mut root = None;
+    for file in pipeline_files(&listing) {
+        let local = repo.get(&file).map_err(err)?;
+        if file == "model_index.json" {
+            root = local.parent().map(Path::to_path_buf);
+        }
+    }
+    root.ok_or_else(|| Error::Download { repo: spec.to_string(), message: "no snapshot folder".into() })
 }
 
 /// The safetensors files of one component, full precision first: `<stem>.safetensors`, else the
@@ -125,6 +200,62 @@ mod tests {
         let msg = resolve_in_cache(&tmp, "org/tiny@v2").unwrap_err().to_string();
         assert!(msg.contains("refs"), "{msg}");
         std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn pipeline_files_pick_configs_tokenizers_and_the_best_weights() {
+        let listing: Vec<String> = [
+            "model_index.json",
+            "README.md",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors.index.json",
+            "text_encoder/model-00001-of-00002.safetensors",
+            "text_encoder/model-00002-of-00002.safetensors",
+            "text_encoder/model.fp16-00001-of-00001.safetensors",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "tokenizer/special_tokens_map.json",
+            "scheduler/scheduler_config.json",
+            "safety_checker/model.safetensors",
+            "vae_1_0/diffusion_pytorch_model.safetensors",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut got = pipeline_files(&listing);
+        got.sort();
+        let fp16_shards: Vec<String> = [
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.fp16.safetensors.index.json",
+            "vae/diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(pipeline_files(&fp16_shards)[1..], fp16_shards[..]);
+        let mut want: Vec<String> = [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model-00001-of-00002.safetensors",
+            "text_encoder/model-00002-of-00002.safetensors",
+            "text_encoder/model.safetensors.index.json",
+            "tokenizer/merges.txt",
+            "tokenizer/special_tokens_map.json",
+            "tokenizer/vocab.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+        ]
+        .map(String::from)
+        .to_vec();
+        want.sort();
+        assert_eq!(got, want);
     }
 
     #[test]
