@@ -5,4 +5,5 @@
 
 pub mod config;
 pub mod metrics_file;
+pub mod progress;
 pub mod report;

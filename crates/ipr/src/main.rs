@@ -30,6 +30,11 @@ enum Command {
     Eval(commands::eval::Command),
     /// Judge detections and relabel the wrong pairs into a training imagefolder.
     Relabel(commands::relabel::Args),
+    /// Detect objects: one image, or every sample of a folder into detections.jsonl.
+    Detect(commands::detect::Args),
+    /// Benchmarks (speed), each beside a Python twin in scripts/bench/.
+    #[command(subcommand)]
+    Bench(commands::bench::Command),
 }
 
 fn main() {
@@ -39,9 +44,27 @@ fn main() {
         Command::Prompts(c) => commands::prompts::run(c),
         Command::Eval(c) => commands::eval::run(c),
         Command::Relabel(a) => commands::relabel::run(a),
+        Command::Detect(a) => commands::detect::run(a),
+        Command::Bench(c) => commands::bench::run(c),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, each cause only where it adds to what was already said (several
+/// library errors already print their source inline).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
 }

@@ -120,3 +120,128 @@ fn detections_to_labelled_imagefolder_and_visor_results() {
     assert!(o2.status.success(), "{}", stderr(&o2));
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&o2.stdout).unwrap(), m);
 }
+
+fn owlvit_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ipr-detect/tests/fixtures/owlvit")
+}
+
+/// VISOR end to end from a folder of images in VISOR's layout (<id>_<k>.png): detection with
+/// OWL-ViT, then scoring; the same numbers come back through the written detections file.
+#[test]
+fn eval_visor_from_images_matches_the_detections_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for (k, src) in ["wide.png", "gray.png", "small.png"].iter().enumerate() {
+        std::fs::copy(owlvit_fixtures().join("images").join(src), images.join(format!("10801_{k}.png"))).unwrap();
+    }
+    let model = owlvit_fixtures().join("tiny-owlvit");
+    let det = dir.path().join("detections.jsonl");
+    let res = dir.path().join("results.json");
+    let o = ipr(&[
+        "eval",
+        "visor",
+        "--images",
+        images.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--detections-out",
+        det.to_str().unwrap(),
+        "--write-results",
+        res.to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let from_images: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(&det).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["prompt"], "a dog to the left of a cat", "prompt from the SR2D table by id");
+    for r in &rows {
+        for d in r["detections"].as_array().unwrap() {
+            assert!(d["label"] == "dog" || d["label"] == "cat");
+            assert!(d["score"].as_f64().unwrap() > 0.1, "VISOR's threshold is strict");
+        }
+    }
+    let o = ipr(&["eval", "visor", "--detections", det.to_str().unwrap(), "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap(), from_images);
+    let o = ipr(&["eval", "visor", "--results", res.to_str().unwrap(), "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap(), from_images);
+
+    let o = ipr(&[
+        "eval",
+        "clip",
+        "--images",
+        images.to_str().unwrap(),
+        "--model",
+        owlvit_fixtures().join("tiny-clip").to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let clip: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(clip["images"], 3);
+    assert!(clip["clip_score"].as_f64().unwrap() >= 0.0);
+
+    let o = ipr(&["eval", "visor", "--images", images.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("--model"));
+    let o = ipr(&[
+        "eval",
+        "visor",
+        "--images",
+        dir.path().join("nope").to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("nope"), "{}", stderr(&o));
+}
+
+#[test]
+fn detect_one_image_with_owlvit_and_toy() {
+    let img = owlvit_fixtures().join("images/wide.png");
+    let model = owlvit_fixtures().join("tiny-owlvit");
+    let o = ipr(&[
+        "detect",
+        "--detector",
+        "owlvit",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--query",
+        "a photo of a cat",
+        "--query",
+        "a photo of a dog",
+        "--threshold",
+        "0.0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let found: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!found.is_empty());
+    for d in &found {
+        assert!(d["label"].as_u64().unwrap() < 2 && d["box"].as_array().unwrap().len() == 4);
+    }
+
+    // The toy detector on a perfect toy image.
+    let vocab = ipr_toy::vocabulary();
+    let prompt = ipr_core::Prompt::parse("an apple to the left of a box", &vocab).unwrap();
+    let (_, image) = ipr_toy::oracle::oracle_image(&prompt, &vocab, 7, 0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("toy.png");
+    image.save(&path).unwrap();
+    let o =
+        ipr(&["detect", "--detector", "toy", "--image", path.to_str().unwrap(), "--query", "apple", "--query", "box"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let found: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let labels: Vec<u64> = found.iter().map(|d| d["label"].as_u64().unwrap()).collect();
+    assert_eq!(labels.len(), 2);
+    assert!(labels.contains(&0) && labels.contains(&1));
+    let (a, b) =
+        (&found[labels.iter().position(|l| *l == 0).unwrap()], &found[labels.iter().position(|l| *l == 1).unwrap()]);
+    assert!(a["box"][0].as_f64() < b["box"][0].as_f64(), "the apple is left of the box");
+
+    let o = ipr(&["detect", "--detector", "owlvit", "--image", img.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("--model"));
+}

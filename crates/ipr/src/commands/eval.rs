@@ -1,34 +1,75 @@
 use anyhow::{bail, Result};
 use clap::{Args as ClapArgs, Subcommand};
 use ipr_core::metrics::{visor_metrics, visor_metrics_by_relation, VisorMetrics};
-use ipr_core::sr2d::{read_rows, sr2d_rows};
 use ipr_core::visor_format::{read_results, score_results, write_results};
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// VISOR metrics (OA, VISOR_uncond, VISOR_cond, VISOR_1..4) from a VISOR results file or
-    /// from an ipr detections.jsonl.
+    /// VISOR metrics (OA, VISOR_uncond, VISOR_cond, VISOR_1..4) from a VISOR results file, an
+    /// ipr detections.jsonl, or a folder of images (VISOR's protocol end to end with OWL-ViT).
     Visor(VisorArgs),
+    /// CLIP score (torchmetrics' definition) of images against their own prompts.
+    Clip(ClipArgs),
+}
+
+#[derive(ClapArgs)]
+pub struct ClipArgs {
+    /// An imagefolder (metadata.jsonl with prompts) or VISOR's layout (<id>_<k>.png).
+    #[arg(long)]
+    images: PathBuf,
+    /// CLIP model folder (transformers' CLIPModel; VISOR/IPR use ViT-L/14).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt table for VISOR's layout (default: SR2D).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print {"clip_score": x, "images": n}.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(ClapArgs)]
 pub struct VisorArgs {
     /// VISOR-format results JSON: {"<unique_id>_<k>": {"classes", "centroid", "recall", "sra", "text"}}.
-    #[arg(long, conflicts_with = "detections", required_unless_present = "detections")]
+    #[arg(long, conflicts_with_all = ["detections", "images"], required_unless_present_any = ["detections", "images"])]
     results: Option<PathBuf>,
     /// ipr detections.jsonl (one record per image).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "images")]
     detections: Option<PathBuf>,
-    /// Prompt table for --results (default: SR2D generated in memory, as VISOR's file).
-    #[arg(long, requires = "results")]
+    /// A folder of generated images: an imagefolder (metadata.jsonl) or VISOR's layout
+    /// (<unique_id>_<k>.png, prompts from --prompts). Detected with OWL-ViT (--model),
+    /// queries "a photo of a {object}", threshold 0.1, as VISOR does.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// OWL-ViT folder for --images.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Score threshold for --images.
+    #[arg(long, default_value_t = ipr_detect::owlvit::detector::VISOR_THRESHOLD)]
+    threshold: f64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// With --images: also write the detections here.
+    #[arg(long, requires = "images")]
+    detections_out: Option<PathBuf>,
+    /// Prompt table for --results and --images (default: SR2D generated in memory, as VISOR's file).
+    #[arg(long)]
     prompts: Option<PathBuf>,
     /// Vocabulary for --detections: "coco80" or a JSON array of class names.
     #[arg(long, default_value = "coco80")]
     vocab: String,
-    /// With --detections: also write VISOR's results format here.
-    #[arg(long, requires = "detections")]
+    /// With --detections or --images: also write VISOR's results format here.
+    #[arg(long)]
     write_results: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
     /// Print one JSON object with OA, VISOR_uncond, VISOR_cond, VISOR_1..VISOR_4.
     #[arg(long)]
     json: bool,
@@ -38,25 +79,37 @@ pub struct VisorArgs {
 }
 
 pub fn run(cmd: Command) -> Result<()> {
-    let Command::Visor(a) = cmd;
+    let a = match cmd {
+        Command::Visor(a) => a,
+        Command::Clip(a) => return clip(a),
+    };
     let scores = if let Some(path) = &a.results {
-        let rows = match &a.prompts {
-            Some(p) => read_rows(p)?,
-            None => sr2d_rows(&ipr_core::Vocabulary::coco80()),
-        };
+        let rows = super::prompt_table(a.prompts.as_ref())?;
         let entries = read_results(path)?;
         score_results(&entries, &rows).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?
-    } else if let Some(path) = &a.detections {
+    } else {
         let vocab = super::load_vocab(&a.vocab)?;
-        let rows = ipr_core::dataset::read_detections(path)?;
+        let (rows, source) = if let Some(path) = &a.detections {
+            (ipr_core::dataset::read_detections(path)?, path.clone())
+        } else if let Some(dir) = &a.images {
+            let Some(model) = &a.model else { bail!("--images needs --model OWLVIT_FOLDER") };
+            let device = ipr_diffusion::sample::device_from_name(&a.device)?;
+            let mut det = ipr_detect::OwlVitDetector::load(model, &device)?;
+            det.threshold = a.threshold;
+            let rows = super::detect::detect_folder(&det, dir, a.prompts.as_ref(), &vocab, a.quiet)?;
+            if let Some(out) = &a.detections_out {
+                ipr_core::fs::write_jsonl(out, &rows)?;
+            }
+            (rows, dir.clone())
+        } else {
+            bail!("give --results FILE, --detections FILE or --images DIR");
+        };
         let (scores, entries) = ipr_core::stages::score_detections(&rows, &vocab)
-            .map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
+            .map_err(|m| anyhow::anyhow!("{}: {m}", source.display()))?;
         if let Some(out) = &a.write_results {
             write_results(out, &entries)?;
         }
         scores
-    } else {
-        bail!("give --results FILE or --detections FILE");
     };
     let m = visor_metrics(&scores).map_err(anyhow::Error::msg)?;
     let by = visor_metrics_by_relation(&scores);
@@ -69,6 +122,23 @@ pub fn run(cmd: Command) -> Result<()> {
         println!("{obj}");
     } else {
         print_table(&m, a.by_relation.then_some(&by));
+    }
+    Ok(())
+}
+
+fn clip(a: ClipArgs) -> Result<()> {
+    let device = ipr_diffusion::sample::device_from_name(&a.device)?;
+    let scorer = ipr_detect::ClipScorer::load(&a.model, &device)?;
+    let table = super::prompt_table(a.prompts.as_ref())?;
+    let rows = ipr_detect::folder::read_samples(&a.images, &table)?;
+    let pb = ipr::progress::bar(rows.len() as u64, "clip", a.quiet);
+    let (per_image, score) =
+        ipr_detect::folder::clip_score_rows(&scorer, &a.images, &rows, a.batch, &mut |i, _| pb.set_position(i as u64))?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::json!({"clip_score": score, "images": per_image.len()}));
+    } else {
+        println!("CLIP score {score:.4} over {} images", per_image.len());
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! One module per command: argument structs and a thin call into the libraries.
 
+pub mod bench;
+pub mod detect;
 pub mod eval;
 pub mod prompts;
 pub mod relabel;
@@ -9,15 +11,25 @@ use anyhow::{Context, Result};
 use ipr_core::Vocabulary;
 use std::path::Path;
 
-/// The vocabulary named on the command line: "coco80" (SR2D's), or a JSON file holding an
-/// array of class names.
+/// The vocabulary named on the command line: "coco80" (SR2D's), "toy" (the shapes world), or a
+/// JSON file holding an array of class names.
 pub fn load_vocab(spec: &str) -> Result<Vocabulary> {
-    if spec == "coco80" {
-        return Ok(Vocabulary::coco80());
+    match spec {
+        "coco80" => return Ok(Vocabulary::coco80()),
+        "toy" => return Ok(ipr_toy::vocabulary()),
+        _ => {}
     }
     let path = Path::new(spec);
     let text = std::fs::read_to_string(path).with_context(|| format!("reading vocabulary {}", path.display()))?;
     let names: Vec<String> = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected a JSON array of class names", path.display()))?;
     Vocabulary::new(names).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The prompt table: a VISOR-format JSON file, or SR2D over COCO-80 generated in memory.
+pub fn prompt_table(path: Option<&std::path::PathBuf>) -> Result<Vec<ipr_core::sr2d::PromptRow>> {
+    Ok(match path {
+        Some(p) => ipr_core::sr2d::read_rows(p)?,
+        None => ipr_core::sr2d::sr2d_rows(&Vocabulary::coco80()),
+    })
 }
