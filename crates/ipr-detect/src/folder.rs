@@ -86,7 +86,11 @@ pub fn samples_named_by_id(dir: &Path, table: &[PromptRow]) -> Result<Vec<Sample
         }
         let Ok((id, k)) = ipr_core::visor_format::parse_image_key(stem) else { continue };
         let row = table.get(id as usize).ok_or_else(|| {
-            ModelError::Input(format!("{}: image {name} names prompt {id}, not in the prompt table ({} rows)", dir.display(), table.len()))
+            ModelError::Input(format!(
+                "{}: image {name} names prompt {id}, not in the prompt table ({} rows)",
+                dir.display(),
+                table.len()
+            ))
         })?;
         rows.push(SampleRow { file_name: name, prompt_id: id, prompt: row.text.clone(), image_index: k, seed: 0 });
     }

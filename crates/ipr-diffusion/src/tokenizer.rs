@@ -54,7 +54,11 @@ impl ClipTokenizer {
         let err = |path: &Path, message: String| Error::Tokenizer { path: path.to_path_buf(), message };
         let vocab = folder.join("vocab.json");
         let merges = folder.join("merges.txt");
-        for f in [&vocab, &merges] {
+        let fast = folder.join("tokenizer.json");
+        // A folder without merges.txt may carry its tokenizer as tokenizer.json only (the toy
+        // model's word-level tokenizer): load that, as transformers' fast tokenizers do.
+        let use_fast = !merges.exists() && fast.exists();
+        for f in if use_fast { vec![&fast] } else { vec![&vocab, &merges] } {
             if !f.exists() {
                 return Err(Error::Io {
                     path: f.clone(),
@@ -76,22 +80,15 @@ impl ClipTokenizer {
             .map(|v| v as usize)
             .unwrap_or(77);
 
-        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
-            .continuing_subword_prefix(String::new())
-            .end_of_word_suffix("</w>".into())
-            .unk_token(EOS.into())
-            .fuse_unk(false)
-            .build()
-            .map_err(|e| err(&vocab, e.to_string()))?;
-        let mut tokenizer = tokenizers::Tokenizer::new(bpe);
-        let ws = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| err(folder, e.to_string()))?;
-        tokenizer
-            .with_normalizer(Some(NormSeq::new(vec![NFC.into(), ws.into(), Lowercase.into()])))
-            .map_err(|e| err(folder, e.to_string()))?;
-        let split = Split::new(SplitPattern::Regex(CLIP_SPLIT.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| err(folder, e.to_string()))?;
-        tokenizer.with_pre_tokenizer(Some(PreSeq::new(vec![split.into(), ByteLevel::new(false, true, true).into()])));
+        let mut tokenizer = if use_fast {
+            let mut t = tokenizers::Tokenizer::from_file(&fast).map_err(|e| err(&fast, e.to_string()))?;
+            // Padding and truncation are applied in `encode`, as for the BPE tokenizer.
+            t.with_padding(None);
+            let _ = t.with_truncation(None);
+            t
+        } else {
+            Self::clip_bpe(folder, &vocab, &merges)?
+        };
         // transformers registers BOS, EOS and the pad token as special added tokens: they are matched
         // in the raw text before BPE, so with pad "!" a "!" in a prompt becomes id 0, not "!</w>".
         let mut specials = vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)];
@@ -99,8 +96,9 @@ impl ClipTokenizer {
             specials.push(AddedToken::from(pad.clone(), true));
         }
         let _ = tokenizer.add_special_tokens(specials);
+        let vocab_file = if use_fast { &fast } else { &vocab };
         let id = |t: &str| {
-            tokenizer.token_to_id(t).ok_or_else(|| err(&vocab, format!("token {t:?} is not in the vocabulary")))
+            tokenizer.token_to_id(t).ok_or_else(|| err(vocab_file, format!("token {t:?} is not in the vocabulary")))
         };
         Ok(Self {
             bos_id: id(BOS)?,
@@ -110,6 +108,28 @@ impl ClipTokenizer {
             tokenizer,
             folder: folder.to_path_buf(),
         })
+    }
+
+    /// CLIP's byte-level BPE pipeline from `vocab.json` and `merges.txt`.
+    fn clip_bpe(folder: &Path, vocab: &Path, merges: &Path) -> Result<tokenizers::Tokenizer> {
+        let err = |path: &Path, message: String| Error::Tokenizer { path: path.to_path_buf(), message };
+        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .unk_token(EOS.into())
+            .fuse_unk(false)
+            .build()
+            .map_err(|e| err(vocab, e.to_string()))?;
+        let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+        let ws = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+            .map_err(|e| err(folder, e.to_string()))?;
+        tokenizer
+            .with_normalizer(Some(NormSeq::new(vec![NFC.into(), ws.into(), Lowercase.into()])))
+            .map_err(|e| err(folder, e.to_string()))?;
+        let split = Split::new(SplitPattern::Regex(CLIP_SPLIT.into()), SplitDelimiterBehavior::Removed, true)
+            .map_err(|e| err(folder, e.to_string()))?;
+        tokenizer.with_pre_tokenizer(Some(PreSeq::new(vec![split.into(), ByteLevel::new(false, true, true).into()])));
+        Ok(tokenizer)
     }
 
     /// `tokenizer(text, padding="max_length", max_length=model_max_length, truncation=True)`:

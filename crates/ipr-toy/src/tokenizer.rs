@@ -10,17 +10,20 @@
 //! with the legacy `eos_token_id` read the pooled output at `argmax(input_ids)`, which is then
 //! the first EOS, as in every Stable Diffusion checkpoint.
 //!
-//! On disk (a folder such as `tokenizer/`): `vocab.json`, the word -> id map of Hugging Face
-//! tokenizers, and `tokenizer_config.json` with `tokenizer_class` [`TOKENIZER_CLASS`], the
-//! special tokens and `model_max_length`, so a loader can tell it from a CLIP tokenizer.
+//! On disk (a folder such as `tokenizer/`): `tokenizer.json`, the Hugging Face `tokenizers`
+//! serialisation of the same thing (a WordLevel model, whitespace split, `BOS $A EOS`), which
+//! transformers' `AutoTokenizer` and ipr-diffusion's tokenizer load as they are; `vocab.json`,
+//! the word -> id map; and `tokenizer_config.json` with `tokenizer_class` [`TOKENIZER_CLASS`]
+//! (so transformers reads `tokenizer.json`), the special tokens and `model_max_length`.
 
 use ipr_core::Vocabulary;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The `tokenizer_class` written to `tokenizer_config.json`.
-pub const TOKENIZER_CLASS: &str = "IprWordLevelTokenizer";
+/// The `tokenizer_class` written to `tokenizer_config.json`: transformers' generic fast
+/// tokenizer, which is built from `tokenizer.json`.
+pub const TOKENIZER_CLASS: &str = "PreTrainedTokenizerFast";
 /// Sequence length of the toy text encoder: the longest toy caption ("an apple to the right
 /// of a carrot", or a three-object count caption) has 8 words, plus BOS and EOS, with room.
 pub const DEFAULT_MAX_LENGTH: usize = 16;
@@ -178,8 +181,40 @@ impl WordTokenizer {
         Ok(words.join(" "))
     }
 
-    /// Write `vocab.json` and `tokenizer_config.json` into `dir` (created if missing), each
-    /// under a temporary name first.
+    /// The tokenizer as a Hugging Face `tokenizers` pipeline: WordLevel over the same ids
+    /// (unknown words map to EOS, CLIP's unk), whitespace split, `BOS $A EOS` added, padded
+    /// with PAD to `max_length`.
+    pub fn hf_tokenizer(&self) -> tokenizers::Tokenizer {
+        use tokenizers::models::wordlevel::WordLevel;
+        use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+        use tokenizers::processors::template::TemplateProcessing;
+        use tokenizers::{AddedToken, PaddingDirection, PaddingParams, PaddingStrategy};
+        let vocab = self.ids.iter().map(|(w, &id)| (w.clone(), id)).collect();
+        let model =
+            WordLevel::builder().vocab(vocab).unk_token(EOS_TOKEN.into()).build().expect("valid word-level model");
+        let mut t = tokenizers::Tokenizer::new(model);
+        t.with_pre_tokenizer(Some(WhitespaceSplit));
+        let template = TemplateProcessing::builder()
+            .try_single(format!("{BOS_TOKEN} $A {EOS_TOKEN}"))
+            .expect("valid template")
+            .special_tokens(vec![(BOS_TOKEN, self.bos_id()), (EOS_TOKEN, self.eos_id())])
+            .build()
+            .expect("valid post-processor");
+        t.with_post_processor(Some(template));
+        t.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(self.max_length),
+            direction: PaddingDirection::Right,
+            pad_id: self.pad_id(),
+            pad_token: PAD_TOKEN.into(),
+            ..Default::default()
+        }));
+        let specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN].map(|s| AddedToken::from(s, true));
+        t.add_special_tokens(specials).expect("special tokens are in the vocabulary");
+        t
+    }
+
+    /// Write `tokenizer.json`, `vocab.json` and `tokenizer_config.json` into `dir` (created if
+    /// missing), each under a temporary name first.
     pub fn save(&self, dir: &Path) -> Result<(), TokenizerError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -194,6 +229,7 @@ impl WordTokenizer {
             eos_token: EOS_TOKEN.into(),
         };
         let files = [
+            ("tokenizer.json", self.hf_tokenizer().to_string(true).expect("the tokenizer serialises")),
             ("vocab.json", serde_json::to_string_pretty(&self.ids).expect("a map serialises")),
             ("tokenizer_config.json", serde_json::to_string_pretty(&config).expect("a struct serialises")),
         ];

@@ -32,6 +32,9 @@ enum Command {
     Relabel(commands::relabel::Args),
     /// Detect objects: one image, or every sample of a folder into detections.jsonl.
     Detect(commands::detect::Args),
+    /// The toy shapes world: tokenizer, base model, evaluation, grids.
+    #[command(subcommand)]
+    Toy(commands::toy::Command),
     /// Benchmarks (speed), each beside a Python twin in scripts/bench/.
     #[command(subcommand)]
     Bench(commands::bench::Command),
@@ -46,6 +49,7 @@ fn main() {
         Command::Relabel(a) => commands::relabel::run(a),
         Command::Detect(a) => commands::detect::run(a),
         Command::Bench(c) => commands::bench::run(c),
+        Command::Toy(c) => commands::toy::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {}", error_chain(&e));

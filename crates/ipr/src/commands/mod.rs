@@ -6,6 +6,7 @@ pub mod eval;
 pub mod prompts;
 pub mod relabel;
 pub mod run;
+pub mod toy;
 
 use anyhow::{Context, Result};
 use ipr_core::Vocabulary;
