@@ -38,6 +38,7 @@ pub mod clip_text;
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod init;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;

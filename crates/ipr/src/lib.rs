@@ -6,4 +6,5 @@
 pub mod config;
 pub mod metrics_file;
 pub mod progress;
+pub mod sampling;
 pub mod report;
