@@ -104,7 +104,9 @@ impl Pipeline {
         };
         let scheduler_config_path = folder.join("scheduler").join("scheduler_config.json");
         let mut scheduler_config = SchedulerConfig::load(&scheduler_config_path)?;
-        if matches!(text, TextEncoders::Single { .. }) {
+        // diffusers' StableDiffusionPipeline rewrites outdated scheduler configs; a pixel-space
+        // model (no VAE) is not loaded through that pipeline, so its config is used as written.
+        if matches!(text, TextEncoders::Single { .. }) && vae.is_some() {
             scheduler_config.apply_sd_pipeline_fixups();
         }
         let index = folder.join("model_index.json");

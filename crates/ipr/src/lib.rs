@@ -7,4 +7,5 @@ pub mod config;
 pub mod metrics_file;
 pub mod progress;
 pub mod sampling;
+pub mod toy_model;
 pub mod report;

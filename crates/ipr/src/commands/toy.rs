@@ -9,6 +9,14 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a freshly initialised (untrained) toy model, seeded: the starting point of
+    /// pretraining, and a small real model for tests.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 pub fn run(cmd: Command) -> Result<()> {
@@ -16,6 +24,11 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Tokenizer { out } => {
             ipr_toy::WordTokenizer::toy().save(&out)?;
             eprintln!("wrote the toy tokenizer to {}", out.display());
+            Ok(())
+        }
+        Command::Init { out, seed } => {
+            ipr::toy_model::init_toy_model(&out, seed)?;
+            eprintln!("wrote an untrained toy model (seed {seed}) to {}", out.display());
             Ok(())
         }
     }
