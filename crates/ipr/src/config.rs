@@ -4,47 +4,10 @@
 //! before any work starts; errors name the key. A run directory keeps the fully resolved
 //! config, so `--resume` can check that it continues the same experiment.
 
+pub use ipr_core::method::Method;
 use ipr_core::relabel::{RelabelPolicy, Weights};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// What is trained on each round's judged samples.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// Iterative Prompt Relabeling: relabeled pairs with feedback weights, every round.
-    #[default]
-    Ipr,
-    /// Prompt relabeling for one round only.
-    Pr,
-    /// Rejection-sampling fine-tuning: only the correct pairs, original prompts.
-    Filter,
-    /// Reward-weighted regression: every pair with its original prompt and the feedback weight.
-    Weighted,
-}
-
-impl Method {
-    pub const ALL: [Method; 4] = [Method::Ipr, Method::Pr, Method::Filter, Method::Weighted];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Ipr => "ipr",
-            Method::Pr => "pr",
-            Method::Filter => "filter",
-            Method::Weighted => "weighted",
-        }
-    }
-}
-
-impl std::str::FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown method {s:?}: expected one of ipr, pr, filter, weighted"))
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
