@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# Build the `ipr` binary with the `cuda` feature on a machine WITHOUT a system CUDA toolkit
+# (and without a GPU): nvcc, headers and libraries come from NVIDIA's PyPI wheels installed in a
+# Python venv outside the repo; a libcuda.so stub stands in for the driver at link time.
+#
+#   bash scripts/cuda/build.sh            # toolchain + release build -> dist/ipr-cuda (+ manifest)
+#   bash scripts/cuda/build.sh --check    # only set up and verify the toolchain (nvcc compiles and
+#                                         # links a tiny CUDA program against the stub); no cargo
+#
+# Environment (all optional):
+#   IPR_CUDA_VERSION   CUDA release of the wheels: 13.0 (default), 12.9, 12.8, 12.4. Must be <= the
+#                      CUDA version that the GPU machine's driver supports (nvidia-smi, top right;
+#                      driver 580 -> 13.0, 575 -> 12.9, 570 -> 12.8, 550 -> 12.4), and its major
+#                      version should match the CUDA libraries available at run time there (PyTorch
+#                      cu130 ships libcublas.so.13 etc.; a cu12x PyTorch ships the .so.12 ones).
+#   CUDA_COMPUTE_CAP   GPU architecture the kernels are built for: 90 (default; H100/H200), 89
+#                      (L4/L40/4090), 80 (A100), 86 (A10/3090). PTX is JIT-compiled by the driver
+#                      for newer GPUs of the same major, so build for the oldest GPU you target.
+#   IPR_CUDA_VENV      the venv (default $HOME/.cache/ipr-cuda-venv); reused when present.
+#   IPR_CUDA_ROOT      the assembled CUDA_ROOT-like folder (default $IPR_CUDA_VENV/cuda-root).
+#   IPR_PIP_FIND_LINKS a folder of wheels: install offline from it (pip --no-index --find-links).
+#   CARGO_TARGET_DIR   cargo's target folder (default /root/target-cuda, apart from the CPU build's).
+#   IPR_CUDA_JOBS      cargo -j and nvcc parallelism (default: number of cores).
+set -euo pipefail
+
+MODE=build
+for arg in "$@"; do
+  case "$arg" in
+    --check) MODE=check ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "build.sh: unknown argument $arg (use --check or nothing)" >&2; exit 2 ;;
+  esac
+done
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+IPR_CUDA_VERSION="${IPR_CUDA_VERSION:-13.0}"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+IPR_CUDA_VENV="${IPR_CUDA_VENV:-$HOME/.cache/ipr-cuda-venv}"
+IPR_CUDA_ROOT="${IPR_CUDA_ROOT:-$IPR_CUDA_VENV/cuda-root}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/root/target-cuda}"
+JOBS="${IPR_CUDA_JOBS:-$(nproc)}"
+PYTHON="${PYTHON:-python3}"
+
+log() { echo "[cuda/build $(date -u +%H:%M:%S)] $*"; }
+die() { echo "[cuda/build] ERROR: $*" >&2; exit 1; }
+
+case "$IPR_CUDA_VENV/" in "$REPO"/*) die "IPR_CUDA_VENV must be outside the repo ($IPR_CUDA_VENV)";; esac
+
+# ---- 1. pinned wheels ---------------------------------------------------------------------------
+# Versions are those of one CUDA release (the ones PyTorch's cuXYZ builds pin, where it has one).
+# CUDA 13 wheels are unsuffixed and install into site-packages/nvidia/cu13/; CUDA 12 wheels are
+# "-cu12" and install one folder per component (nvidia/cuda_nvcc, nvidia/cublas, ...).
+case "$IPR_CUDA_VERSION" in
+  13.0) WHEELS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
+                nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.0.3
+                nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88) ;;
+  12.9) WHEELS=(nvidia-cuda-nvcc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79
+                nvidia-cublas-cu12==12.9.1.4 nvidia-curand-cu12==10.3.10.19 nvidia-cuda-nvrtc-cu12==12.9.86) ;;
+  12.8) WHEELS=(nvidia-cuda-nvcc-cu12==12.8.93 nvidia-cuda-runtime-cu12==12.8.90
+                nvidia-cublas-cu12==12.8.4.1 nvidia-curand-cu12==10.3.9.90 nvidia-cuda-nvrtc-cu12==12.8.93) ;;
+  12.4) WHEELS=(nvidia-cuda-nvcc-cu12==12.4.131 nvidia-cuda-runtime-cu12==12.4.127
+                nvidia-cublas-cu12==12.4.5.8 nvidia-curand-cu12==10.3.5.147 nvidia-cuda-nvrtc-cu12==12.4.127) ;;
+  *) die "IPR_CUDA_VERSION=$IPR_CUDA_VERSION not pinned here (13.0, 12.9, 12.8, 12.4); add a row" ;;
+esac
+CUDA_MAJOR="${IPR_CUDA_VERSION%%.*}"
+
+STAMP="$IPR_CUDA_VENV/.ipr-wheels"
+WANT="${WHEELS[*]}"
+if [ ! -x "$IPR_CUDA_VENV/bin/python" ]; then
+  log "creating venv $IPR_CUDA_VENV"
+  "$PYTHON" -m venv "$IPR_CUDA_VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  log "installing CUDA $IPR_CUDA_VERSION wheels: $WANT"
+  PIP_ARGS=(--disable-pip-version-check --no-deps)
+  [ -n "${IPR_PIP_FIND_LINKS:-}" ] && PIP_ARGS+=(--no-index --find-links "$IPR_PIP_FIND_LINKS")
+  # --no-deps: the wheels above are the complete set (their only dependencies are each other);
+  # this keeps pip from pulling a newer nvidia-cuda-runtime behind the pins' back.
+  "$IPR_CUDA_VENV/bin/python" -m pip install -q "${PIP_ARGS[@]}" "${WHEELS[@]}"
+  echo "$WANT" > "$STAMP"
+  rm -rf "$IPR_CUDA_ROOT"
+else
+  log "wheels already installed in $IPR_CUDA_VENV"
+fi
+SITE="$("$IPR_CUDA_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+NV="$SITE/nvidia"
+[ -d "$NV" ] || die "no $NV after pip install"
+
+# ---- 2. a CUDA_ROOT-like folder ------------------------------------------------------------------
+# nvcc finds its helpers (cicc in nvvm/bin, ptxas, fatbinary, crt headers) relative to the *real*
+# path of bin/nvcc (nvcc.profile: TOP = bin/..), so the wheels' bin/, nvvm/, include/ and lib/ are
+# merged into ONE tree of hard links (copies when hard links fail), not symlinked.
+if [ ! -f "$IPR_CUDA_ROOT/.ipr-ok" ]; then
+  log "assembling $IPR_CUDA_ROOT"
+  rm -rf "$IPR_CUDA_ROOT"; mkdir -p "$IPR_CUDA_ROOT"/{bin,include,lib64,nvvm}
+  for comp in "$NV"/*/; do
+    for sub in bin include nvvm; do
+      [ -d "$comp/$sub" ] && { cp -rlf "$comp/$sub/." "$IPR_CUDA_ROOT/$sub/" 2>/dev/null \
+                               || cp -rf "$comp/$sub/." "$IPR_CUDA_ROOT/$sub/"; }
+    done
+    for sub in lib lib64; do
+      [ -d "$comp/$sub" ] && { cp -rlf "$comp/$sub/." "$IPR_CUDA_ROOT/lib64/" 2>/dev/null \
+                               || cp -rf "$comp/$sub/." "$IPR_CUDA_ROOT/lib64/"; }
+    done
+  done
+  ln -sfn lib64 "$IPR_CUDA_ROOT/lib"
+  chmod +x "$IPR_CUDA_ROOT"/bin/* "$IPR_CUDA_ROOT"/nvvm/bin/* 2>/dev/null || true
+  # The wheels ship only versioned sonames (libcublas.so.13); the linker's -lcublas needs libcublas.so.
+  ( cd "$IPR_CUDA_ROOT/lib64"
+    for f in lib*.so.*; do
+      [ -e "$f" ] || continue
+      base="${f%%.so.*}.so"
+      # link to the shortest versioned name (libfoo.so.13 rather than libfoo.so.13.1.0.3)
+      [ -e "$base" ] || ln -s "$(ls -1 "$base".* | awk '{print length, $0}' | sort -n | head -1 | cut -d' ' -f2-)" "$base"
+    done )
+  [ -x "$IPR_CUDA_ROOT/bin/nvcc" ] || die "no bin/nvcc in the assembled root"
+
+  # ---- 3. libcuda.so stub ----------------------------------------------------------------------
+  # cudarc (candle's CUDA layer) links libcuda *dynamically* (feature dynamic-linking), and the
+  # wheels have no driver library. Option taken: compile a stub libcuda.so whose SONAME is
+  # libcuda.so.1 and which defines every driver-API function that cudarc declares (names read
+  # from cudarc's own bindings, so the list follows the cudarc version). The binary then records
+  # DT_NEEDED libcuda.so.1 and resolves the symbols against the real driver at run time, exactly
+  # as with the toolkit's own lib64/stubs/libcuda.so. The alternative (linking with unresolved
+  # symbols allowed) hides real link errors and leaves no DT_NEEDED entry, so it is not used.
+  # The stub lives in lib64/stubs and is never copied next to the binary.
+  CUDARC_SRC="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-* 2>/dev/null | sort -V | tail -1)"
+  if [ -z "$CUDARC_SRC" ]; then
+    (cd "$REPO" && cargo fetch -q) || die "cargo fetch failed (needed to read cudarc's driver symbols)"
+    CUDARC_SRC="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-* | sort -V | tail -1)"
+  fi
+  mkdir -p "$IPR_CUDA_ROOT/lib64/stubs"
+  STUB_C="$IPR_CUDA_ROOT/lib64/stubs/libcuda_stub.c"
+  { echo "/* generated by scripts/cuda/build.sh from $CUDARC_SRC: link-time stand-in for the driver */"
+    grep -ohE '^pub unsafe fn cu[A-Za-z0-9_]+' "$CUDARC_SRC"/src/driver/sys/*.rs \
+      | sed 's/^pub unsafe fn //' | sort -u | sed 's/.*/int &(void) { return 999; }/'
+  } > "$STUB_C"
+  n_sym="$(grep -c '^int ' "$STUB_C")"
+  [ "$n_sym" -gt 100 ] || die "only $n_sym driver symbols found in $CUDARC_SRC"
+  cc -shared -fPIC -O0 -Wl,-soname,libcuda.so.1 -o "$IPR_CUDA_ROOT/lib64/stubs/libcuda.so" "$STUB_C"
+  log "libcuda.so stub: $n_sym driver-API symbols"
+  touch "$IPR_CUDA_ROOT/.ipr-ok"
+fi
+
+export CUDA_ROOT="$IPR_CUDA_ROOT" CUDA_PATH="$IPR_CUDA_ROOT" CUDA_HOME="$IPR_CUDA_ROOT"
+export PATH="$IPR_CUDA_ROOT/bin:$PATH"
+export LIBRARY_PATH="$IPR_CUDA_ROOT/lib64:$IPR_CUDA_ROOT/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export NVCC="$IPR_CUDA_ROOT/bin/nvcc"
+export CUDAFORGE_THREADS="$JOBS" RAYON_NUM_THREADS="$JOBS"
+export CUDARC_CUDA_VERSION="${CUDA_MAJOR}0${IPR_CUDA_VERSION#*.}0"
+
+# ---- 4. toolchain check ---------------------------------------------------------------------------
+NVCC_VER="$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+[ "$NVCC_VER" = "$IPR_CUDA_VERSION" ] || die "nvcc reports $NVCC_VER, expected $IPR_CUDA_VERSION"
+log "nvcc $NVCC_VER at $(command -v nvcc); CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP; CUDA_ROOT=$CUDA_ROOT"
+CHK="$(mktemp -d)"; trap 'rm -rf "$CHK"' EXIT
+cat > "$CHK/t.cu" <<'EOF'
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cublas_v2.h>
+#include <curand.h>
+#include <nvrtc.h>
+#include <mma.h>
+#include <cstdio>
+__global__ void axpy(float a, const __nv_bfloat16 *x, float *y) {
+  int i = threadIdx.x; y[i] += a * __bfloat162float(x[i]);
+}
+int main() {
+  int v = 0; cuDriverGetVersion(&v); cudaRuntimeGetVersion(&v);
+  cublasHandle_t h; cublasCreate(&h); curandGenerator_t g; curandCreateGenerator(&g, CURAND_RNG_PSEUDO_DEFAULT);
+  int maj, min; nvrtcVersion(&maj, &min); printf("%d %d.%d\n", v, maj, min); return 0;
+}
+EOF
+nvcc -std=c++17 -O2 -arch="sm_$CUDA_COMPUTE_CAP" -c "$CHK/t.cu" -o "$CHK/t.o" \
+  || die "nvcc could not compile a test kernel for sm_$CUDA_COMPUTE_CAP"
+nvcc -arch="sm_$CUDA_COMPUTE_CAP" "$CHK/t.o" -o "$CHK/t" -L"$CUDA_ROOT/lib64" -L"$CUDA_ROOT/lib64/stubs" \
+  -lcuda -lcublas -lcublasLt -lcurand -lnvrtc -lcudart \
+  || die "linking a test program against the wheels' libraries and the libcuda stub failed"
+nvcc --ptx -arch="sm_$CUDA_COMPUTE_CAP" "$CHK/t.cu" -o "$CHK/t.ptx" || die "nvcc --ptx failed"
+log "toolchain OK: compiled (sm_$CUDA_COMPUTE_CAP, bf16, PTX) and linked (cuda stub, cublas, cublasLt, curand, nvrtc, cudart)"
+[ "$MODE" = check ] && { log "--check: done"; exit 0; }
+
+# ---- 5. cargo build ---------------------------------------------------------------------------------
+command -v cargo >/dev/null || die "cargo not found"
+cd "$REPO"
+log "cargo build --release -p ipr --features cuda (CARGO_TARGET_DIR=$CARGO_TARGET_DIR, -j $JOBS); the CUDA kernels take a while"
+T0=$(date +%s)
+cargo build --release -p ipr --features cuda -j "$JOBS"
+T1=$(date +%s)
+log "cargo build took $((T1 - T0)) s"
+
+# ---- 6. strip, copy, manifest ---------------------------------------------------------------------
+BIN="$CARGO_TARGET_DIR/release/ipr"
+mkdir -p "$REPO/dist"
+[ -f "$REPO/dist/.gitignore" ] || echo "*" > "$REPO/dist/.gitignore"   # dist/ is build output, never committed
+cp -f "$BIN" "$REPO/dist/ipr-cuda"
+strip --strip-all "$REPO/dist/ipr-cuda" 2>/dev/null || strip "$REPO/dist/ipr-cuda"
+NEEDED="$(readelf -d "$REPO/dist/ipr-cuda" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')"
+GLIBC_MAX="$(objdump -T "$REPO/dist/ipr-cuda" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)"
+MIN_DRIVER="$(case "$IPR_CUDA_VERSION" in 13.0) echo 580;; 12.9) echo 575;; 12.8) echo 570;; 12.4) echo 550;; esac)"
+"$IPR_CUDA_VENV/bin/python" - "$REPO/dist/ipr-cuda.manifest.json" <<EOF
+import json, sys, os, hashlib
+path = "$REPO/dist/ipr-cuda"
+needed = """$NEEDED""".split()
+json.dump({
+  "binary": "ipr-cuda",
+  "bytes": os.path.getsize(path),
+  "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest(),
+  "git_commit": os.popen("git -C '$REPO' rev-parse HEAD").read().strip(),
+  "git_dirty": bool(os.popen("git -C '$REPO' status --porcelain -uno").read().strip()),
+  "built_utc": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
+  "cargo_features": ["cuda"],
+  "cuda_toolkit": "$NVCC_VER (PyPI wheels: $WANT)",
+  "compute_cap": int("$CUDA_COMPUTE_CAP"),
+  "kernels": "PTX for sm_$CUDA_COMPUTE_CAP (JIT by the driver) + a static SASS library (libmoe) for sm_$CUDA_COMPUTE_CAP",
+  "min_driver": "$MIN_DRIVER (any driver supporting CUDA >= $IPR_CUDA_VERSION)",
+  "glibc_min": "${GLIBC_MAX#GLIBC_}",
+  "needed_shared_libs": needed,
+  "runtime_libs_from": {
+    "libcuda.so.1": "the NVIDIA driver",
+    "others": "CUDA $CUDA_MAJOR runtime libraries: a CUDA $CUDA_MAJOR toolkit's lib64, or PyTorch's nvidia wheels "
+              "(site-packages/nvidia/cu13/lib for CUDA 13; nvidia/{cublas,cuda_runtime,curand,cuda_nvrtc}/lib for CUDA 12); "
+              "put the folder on LD_LIBRARY_PATH (scripts/gpu_check/run.sh does this)"
+  },
+  "build_seconds": $((T1 - T0)),
+}, open(sys.argv[1], "w"), indent=2)
+EOF
+log "dist/ipr-cuda ($(du -h "$REPO/dist/ipr-cuda" | cut -f1)) and dist/ipr-cuda.manifest.json written"
+log "needs at run time: $(echo $NEEDED)"
