@@ -49,6 +49,11 @@ impl ClipEncoderLayer {
         })
     }
 
+    /// Every linear layer (q, k, v, out, fc1, fc2).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.out_proj, &mut self.fc1, &mut self.fc2]
+    }
+
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
         let (q, k, v) = (self.q_proj.forward(&h)?, self.k_proj.forward(&h)?, self.v_proj.forward(&h)?);
@@ -107,9 +112,17 @@ impl ClipTextModel {
         let token_embedding = emb.pp("token_embedding").get_with_hints((config.vocab_size, d), "weight", normal)?;
         let position_embedding =
             emb.pp("position_embedding").get_with_hints((config.max_position_embeddings, d), "weight", normal)?;
-        let layers = (0..config.num_hidden_layers)
+        let mut layers = (0..config.num_hidden_layers)
             .map(|i| ClipEncoderLayer::load(tm.pp("encoder").pp("layers").pp(i), &config))
             .collect::<Result<Vec<_>>>()?;
+        // Module paths (LoRA keys) are transformers' module names, which always have `text_model.`.
+        for layer in &mut layers {
+            for lin in layer.linears_mut() {
+                if !lin.path.starts_with("text_model.") {
+                    lin.path = format!("text_model.{}", lin.path);
+                }
+            }
+        }
         let final_layer_norm = LayerNorm::load(tm.pp("final_layer_norm"), d, config.layer_norm_eps)?;
         let text_projection = if config.with_projection() {
             Some(Linear::load(vb.pp("text_projection"), d, config.projection_dim, false)?)
@@ -117,6 +130,13 @@ impl ClipTextModel {
             None
         };
         Ok(Self { config, token_embedding, position_embedding, layers, final_layer_norm, text_projection })
+    }
+
+    /// Every linear layer, with its module path in [`Linear::path`] (LoRA attaches through this).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out: Vec<&mut Linear> = self.layers.iter_mut().flat_map(|l| l.linears_mut()).collect();
+        out.extend(self.text_projection.as_mut());
+        out
     }
 
     /// Runs the encoder on `(B, L)` token ids (u32).

@@ -208,6 +208,11 @@ pub fn set_fast_conv_backward(on: bool) {
     FAST_CONV_BACKWARD.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether the fast convolution paths ([`crate::conv`] and the op below) are on.
+pub fn fast_conv_backward() -> bool {
+    FAST_CONV_BACKWARD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `x.conv2d(w, padding, stride)` with the faster backward described above when a
 /// gradient is needed on the CPU; `None` where the caller should use candle's conv directly.
 pub fn conv2d_fast_backward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Option<Tensor>> {
@@ -217,6 +222,57 @@ pub fn conv2d_fast_backward(x: &Tensor, w: &Tensor, padding: usize, stride: usiz
     }
     let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?.contiguous()?;
     Ok(Some(x.apply_op3(w, &y, Conv2dFastBackward { padding, stride })?))
+}
+
+/// `x W^T` (x `(N, in)`, W `(out, in)`) whose backward computes only the gradients of the operands
+/// that track them: candle's matmul backward always computes both operands' gradients, so a
+/// frozen weight (LoRA training) would cost a weight-gradient matmul and its storage per layer
+/// and step (docs/stack-notes.md). The forward is candle's, computed detached and cloned through
+/// this op.
+struct LinearSkipFrozen;
+
+impl candle_core::CustomOp3 for LinearSkipFrozen {
+    fn name(&self) -> &'static str {
+        "ipr-linear-skip-frozen"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        _w: &CpuStorage,
+        _wl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !yl.is_contiguous() || yl.start_offset() != 0 {
+            return Err(candle_core::Error::Msg("linear result must be contiguous".into()));
+        }
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() { Some(grad.matmul(w)?) } else { None };
+        let dw = if w.track_op() { Some(grad.t()?.matmul(x)?) } else { None };
+        Ok((dx, dw, None))
+    }
+}
+
+/// `x.matmul(w.t())` for a 2-d `x`, with the backward above when a gradient is needed on the CPU;
+/// `None` where the caller should use candle's matmul (no gradient needed, or another device).
+pub fn linear_no_frozen_grad(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || !(x.track_op() || w.track_op()) {
+        return Ok(None);
+    }
+    let y = x.detach().matmul(&w.detach().t()?)?.contiguous()?;
+    Ok(Some(x.apply_op3(w, &y, LinearSkipFrozen)?))
 }
 
 #[cfg(test)]
@@ -249,5 +305,26 @@ mod tests {
             let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             assert!(g.get(&frozen).is_none() && g.get(x.as_tensor()).is_some());
         }
+    }
+
+    #[test]
+    fn linear_backward_equals_candles_and_skips_frozen_weights() {
+        let d = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (5, 3), &d).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3), &d).unwrap()).unwrap();
+        let r = Tensor::randn(0f64, 1., (5, 4), &d).unwrap();
+        let ours = linear_no_frozen_grad(x.as_tensor(), w.as_tensor()).unwrap().unwrap();
+        let theirs = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        assert!(max_diff(&ours, &theirs) == 0.0);
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            assert!(max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-12);
+        }
+        let frozen = w.as_tensor().detach();
+        let y = linear_no_frozen_grad(x.as_tensor(), &frozen).unwrap().unwrap();
+        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&frozen).is_none() && g.get(x.as_tensor()).is_some());
+        assert!(linear_no_frozen_grad(&x.as_tensor().detach(), &frozen).unwrap().is_none());
     }
 }

@@ -36,16 +36,21 @@
 
 pub mod clip_text;
 pub mod config;
+pub mod conv;
 pub mod error;
 pub mod fused;
 pub mod init;
+pub mod lora;
+pub mod lora_io;
 pub mod nn;
 pub mod noise;
+pub mod norm;
 pub mod pipeline;
 pub mod sample;
 pub mod scheduler;
 pub mod source;
 pub mod tokenizer;
+pub mod train;
 pub mod unet;
 pub mod vae;
 

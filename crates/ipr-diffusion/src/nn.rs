@@ -20,12 +20,19 @@ pub fn torch_default_bound(fan_in: usize) -> Init {
     Init::Uniform { lo: -b, up: b }
 }
 
-/// `y = x W^T + b` over the last dimension of an input of any rank (torch's `nn.Linear`).
+/// `y = x W^T + b` over the last dimension of an input of any rank (torch's `nn.Linear`), plus an
+/// optional LoRA adapter ([`crate::lora`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `(out_features, in_features)`, as torch stores it.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The module path in the checkpoint (`VarBuilder` prefix, e.g.
+    /// `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`): what LoRA targets match
+    /// and what adapter files are keyed by.
+    pub path: String,
+    /// A LoRA adapter, when one is attached.
+    pub lora: Option<crate::lora::LoraAdapter>,
 }
 
 impl Linear {
@@ -34,7 +41,7 @@ impl Linear {
         let bound = torch_default_bound(in_dim);
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", bound)?;
         let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", bound)?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, path: vb.prefix(), lora: None })
     }
 
     pub fn in_features(&self) -> usize {
@@ -49,7 +56,15 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = match crate::fused::linear_no_frozen_grad(&x2, &self.weight)? {
+            Some(y) => y,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
+        let y = match &self.lora {
+            Some(lora) if !lora.merged => (y + lora.delta(&x2)?)?,
+            _ => y,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -80,6 +95,9 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::norm::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
+        }
         let xn = normalize_last_dim(x, self.eps)?;
         Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
@@ -101,6 +119,21 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::norm::group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps, false)? {
+            return Ok(y);
+        }
+        self.forward_primitive(x)
+    }
+
+    /// `silu(self.forward(x))`, fused on the CPU (the pattern of every resnet).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::norm::group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps, true)? {
+            return Ok(y);
+        }
+        silu(&self.forward_primitive(x)?)
+    }
+
+    fn forward_primitive(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let xg = x.reshape((b, self.num_groups, ()))?;
@@ -145,6 +178,11 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::fused::fast_conv_backward() {
+            if let Some(y) = crate::conv::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)? {
+                return Ok(y);
+            }
+        }
         let y = match crate::fused::conv2d_fast_backward(x, &self.weight, self.padding, self.stride)? {
             Some(y) => y,
             None => x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?,

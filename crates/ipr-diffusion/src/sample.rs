@@ -37,6 +37,9 @@ pub struct SampleRequest {
     pub device: String,
     /// Weights dtype; `None`: f32 on CPU, bf16 on CUDA.
     pub dtype: Option<DType>,
+    /// A LoRA adapter (folder with `pytorch_lora_weights.safetensors`, or the file) to apply,
+    /// merged into the weights ([`crate::lora_io`] lists the layouts read).
+    pub lora: Option<PathBuf>,
 }
 
 impl Default for SampleRequest {
@@ -52,6 +55,7 @@ impl Default for SampleRequest {
             out: None,
             device: "cpu".into(),
             dtype: None,
+            lora: None,
         }
     }
 }
@@ -157,7 +161,13 @@ pub fn sample(req: &SampleRequest) -> Result<SampleOutput> {
     let device = device_from_name(&req.device)?;
     let dtype = req.dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
     let folder = crate::source::resolve_model(&req.model)?;
-    let pipe = Pipeline::load(&folder, dtype, &device)?;
+    let mut pipe = Pipeline::load(&folder, dtype, &device)?;
+    if let Some(lora) = &req.lora {
+        crate::train::load_lora(&mut pipe, lora)?;
+        for (_, linears) in crate::train::pipeline_linears(&mut pipe) {
+            crate::lora::merge(linears)?;
+        }
+    }
     let b = req.prompts.len();
     let latents = match &req.latents {
         Some(path) => {

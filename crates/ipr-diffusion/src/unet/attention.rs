@@ -45,6 +45,10 @@ impl Attention {
         })
     }
 
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out]
+    }
+
     /// `x` is `(B, L, C)`; `context` `(B, S, D)` for cross-attention, `None` for self-attention.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
@@ -101,6 +105,13 @@ impl BasicTransformerBlock {
             norm3: LayerNorm::load(vb.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::load(vb.pp("ff"), dim)?,
         })
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = self.attn1.linears_mut();
+        out.extend(self.attn2.linears_mut());
+        out.extend([&mut self.ff.proj, &mut self.ff.out]);
+        out
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -168,6 +179,18 @@ impl Transformer2DModel {
                 .collect::<Result<Vec<_>>>()?,
             proj_out: Projection::load(vb.pp("proj_out"), inner, c.in_channels, c.use_linear_projection)?,
         })
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        if let Projection::Linear(l) = &mut self.proj_in {
+            out.push(l);
+        }
+        out.extend(self.transformer_blocks.iter_mut().flat_map(|b| b.linears_mut()));
+        if let Projection::Linear(l) = &mut self.proj_out {
+            out.push(l);
+        }
+        out
     }
 
     /// `x` is `(B, C, H, W)`, `context` `(B, S, D)`.

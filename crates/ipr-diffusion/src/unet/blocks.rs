@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 use super::attention::{Transformer2DModel, TransformerConfig};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::error::Result;
+use crate::nn::Linear;
 
 /// What every block of one UNet shares.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +45,16 @@ impl BlockCommon {
     }
 }
 
+/// The linear layers of a block's resnets (time projections) and transformers, in module order.
+fn block_linears<'a>(
+    resnets: &'a mut [ResnetBlock2D],
+    attentions: &'a mut [Transformer2DModel],
+) -> Vec<&'a mut Linear> {
+    let mut out: Vec<&mut Linear> = resnets.iter_mut().filter_map(|r| r.time_emb_proj.as_mut()).collect();
+    out.extend(attentions.iter_mut().flat_map(|a| a.linears_mut()));
+    out
+}
+
 /// Cross-attention parameters of a block, `None` for a block without attention.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockAttention {
@@ -60,6 +71,10 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        block_linears(&mut self.resnets, &mut self.attentions)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         vb: VarBuilder,
@@ -119,6 +134,10 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        block_linears(&mut self.resnets, &mut self.attentions)
+    }
+
     pub fn load(
         vb: VarBuilder,
         common: &BlockCommon,
@@ -157,6 +176,10 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        block_linears(&mut self.resnets, &mut self.attentions)
+    }
+
     /// `in_channels`: channels of the deepest skip this block takes; `prev_output_channels`: of
     /// the previous up block's output.
     #[allow(clippy::too_many_arguments)]

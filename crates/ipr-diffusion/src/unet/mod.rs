@@ -19,7 +19,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::UNetConfig;
 use crate::error::{Error, Result};
-use crate::nn::{silu, Conv2d, GroupNorm};
+use crate::nn::{Conv2d, GroupNorm};
 use blocks::{BlockAttention, BlockCommon, DownBlock, MidBlock, UpBlock};
 use embeddings::{timestep_sinusoid, TimestepEmbedding};
 
@@ -156,6 +156,19 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// Every linear layer, with its diffusers module path in [`crate::nn::Linear::path`]
+    /// (LoRA attaches through this).
+    pub fn linears_mut(&mut self) -> Vec<&mut crate::nn::Linear> {
+        let mut out = vec![&mut self.time_embedding.linear_1, &mut self.time_embedding.linear_2];
+        if let Some(a) = &mut self.add_embedding {
+            out.extend([&mut a.linear_1, &mut a.linear_2]);
+        }
+        out.extend(self.down_blocks.iter_mut().flat_map(|b| b.linears_mut()));
+        out.extend(self.mid_block.linears_mut());
+        out.extend(self.up_blocks.iter_mut().flat_map(|b| b.linears_mut()));
+        out
+    }
+
     /// Predicts the noise (or v, or x0, per the scheduler) for `sample` `(B, C, H, W)` at
     /// `timesteps` (`(B,)`, or one value for the whole batch; any float or int dtype) with text
     /// embeddings `encoder_hidden_states` `(B, S, D)`. `added` is required for SDXL.
@@ -207,7 +220,7 @@ impl UNet2DConditionModel {
             };
             h = block.forward(&h, &mut own, &emb, encoder_hidden_states, size)?;
         }
-        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

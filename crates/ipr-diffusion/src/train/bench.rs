@@ -1,0 +1,115 @@
+//! Timing of one LoRA training step on the CPU (the library side of `ipr bench train-step`; its
+//! PyTorch twin is `scripts/bench/train_step.py`, the same step with torch + diffusers + PEFT):
+//! a UNet from `unet_dir/config.json` or a config file (its weights when the folder has them, else
+//! seeded random ones; speed does not depend on them), rank-4 adapters on the default targets, random inputs of
+//! the UNet's sample size, 8 text tokens of the cross-attention width, per-sample timesteps and
+//! weights, the weighted loss, backward, gradient clipping at 1.0 and an AdamW step; fp32.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::loss::{weighted_loss, Batch};
+use super::optim::{clip_grad_norm, named_grads, AdamW, AdamWConfig};
+use crate::config::UNetConfig;
+use crate::error::Result;
+use crate::lora::{attach_unet, LoraConfig};
+use crate::scheduler::{Ddpm, PredictionType};
+use crate::unet::UNet2DConditionModel;
+
+/// What the benchmark measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainStepReport {
+    /// Median over the timed steps.
+    pub ms_per_step: f64,
+    /// Every timed step.
+    pub ms_steps: Vec<f64>,
+    pub batch: usize,
+    pub lora_parameters: usize,
+    pub threads: usize,
+}
+
+/// Builds the UNet (frozen weights) for the benchmark from a UNet folder, or from a config file
+/// alone (seeded random weights).
+pub fn bench_unet(unet: &Path, device: &Device) -> Result<UNet2DConditionModel> {
+    let config_path = if unet.is_file() { unet.to_path_buf() } else { unet.join("config.json") };
+    if unet.is_dir() && crate::source::weight_files(unet, "diffusion_pytorch_model").is_ok() {
+        return UNet2DConditionModel::load(unet, DType::F32, device);
+    }
+    let config = UNetConfig::load(&config_path)?;
+    let seeded = crate::init::SeededVarMap::new(0);
+    UNet2DConditionModel::new(seeded.var_builder(DType::F32, device), config.clone(), &config_path)?;
+    // Frozen: plain tensors, not variables.
+    let tensors = seeded
+        .varmap
+        .data()
+        .lock()
+        .expect("var map")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    UNet2DConditionModel::new(VarBuilder::from_tensors(tensors, DType::F32, device), config, &config_path)
+}
+
+/// Runs one warm-up step and `iters` timed steps.
+pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize) -> Result<TrainStepReport> {
+    let device = Device::Cpu;
+    let mut unet = bench_unet(unet_dir, &device)?;
+    let set = attach_unet(&mut unet, &LoraConfig::unet(4), 0)?;
+    let params: Vec<(String, candle_core::Var)> = set
+        .params
+        .iter()
+        .flat_map(|p| {
+            [(format!("{}.lora_A.weight", p.key), p.a.clone()), (format!("{}.lora_B.weight", p.key), p.b.clone())]
+        })
+        .collect();
+    let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
+    let ac = crate::scheduler::alphas_cumprod(&crate::scheduler::betas(
+        &crate::scheduler::BetaSchedule::Linear { beta_start: 0.0001, beta_end: 0.02 },
+        1000,
+    ));
+    let ddpm = Ddpm { alphas_cumprod: ac, prediction_type: PredictionType::Epsilon };
+    let c = &unet.config;
+    let s = c.sample_size.unwrap_or(32);
+    let shape = (batch, c.in_channels, s, s);
+    let mut times = Vec::new();
+    for i in 0..=iters {
+        let seed = i as u64 * 1000;
+        let b = Batch {
+            x0: crate::noise::randn(seed, shape, DType::F32, &device)?,
+            noise: crate::noise::randn(seed + 1, shape, DType::F32, &device)?,
+            timesteps: (0..batch).map(|j| (j * 997 + i * 131) % 1000).collect(),
+            weights: (0..batch).map(|j| if j % 2 == 0 { 1.0 } else { 0.5 }).collect(),
+            context: crate::noise::randn(seed + 2, (batch, 8, c.cross_attention_dim), DType::F32, &device)?,
+            added: None,
+        };
+        let start = Instant::now();
+        let (loss, _) = weighted_loss(&unet, &ddpm, &b, None)?;
+        let store = loss.backward()?;
+        let mut grads = named_grads(&params, &store);
+        clip_grad_norm(&mut grads, 1.0)?;
+        opt.step(&grads, 1e-4)?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if i > 0 {
+            times.push(ms);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = if sorted.is_empty() {
+        f64::NAN
+    } else if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+    };
+    Ok(TrainStepReport {
+        ms_per_step: median,
+        ms_steps: times,
+        batch,
+        lora_parameters: set.num_parameters(),
+        threads: rayon::current_num_threads(),
+    })
+}

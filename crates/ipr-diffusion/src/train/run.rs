@@ -1,0 +1,114 @@
+//! The library side of `ipr train`: load the pipeline and the imagefolder, attach (or, with
+//! `resume`, reload) the adapters, run the steps, save checkpoints. The CLI only parses
+//! arguments into a [`TrainRequest`].
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use ipr_core::Vocabulary;
+
+use super::{checkpoint, data, StepStats, TrainConfig, Trainable, Trainer};
+use crate::error::{Error, Result};
+use crate::lora::LoraConfig;
+use crate::pipeline::Pipeline;
+
+/// Everything `ipr train` needs.
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    /// A diffusers folder or a Hugging Face repo id in the local cache.
+    pub model: String,
+    /// HF imagefolder with `metadata.jsonl` (`file_name`, `prompt`, optional `weight`).
+    pub data: PathBuf,
+    /// Output folder (adapter + training state).
+    pub out: PathBuf,
+    /// UNet adapters.
+    pub lora: LoraConfig,
+    /// Also adapters on the text encoder(s) (the paper does this for SDXL).
+    pub text_encoder_lora: Option<LoraConfig>,
+    pub config: TrainConfig,
+    /// Continue from `out/training_state.safetensors` and `out/pytorch_lora_weights.safetensors`.
+    pub resume: bool,
+    /// The vocabulary captions are parsed in for caption-aware flips (with `config.flip`).
+    pub flip_vocab: Option<Vocabulary>,
+    /// Save every this many steps (and at the end); 0 = only at the end.
+    pub checkpoint_every: usize,
+    pub device: String,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub examples: usize,
+    pub dropped_zero_weight: usize,
+    pub start_step: usize,
+    pub steps: usize,
+    pub trainable_parameters: usize,
+    /// Loss of each step run now.
+    pub losses: Vec<f64>,
+}
+
+/// Runs a LoRA training request; `on_step` sees every step's statistics (for a progress bar).
+pub fn train(req: &TrainRequest, on_step: &mut dyn FnMut(usize, &StepStats)) -> Result<TrainSummary> {
+    let device = crate::sample::device_from_name(&req.device)?;
+    let dtype = DType::F32;
+    let folder = crate::source::resolve_model(&req.model)?;
+    let mut pipe = Pipeline::load(&folder, dtype, &device)?;
+    let resolution = pipe.unet.config.sample_size.unwrap_or(64) * pipe.vae_scale_factor();
+    let vocab = if req.config.flip { req.flip_vocab.as_ref() } else { None };
+    if req.config.flip && vocab.is_none() {
+        return Err(Error::Input("flipping needs a vocabulary to mirror captions in".into()));
+    }
+    let ds = data::load_dataset(&req.data, resolution, pipe.vae.as_ref(), vocab, dtype, &device)?;
+    let state = req.out.join(checkpoint::TRAINING_STATE);
+    let resuming = req.resume && state.is_file();
+    let set = if resuming {
+        super::load_lora(&mut pipe, &req.out)?
+    } else {
+        super::attach_lora(&mut pipe, &req.lora, req.text_encoder_lora.as_ref(), req.config.seed)?
+    };
+    // Adapters loaded from a file carry no dropout; training ones get the requested one.
+    if resuming {
+        for (_, linears) in super::pipeline_linears(&mut pipe) {
+            for l in linears {
+                if let Some(a) = &mut l.lora {
+                    a.dropout = req.lora.dropout;
+                }
+            }
+        }
+    }
+    let mut set = set;
+    if resuming {
+        // The saved file's configs are rebuilt from the request (targets as given, not as matched).
+        set.configs = std::iter::once(("unet".to_string(), req.lora.clone()))
+            .chain(req.text_encoder_lora.iter().map(|c| ("text_encoder".to_string(), c.clone())))
+            .filter(|(c, _)| set.params.iter().any(|p| p.key.starts_with(&format!("{c}."))))
+            .collect();
+    }
+    let trainable_parameters = set.num_parameters();
+    let mut trainer = Trainer::new(pipe, Trainable::Lora(set), ds.examples.clone(), req.config.clone())?;
+    if resuming {
+        checkpoint::resume(&mut trainer, &req.out)?;
+    }
+    let start_step = trainer.step;
+    let mut losses = Vec::new();
+    while trainer.step < req.config.steps {
+        let stats = trainer.train_step()?;
+        if !stats.loss.is_finite() {
+            return Err(Error::Input(format!("loss is {} at step {}", stats.loss, trainer.step)));
+        }
+        losses.push(stats.loss);
+        on_step(trainer.step, &stats);
+        if req.checkpoint_every > 0 && trainer.step % req.checkpoint_every == 0 && trainer.step < req.config.steps {
+            checkpoint::save(&trainer, &req.out, None)?;
+        }
+    }
+    checkpoint::save(&trainer, &req.out, None)?;
+    Ok(TrainSummary {
+        examples: ds.examples.len(),
+        dropped_zero_weight: ds.dropped_zero_weight,
+        start_step,
+        steps: trainer.step,
+        trainable_parameters,
+        losses,
+    })
+}
