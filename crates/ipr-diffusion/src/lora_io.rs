@@ -268,10 +268,18 @@ impl LoraWeights {
             if comp != component {
                 continue;
             }
-            let path = match p.strip_prefix("kohya:") {
+            let mut path = match p.strip_prefix("kohya:") {
                 Some(k) => kohya.get(k).cloned().unwrap_or_else(|| p.clone()),
                 None => p.clone(),
             };
+            // transformers 5 names CLIP text modules without `text_model.` (PEFT files made with it
+            // lack the prefix); transformers 4 and real repositories have it. Accept both.
+            if !by_path.contains_key(&path) && component.starts_with("text_encoder") {
+                let alt = format!("text_model.{path}");
+                if by_path.contains_key(&alt) {
+                    path = alt;
+                }
+            }
             let lin = by_path.get_mut(&path).ok_or_else(|| {
                 Error::Input(format!("{}: the model has no layer {component}.{path}", self.path.display()))
             })?;

@@ -55,6 +55,7 @@ pub fn bench_unet(unet: &Path, device: &Device) -> Result<UNet2DConditionModel> 
 
 /// Runs one warm-up step and `iters` timed steps.
 pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize) -> Result<TrainStepReport> {
+    super::cpu_runtime();
     let device = Device::Cpu;
     let mut unet = bench_unet(unet_dir, &device)?;
     let set = attach_unet(&mut unet, &LoraConfig::unet(4), 0)?;

@@ -49,6 +49,9 @@ pub struct TrainSummary {
 
 /// Runs a LoRA training request; `on_step` sees every step's statistics (for a progress bar).
 pub fn train(req: &TrainRequest, on_step: &mut dyn FnMut(usize, &StepStats)) -> Result<TrainSummary> {
+    if req.device == "cpu" {
+        super::cpu_runtime();
+    }
     let device = crate::sample::device_from_name(&req.device)?;
     let dtype = DType::F32;
     let folder = crate::source::resolve_model(&req.model)?;
