@@ -35,6 +35,10 @@ enum Command {
     /// The toy shapes world: tokenizer, base model, evaluation, grids.
     #[command(subcommand)]
     Toy(commands::toy::Command),
+    /// Train a LoRA adapter with IPR's reward-weighted loss on an imagefolder.
+    Train(commands::train::Args),
+    /// Generate images (optionally with a LoRA adapter).
+    Sample(commands::sample::Args),
     /// Benchmarks (speed), each beside a Python twin in scripts/bench/.
     #[command(subcommand)]
     Bench(commands::bench::Command),
@@ -50,6 +54,8 @@ fn main() {
         Command::Detect(a) => commands::detect::run(a),
         Command::Bench(c) => commands::bench::run(c),
         Command::Toy(c) => commands::toy::run(c),
+        Command::Train(a) => commands::train::run(a),
+        Command::Sample(a) => commands::sample::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", error_chain(&e));

@@ -19,10 +19,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One LoRA training step (rank 4, default targets, AdamW, weighted loss, fp32, CPU) on random
+    /// inputs of the UNet's sample size; median ms. Twin: scripts/bench/train_step.py.
+    TrainStep {
+        /// A UNet folder (config.json, weights optional) or a UNet config file.
+        #[arg(long)]
+        unet: std::path::PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
+        Command::TrainStep { unet, batch, iters, json } => {
+            let report = ipr_diffusion::train::bench::bench_train_step(&unet, batch, iters)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report:?}");
+            }
+            Ok(())
+        }
         Command::Owlvit { shape, batch, queries, iters, device, json } => {
             let config = match shape.as_str() {
                 "base-patch32" => ipr_detect::owlvit::config::OwlVitConfig::base_patch32(),

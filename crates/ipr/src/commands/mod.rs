@@ -6,7 +6,9 @@ pub mod eval;
 pub mod prompts;
 pub mod relabel;
 pub mod run;
+pub mod sample;
 pub mod toy;
+pub mod train;
 
 use anyhow::{Context, Result};
 use ipr_core::Vocabulary;

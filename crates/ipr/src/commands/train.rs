@@ -1,0 +1,143 @@
+//! `ipr train`: LoRA training with IPR's reward-weighted loss (library: `ipr_diffusion::train::run`).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args as ClapArgs;
+use ipr_diffusion::lora::{LoraConfig, TEXT_ENCODER_TARGETS};
+use ipr_diffusion::train::run::{train, TrainRequest};
+use ipr_diffusion::train::schedule::LrSchedule;
+use ipr_diffusion::train::TrainConfig;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// Diffusers-format pipeline folder (or a Hugging Face repo id in the local cache).
+    #[arg(long)]
+    pub model: String,
+    /// HF imagefolder: metadata.jsonl rows with file_name, prompt and an optional weight (default 1).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output folder: pytorch_lora_weights.safetensors (diffusers' load_lora_weights reads it),
+    /// adapter_config.json, training_state.safetensors.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub lora_rank: usize,
+    /// lora_alpha (scale alpha / rank); default: the rank.
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Module-path patterns the UNet adapters attach to (PEFT's target_modules rule).
+    #[arg(long, value_delimiter = ',', default_value = "to_q,to_k,to_v,to_out.0")]
+    pub targets: Vec<String>,
+    /// Also train adapters on the text encoder(s) (q/k/v/out projections).
+    #[arg(long)]
+    pub text_encoder_lora: bool,
+    #[arg(long, default_value_t = 500)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// constant, constant_with_warmup or cosine (diffusers' names).
+    #[arg(long, default_value = "constant")]
+    pub lr_schedule: String,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Gradient clipping (global L2 norm); 0 turns it off.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// min-SNR-gamma loss weighting (diffusers' --snr_gamma; 5 is the usual value).
+    #[arg(long)]
+    pub snr_gamma: Option<f64>,
+    /// Random horizontal flips with "left"/"right" swapped in the caption; captions that do not
+    /// parse in --vocab are never flipped.
+    #[arg(long)]
+    pub flip: bool,
+    /// Vocabulary for --flip: coco80, toy, or a JSON file of class names.
+    #[arg(long, default_value = "coco80")]
+    pub vocab: String,
+    /// Continue the run saved in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Save every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let lora = LoraConfig {
+        rank: a.lora_rank,
+        alpha: a.lora_alpha.unwrap_or(a.lora_rank as f64),
+        dropout: a.lora_dropout,
+        targets: a.targets.clone(),
+    };
+    let text_encoder_lora = a
+        .text_encoder_lora
+        .then(|| LoraConfig { targets: TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect(), ..lora.clone() });
+    let config = TrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        learning_rate: a.lr,
+        schedule: LrSchedule::parse(&a.lr_schedule, a.warmup_steps, a.steps)?,
+        adam: ipr_diffusion::train::optim::AdamWConfig { weight_decay: a.weight_decay, ..Default::default() },
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        min_snr_gamma: a.snr_gamma,
+        seed: a.seed,
+        flip: a.flip,
+    };
+    let flip_vocab = if a.flip { Some(super::load_vocab(&a.vocab)?) } else { None };
+    let req = TrainRequest {
+        model: a.model,
+        data: a.data,
+        out: a.out.clone(),
+        lora,
+        text_encoder_lora,
+        config,
+        resume: a.resume,
+        flip_vocab,
+        checkpoint_every: a.checkpoint_every,
+        device: a.device,
+    };
+    let pb = ipr::progress::bar(a.steps as u64, "train", a.quiet);
+    let mut first = true;
+    let summary = train(&req, &mut |step, stats| {
+        if first {
+            pb.set_position(step.saturating_sub(1) as u64);
+            pb.reset_eta();
+            first = false;
+        }
+        pb.set_position(step as u64);
+        pb.set_message(format!("loss {:.4} lr {:.2e}", stats.loss, stats.lr));
+    })?;
+    pb.finish_and_clear();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let k = summary.losses.len().min(10);
+    if !a.quiet {
+        eprintln!(
+            "trained {} LoRA parameters on {} examples ({} rows of weight 0 dropped), steps {}..{}; \
+             loss first {k} {:.4}, last {k} {:.4}; saved {}",
+            summary.trainable_parameters,
+            summary.examples,
+            summary.dropped_zero_weight,
+            summary.start_step,
+            summary.steps,
+            mean(&summary.losses[..k]),
+            mean(&summary.losses[summary.losses.len() - k..]),
+            a.out.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! `ipr train`, `ipr sample --lora` and `ipr bench train-step` end to end on the tiny pixel-space
+//! fixture pipeline of ipr-diffusion.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ipr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ipr")).args(args).output().expect("ipr runs")
+}
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ipr-diffusion/tests/fixtures/tiny-pixel")
+}
+
+fn check(o: &Output) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn imagefolder(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let rows = [("a dog to the left of a car", [200u8, 20, 20], 1.0), ("a car above a dog", [20, 200, 20], 0.5)];
+    let mut meta = String::new();
+    for (i, (prompt, colour, weight)) in rows.iter().enumerate() {
+        let mut img = image::RgbImage::from_pixel(16, 16, image::Rgb([120, 120, 120]));
+        for y in 3..9 {
+            for x in (2 + 6 * i as u32)..(8 + 6 * i as u32) {
+                img.put_pixel(x, y, image::Rgb(*colour));
+            }
+        }
+        img.save(dir.join(format!("{i}.png"))).unwrap();
+        meta.push_str(&format!("{{\"file_name\": \"{i}.png\", \"prompt\": \"{prompt}\", \"weight\": {weight}}}\n"));
+    }
+    std::fs::write(dir.join("metadata.jsonl"), meta).unwrap();
+}
+
+fn latents(path: &Path) -> Vec<f32> {
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    t["latents"].flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn train_then_sample_with_the_adapter_then_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    imagefolder(&data);
+    let out = tmp.path().join("lora");
+    let (m, d, o) = (model(), data.to_str().unwrap().to_string(), out.to_str().unwrap().to_string());
+    let m = m.to_str().unwrap();
+    let train = |steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            m,
+            "--data",
+            &d,
+            "--out",
+            &o,
+            "--lora-rank",
+            "4",
+            "--steps",
+            steps,
+            "--lr",
+            "1e-2",
+            "--seed",
+            "3",
+            "--batch-size",
+            "2",
+            "--quiet",
+            "--flip",
+            "--lr-schedule",
+            "cosine",
+            "--warmup-steps",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        ipr(&args)
+    };
+    check(&train("2", &[]));
+    for f in ["pytorch_lora_weights.safetensors", "adapter_config.json", "training_state.safetensors"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    check(&train("4", &["--resume"]));
+
+    let sample = |lora: Option<&str>, file: &str| {
+        let lat = tmp.path().join(file);
+        let mut args = vec![
+            "sample",
+            "--model",
+            m,
+            "--prompt",
+            "a dog to the left of a car",
+            "--steps",
+            "3",
+            "--guidance",
+            "3",
+            "--seed",
+            "7",
+            "--output-latents",
+            lat.to_str().unwrap(),
+            "--out",
+        ];
+        let png = tmp.path().join(format!("{file}.png"));
+        args.push(png.to_str().unwrap());
+        if let Some(l) = lora {
+            args.extend_from_slice(&["--lora", l]);
+        }
+        check(&ipr(&args));
+        assert!(png.is_file());
+        latents(&lat)
+    };
+    let base = sample(None, "base.safetensors");
+    let adapted = sample(Some(&o), "lora.safetensors");
+    assert_eq!(base.len(), adapted.len());
+    assert!(base.iter().zip(&adapted).any(|(a, b)| a != b), "the adapter changed nothing");
+}
+
+#[test]
+fn bench_train_step_prints_json() {
+    let unet = model().join("unet");
+    let o = ipr(&["bench", "train-step", "--unet", unet.to_str().unwrap(), "--batch", "2", "--iters", "1", "--json"]);
+    check(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["ms_per_step"].as_f64().unwrap() > 0.0);
+}
