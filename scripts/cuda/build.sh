@@ -235,7 +235,7 @@ json.dump({
   "build_seconds": $((T1 - T0)),
 }, open(sys.argv[1], "w"), indent=2)
 EOF
-# A compressed copy (the PTX text shrinks ~7x: 53 MB -> 7 MB) for carrying to a GPU machine under a
+# A compressed copy (the PTX text shrinks ~8x: 60 MB -> 7.5 MB) for carrying to a GPU machine under a
 # size limit; scripts/gpu_check/run.sh unpacks dist/ipr-cuda.xz when dist/ipr-cuda is absent.
 if command -v xz >/dev/null; then
   xz -T0 -6 -kfc "$REPO/dist/ipr-cuda" > "$REPO/dist/ipr-cuda.xz"
