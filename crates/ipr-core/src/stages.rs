@@ -11,11 +11,11 @@ use crate::prompt::Prompt;
 use crate::relabel::{relabel, RelabelPolicy, Weights};
 use crate::visor_format::{image_key, ResultEntries, VisorResult};
 use crate::vocab::Vocabulary;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// How the images of a round were judged (IPR's strict rule).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JudgeSummary {
     pub images: usize,
     pub correct: usize,

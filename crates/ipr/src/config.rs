@@ -21,6 +21,7 @@ pub struct RunConfig {
     /// Seed of everything: prompts order, sampling noise, training.
     pub seed: u64,
     pub model: ModelConfig,
+    pub prompts: PromptsConfig,
     pub sampling: SamplingConfig,
     pub detector: DetectorConfig,
     pub relabel: RelabelConfig,
@@ -35,6 +36,15 @@ pub struct ModelConfig {
     pub source: String,
     /// "cpu" or "cuda".
     pub device: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptsConfig {
+    /// Use only the first N training prompts (0: all). For quick runs and tests.
+    pub max_train: u32,
+    /// Use only the first N evaluation prompts of each split (0: all).
+    pub max_eval: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,6 +109,7 @@ impl Default for RunConfig {
             rounds: 2,
             seed: 0,
             model: ModelConfig::default(),
+            prompts: PromptsConfig::default(),
             sampling: SamplingConfig::default(),
             detector: DetectorConfig::default(),
             relabel: RelabelConfig::default(),

@@ -4,8 +4,12 @@
 //! method/engine crates. See ARCHITECTURE.md.
 
 pub mod config;
+pub mod detection;
 pub mod metrics_file;
+pub mod pretrain;
 pub mod progress;
+pub mod report;
+pub mod run_loop;
 pub mod sampling;
 pub mod toy_model;
-pub mod report;
+pub mod training;

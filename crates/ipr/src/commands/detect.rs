@@ -91,26 +91,10 @@ pub fn run(a: Args) -> Result<()> {
     let out = a.out.as_ref().context("--out detections.jsonl is required with --samples")?;
     let default_vocab = if matches!(a.detector, DetectorKind::Toy) { "toy" } else { "coco80" };
     let vocab = super::load_vocab(a.vocab.as_deref().unwrap_or(default_vocab))?;
-    let rows = detect_folder(detector.as_ref(), samples, a.prompts.as_ref(), &vocab, a.quiet)?;
+    let rows = ipr::detection::detect_folder(detector.as_ref(), samples, a.prompts.as_ref(), &vocab, a.quiet)?;
     ipr_core::fs::write_jsonl(out, &rows)?;
     if !a.quiet {
         eprintln!("wrote {} records to {}", rows.len(), out.display());
     }
     Ok(())
-}
-
-/// Detect every sample of `dir` (manifest or VISOR's layout) with a progress bar.
-pub fn detect_folder(
-    detector: &dyn Detector,
-    dir: &std::path::Path,
-    prompts: Option<&PathBuf>,
-    vocab: &ipr_core::Vocabulary,
-    quiet: bool,
-) -> Result<Vec<ipr_core::dataset::DetectionRow>> {
-    let table = super::prompt_table(prompts)?;
-    let rows = ipr_detect::folder::read_samples(dir, &table)?;
-    let pb = ipr::progress::bar(rows.len() as u64, "detect", quiet);
-    let out = ipr_detect::folder::detect_rows(detector, dir, &rows, vocab, &mut |i, _| pb.set_position(i as u64))?;
-    pb.finish_and_clear();
-    Ok(out)
 }

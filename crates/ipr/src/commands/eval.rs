@@ -96,7 +96,7 @@ pub fn run(cmd: Command) -> Result<()> {
             let device = ipr_diffusion::sample::device_from_name(&a.device)?;
             let mut det = ipr_detect::OwlVitDetector::load(model, &device)?;
             det.threshold = a.threshold;
-            let rows = super::detect::detect_folder(&det, dir, a.prompts.as_ref(), &vocab, a.quiet)?;
+            let rows = ipr::detection::detect_folder(&det, dir, a.prompts.as_ref(), &vocab, a.quiet)?;
             if let Some(out) = &a.detections_out {
                 ipr_core::fs::write_jsonl(out, &rows)?;
             }

@@ -1,27 +1,97 @@
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
+use ipr::config::{Method, RunConfig};
+use ipr::run_loop::{PromptSets, Run, RunLayout};
 use std::path::PathBuf;
 
 #[derive(ClapArgs)]
 pub struct Args {
-    /// Run configuration (run.toml). Without it: the toy demo.
+    /// Run configuration (run.toml). Without it: the toy demo with the defaults.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Run name (the folder under runs_dir); overrides the config's.
+    #[arg(long)]
+    name: Option<String>,
+    /// ipr (default), pr, filter or weighted; overrides the config's.
+    #[arg(long)]
+    method: Option<Method>,
+    /// Model folder (diffusers layout); overrides model.source.
+    #[arg(long)]
+    model: Option<String>,
+    /// Continue a run that was stopped: finished stages are kept, the rest is done.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    quiet: bool,
 }
 
-/// The loop lands with the diffusion engine, training and the toy world (see the issues);
-/// until then this says what it will do rather than pretending to do it.
+/// The toy base model that ships in the repository.
+fn shipped_toy_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/toy-base")
+}
+
 pub fn run(a: Args) -> Result<()> {
-    if let Some(c) = a.config {
-        anyhow::bail!("{}: `ipr run --config` is not available yet: the IPR loop has not landed", c.display());
+    let mut config = match &a.config {
+        Some(p) => RunConfig::read(p).map_err(anyhow::Error::msg)?,
+        None => RunConfig::default(),
+    };
+    if let Some(n) = a.name {
+        config.name = n;
     }
-    println!(
-        "ipr run (toy demo) will: evaluate the shipped toy base model on seen and held-out SR2D-style prompts,\n\
-         then for each IPR round sample K images per training prompt, detect the objects with the exact toy\n\
-         detector, judge and relabel the pairs (policy `measured`), train a LoRA on all labelled rounds with\n\
-         the feedback weights, and evaluate with VISOR; it writes runs/<name>/ with metrics.json and report.html.\n\
-         Not yet available: the diffusion engine, training and the toy base model are still being built.\n\
-         What works today: `ipr prompts sr2d`, `ipr eval visor`, `ipr relabel` (see README.md)."
-    );
+    if let Some(m) = a.method {
+        config.method = m;
+    }
+    if let Some(m) = a.model {
+        config.model.source = m;
+    }
+    config.validate().map_err(anyhow::Error::msg)?;
+    let model = if config.model.source == "toy" {
+        let dir = shipped_toy_model();
+        if !dir.join("model_index.json").is_file() {
+            bail!(
+                "the toy base model is not in this checkout yet ({} is missing; it is made by `ipr toy pretrain`, \
+                 see the issues): pass --model DIR, e.g. a model made by `ipr toy init`",
+                dir.display()
+            );
+        }
+        dir
+    } else {
+        PathBuf::from(&config.model.source)
+    };
+    let prompts = PromptSets::toy().truncated(config.prompts.max_train, config.prompts.max_eval);
+    let layout = RunLayout::new(config.runs_dir.join(&config.name));
+    let resolved = config.to_toml();
+    if layout.root.exists() {
+        if !a.resume {
+            bail!("{} exists: pass --resume to continue it, or choose another --name", layout.root.display());
+        }
+        let before = std::fs::read_to_string(layout.config())
+            .with_context(|| format!("reading {}", layout.config().display()))?;
+        if before != resolved {
+            bail!(
+                "{} was made with another configuration: --resume continues a run only with the same settings \
+                 (compare it with the current config, or choose another --name)",
+                layout.config().display()
+            );
+        }
+    } else {
+        std::fs::create_dir_all(&layout.root)?;
+        ipr_core::fs::write_atomic(&layout.config(), resolved.as_bytes())?;
+    }
+    let detector: Box<dyn ipr_detect::Detector> = match config.detector.kind.as_str() {
+        "toy" => Box::new(ipr_detect::ToyDetector::default()),
+        _ => {
+            let folder = config.detector.model.as_ref().context("detector.model")?;
+            let device = ipr_diffusion::sample::device_from_name(&config.model.device)?;
+            let mut d = ipr_detect::OwlVitDetector::load(folder, &device)?;
+            d.threshold = config.detector.threshold;
+            Box::new(d)
+        }
+    };
+    let device = ipr_diffusion::sample::device_from_name(&config.model.device)?;
+    let run = Run { config, layout, prompts, model, detector: detector.as_ref(), device, quiet: a.quiet };
+    let metrics = ipr::run_loop::run(&run)?;
+    ipr::run_loop::write_report(&run, &metrics)?;
+    print!("{}", ipr::run_loop::metrics_table(&metrics));
     Ok(())
 }

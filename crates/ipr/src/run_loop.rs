@@ -1,0 +1,437 @@
+//! The IPR loop, one readable function per stage, coupled only by artifacts on disk.
+//!
+//! ```text
+//! runs/<name>/run.toml                  the resolved config (a resumed run must match it)
+//! runs/<name>/round-<r>/samples/        training prompts sampled from model r (imagefolder)
+//! runs/<name>/round-<r>/detections.jsonl
+//! runs/<name>/round-<r>/labelled/       judged + relabeled (imagefolder: the round's feedback)
+//! runs/<name>/round-<r>/train/          what model r+1 is trained on: the method's rows of
+//!                                       rounds 0..=r (imagefolder)
+//! runs/<name>/round-<r+1>/lora/         the adapter after round r (PEFT/diffusers keys)
+//! runs/<name>/round-<i>/eval/<split>/   samples, detections.jsonl, metrics.json of model i
+//! runs/<name>/metrics.json, report.html
+//! ```
+//!
+//! Model 0 is the base model; model i > 0 is the base plus `round-<i>/lora`. Each stage skips
+//! when its artifact exists (every artifact is written aside and renamed into place), so a
+//! killed run restarted with `--resume` redoes only unfinished work and, all seeds being fixed
+//! per stage, ends with the same results as an uninterrupted run.
+
+use crate::config::RunConfig;
+use crate::metrics_file::{EvalSplit, MetricsFile, MetricsRow};
+use crate::sampling::{sample_images, write_sample_folder, PromptJob, SampleSettings};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use ipr_core::dataset::{read_detections, read_imagefolder, LabelledRow};
+use ipr_core::metrics::visor_metrics;
+use ipr_core::sr2d::PromptRow;
+use ipr_core::stages::{relabel_detections, score_detections, write_labelled_folder, JudgeSummary};
+use ipr_core::Vocabulary;
+use ipr_detect::Detector;
+use ipr_diffusion::pipeline::{Pipeline, SampleParams};
+use ipr_diffusion::scheduler::SamplerKind;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Paths of a run directory.
+#[derive(Debug, Clone)]
+pub struct RunLayout {
+    pub root: PathBuf,
+}
+
+impl RunLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join("run.toml")
+    }
+    pub fn round(&self, r: u32) -> PathBuf {
+        self.root.join(format!("round-{r}"))
+    }
+    pub fn samples(&self, r: u32) -> PathBuf {
+        self.round(r).join("samples")
+    }
+    pub fn detections(&self, r: u32) -> PathBuf {
+        self.round(r).join("detections.jsonl")
+    }
+    pub fn labelled(&self, r: u32) -> PathBuf {
+        self.round(r).join("labelled")
+    }
+    pub fn train(&self, r: u32) -> PathBuf {
+        self.round(r).join("train")
+    }
+    pub fn lora(&self, i: u32) -> PathBuf {
+        self.round(i).join("lora")
+    }
+    pub fn eval(&self, i: u32, split: EvalSplit) -> PathBuf {
+        self.round(i).join("eval").join(split.name())
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.json")
+    }
+    pub fn report(&self) -> PathBuf {
+        self.root.join("report.html")
+    }
+}
+
+/// The prompts of a run: training prompts (IPR samples these) and the evaluation prompts of
+/// each split, with the vocabulary they are written in.
+pub struct PromptSets {
+    pub vocab: Vocabulary,
+    pub train: Vec<PromptRow>,
+    pub seen: Vec<PromptRow>,
+    pub heldout: Vec<PromptRow>,
+}
+
+impl PromptSets {
+    /// The toy world's fixed split: spatial prompts over training pairs (seen) and held-out pairs.
+    pub fn toy() -> Self {
+        let split = ipr_toy::PairSplit::fixed();
+        let seen = split.spatial_rows(ipr_toy::Split::Train);
+        Self {
+            vocab: ipr_toy::vocabulary(),
+            train: seen.clone(),
+            seen,
+            heldout: split.spatial_rows(ipr_toy::Split::HeldOut),
+        }
+    }
+
+    /// Keep the first `max_train` training and `max_eval` evaluation prompts (0: all).
+    pub fn truncated(mut self, max_train: u32, max_eval: u32) -> Self {
+        let cut = |rows: &mut Vec<PromptRow>, n: u32| {
+            if n > 0 {
+                rows.truncate(n as usize)
+            }
+        };
+        cut(&mut self.train, max_train);
+        cut(&mut self.seen, max_eval);
+        cut(&mut self.heldout, max_eval);
+        self
+    }
+
+    fn eval_rows(&self, split: EvalSplit) -> &[PromptRow] {
+        match split {
+            EvalSplit::Seen => &self.seen,
+            EvalSplit::Heldout => &self.heldout,
+        }
+    }
+}
+
+/// `metrics.json` of one evaluation (also the stage's completion marker).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub metrics: ipr_core::metrics::VisorMetrics,
+    pub strict: JudgeSummary,
+}
+
+/// Everything the stages share.
+pub struct Run<'a> {
+    pub config: RunConfig,
+    pub layout: RunLayout,
+    pub prompts: PromptSets,
+    pub model: PathBuf,
+    pub detector: &'a dyn Detector,
+    pub device: Device,
+    pub quiet: bool,
+}
+
+fn jobs(rows: &[PromptRow]) -> Vec<PromptJob> {
+    rows.iter().map(|r| PromptJob { prompt_id: r.unique_id, text: r.text.clone() }).collect()
+}
+
+impl Run<'_> {
+    fn log(&self, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("{}", msg.as_ref());
+        }
+    }
+
+    fn sample_params(&self) -> Result<SampleParams> {
+        let sampler = match self.config.sampling.scheduler.as_str() {
+            "ddim" => SamplerKind::Ddim,
+            "euler" => SamplerKind::Euler,
+            other => bail!("sampling.scheduler {other:?}"),
+        };
+        Ok(SampleParams {
+            num_inference_steps: self.config.sampling.steps as usize,
+            guidance_scale: self.config.sampling.guidance_scale,
+            sampler,
+        })
+    }
+
+    /// The base model, with the adapter of model `i` merged in when `i > 0`.
+    fn pipeline(&self, i: u32) -> Result<Pipeline> {
+        let mut pipe = Pipeline::load(&self.model, DType::F32, &self.device)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        if i > 0 {
+            let lora = self.layout.lora(i);
+            ipr_diffusion::train::load_lora(&mut pipe, &lora).with_context(|| format!("loading {}", lora.display()))?;
+            for (_, linears) in ipr_diffusion::train::pipeline_linears(&mut pipe) {
+                ipr_diffusion::lora::merge(linears)?;
+            }
+        }
+        Ok(pipe)
+    }
+
+    /// Sample `rows` with model `i` into `out` (skipped when `out` exists).
+    fn sample_stage(&self, i: u32, rows: &[PromptRow], images_per_prompt: u32, seed: u64, out: &Path) -> Result<()> {
+        if out.exists() {
+            return Ok(());
+        }
+        let pipe = self.pipeline(i)?;
+        let settings = SampleSettings {
+            images_per_prompt,
+            params: self.sample_params()?,
+            seed,
+            batch_size: self.config.sampling.batch_size as usize,
+        };
+        let jobs = jobs(rows);
+        let pb = crate::progress::bar(jobs.len() as u64 * u64::from(images_per_prompt), "sample", self.quiet);
+        let samples = sample_images(&pipe, &jobs, &settings, &mut |n| pb.set_position(n as u64))?;
+        pb.finish_and_clear();
+        write_sample_folder(out, &samples)
+    }
+
+    /// Detect every image of `samples` into `out` (skipped when `out` exists).
+    fn detect_stage(&self, samples: &Path, out: &Path) -> Result<()> {
+        if out.exists() {
+            return Ok(());
+        }
+        let rows = crate::detection::detect_folder(self.detector, samples, None, &self.prompts.vocab, self.quiet)?;
+        ipr_core::fs::write_jsonl(out, &rows)?;
+        Ok(())
+    }
+
+    /// Evaluate model `i` on `split` (skipped when its metrics exist).
+    pub fn eval_stage(&self, i: u32, split: EvalSplit) -> Result<EvalRecord> {
+        let dir = self.layout.eval(i, split);
+        let record = dir.join("metrics.json");
+        if record.exists() {
+            let text = ipr_core::fs::read_to_string(&record)?;
+            return ipr_core::fs::from_json_str(&text).map_err(|m| anyhow::anyhow!("{}: {m}", record.display()));
+        }
+        let (samples, detections) = (dir.join("samples"), dir.join("detections.jsonl"));
+        let rows = self.prompts.eval_rows(split);
+        self.sample_stage(i, rows, self.config.eval.images_per_prompt, self.config.eval.seed, &samples)?;
+        self.detect_stage(&samples, &detections)?;
+        let found = read_detections(&detections)?;
+        let (scores, entries) = score_detections(&found, &self.prompts.vocab).map_err(anyhow::Error::msg)?;
+        ipr_core::visor_format::write_results(&dir.join("visor_results.json"), &entries)?;
+        let metrics = visor_metrics(&scores).map_err(anyhow::Error::msg)?;
+        let (_, strict) = relabel_detections(
+            &found,
+            &self.prompts.vocab,
+            self.config.relabel.policy,
+            &self.config.relabel.weights,
+            i,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let out = EvalRecord { metrics, strict };
+        ipr_core::fs::write_json(&record, &out)?;
+        self.log(format!(
+            "model {i} {:<7}: OA {:6.2}  VISOR_uncond {:6.2}  VISOR_cond {:6.2}  strict {:6.2}",
+            split.name(),
+            metrics.oa,
+            metrics.visor_uncond,
+            metrics.visor_cond,
+            strict.strict_accuracy()
+        ));
+        Ok(out)
+    }
+
+    /// Judge and relabel round `r`'s detections (skipped when the labelled folder exists).
+    fn relabel_stage(&self, r: u32) -> Result<()> {
+        let out = self.layout.labelled(r);
+        if out.exists() {
+            return Ok(());
+        }
+        let found = read_detections(&self.layout.detections(r))?;
+        let (rows, s) = relabel_detections(
+            &found,
+            &self.prompts.vocab,
+            self.config.relabel.policy,
+            &self.config.relabel.weights,
+            r,
+        )
+        .map_err(anyhow::Error::msg)?;
+        self.log(format!(
+            "round {r}: {} images, {} correct, {} location errors, {} count errors, {} dropped",
+            s.images, s.correct, s.location_errors, s.count_errors, s.dropped
+        ));
+        write_labelled_folder(&out, &rows, Some(&self.layout.samples(r)))?;
+        Ok(())
+    }
+
+    /// The training set after round `r`: the method's rows of rounds 0..=r, images linked from
+    /// their rounds' folders (file names prefixed by the round to stay unique).
+    fn train_set_stage(&self, r: u32) -> Result<usize> {
+        let out = self.layout.train(r);
+        if out.exists() {
+            return Ok(read_imagefolder::<LabelledRow>(&out)?.len());
+        }
+        let method = self.config.method;
+        let first = if method == ipr_core::method::Method::Pr { r } else { 0 };
+        let tmp = out.with_file_name(format!(".train.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        let mut all = Vec::new();
+        for round in first..=r {
+            let dir = self.layout.labelled(round);
+            let rows: Vec<LabelledRow> = read_imagefolder(&dir)?;
+            for mut row in method.training_rows(&rows) {
+                let name = format!("r{round}_{}", row.file_name);
+                let (src, dst) = (dir.join(&row.file_name), tmp.join(&name));
+                if std::fs::hard_link(&src, &dst).is_err() {
+                    std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+                }
+                row.file_name = name;
+                all.push(row);
+            }
+        }
+        ipr_core::fs::write_jsonl(&tmp.join(ipr_core::dataset::METADATA), &all)?;
+        std::fs::rename(&tmp, &out)?;
+        Ok(all.len())
+    }
+
+    /// Train the adapter of model `r + 1` on the training set of round `r`, continuing from the
+    /// adapter of model `r` (skipped when it exists).
+    fn train_stage(&self, r: u32) -> Result<()> {
+        let out = self.layout.lora(r + 1);
+        if out.exists() {
+            return Ok(());
+        }
+        let n = self.train_set_stage(r)?;
+        if n == 0 {
+            bail!(
+                "round {r}: nothing to train on ({} has no rows): the base model produced no usable pair; \
+                 sample more images per prompt or use relabel.policy = \"paper\"",
+                self.layout.train(r).display()
+            );
+        }
+        let settings = crate::training::LoraTraining::from_config(&self.config, r, &self.prompts.vocab);
+        let previous = (r > 0).then(|| self.layout.lora(r));
+        let pb = crate::progress::bar(u64::from(self.config.train.steps), "train", self.quiet);
+        crate::training::train_lora(
+            &self.model,
+            previous.as_deref(),
+            &self.layout.train(r),
+            &settings,
+            &self.device,
+            &out,
+            &mut |step, loss| {
+                pb.set_position(step as u64);
+                pb.set_message(format!("loss {loss:.4}"));
+            },
+        )?;
+        pb.finish_and_clear();
+        Ok(())
+    }
+}
+
+/// Seeds of round `r`'s stages, derived from the run seed.
+fn round_seed(seed: u64, r: u32, stage: u64) -> u64 {
+    crate::sampling::image_seed(seed, u64::from(r) + 1, stage as u32)
+}
+
+/// Run (or resume) the loop; returns the metrics rows.
+pub fn run(run: &Run) -> Result<MetricsFile> {
+    let c = &run.config;
+    let method = c.method;
+    let rounds = method.rounds(c.rounds);
+    let mut metrics = MetricsFile::default();
+    let mut push = |i: u32, split: EvalSplit, rec: &EvalRecord| {
+        let name = if i == 0 { "base" } else { method.name() };
+        metrics.rows.push(MetricsRow::new(name, i, split, &rec.metrics, rec.strict.strict_accuracy()));
+    };
+    for split in EvalSplit::ALL {
+        push(0, split, &run.eval_stage(0, split)?);
+    }
+    for r in 0..rounds {
+        run.log(format!("== round {} of {rounds} ({method})", r + 1));
+        let seed = round_seed(c.seed, r, 1);
+        run.sample_stage(r, &run.prompts.train, c.sampling.images_per_prompt, seed, &run.layout.samples(r))?;
+        run.detect_stage(&run.layout.samples(r), &run.layout.detections(r))?;
+        run.relabel_stage(r)?;
+        run.train_stage(r)?;
+        for split in EvalSplit::ALL {
+            push(r + 1, split, &run.eval_stage(r + 1, split)?);
+        }
+    }
+    metrics.write(&run.layout.metrics())?;
+    Ok(metrics)
+}
+
+/// The terminal table: one line per model and split.
+pub fn metrics_table(m: &MetricsFile) -> String {
+    let mut s = format!(
+        "{:<9} {:>5} {:<8} {:>7} {:>13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>11}\n",
+        "method",
+        "round",
+        "split",
+        "OA",
+        "VISOR_uncond",
+        "VISOR_cond",
+        "VISOR_1",
+        "VISOR_2",
+        "VISOR_3",
+        "VISOR_4",
+        "IPR_strict"
+    );
+    for r in &m.rows {
+        s.push_str(&format!(
+            "{:<9} {:>5} {:<8} {:>7.2} {:>13.2} {:>11.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>11.2}\n",
+            r.method,
+            r.iteration,
+            r.split.name(),
+            r.oa,
+            r.visor_uncond,
+            r.visor_cond,
+            r.visor_1,
+            r.visor_2,
+            r.visor_3,
+            r.visor_4,
+            r.ipr_strict
+        ));
+    }
+    s
+}
+
+/// `report.html`: the metrics, the plot, and for every round the first images of its labelled
+/// set with their relabeled prompts.
+pub fn write_report(run: &Run, metrics: &MetricsFile) -> Result<()> {
+    const PER_ROUND: usize = 24;
+    let rounds = run.config.method.rounds(run.config.rounds);
+    let mut galleries = Vec::new();
+    for r in 0..rounds {
+        let dir = run.layout.labelled(r);
+        let rows: Vec<LabelledRow> = read_imagefolder(&dir)?;
+        let items = rows
+            .iter()
+            .take(PER_ROUND)
+            .map(|row| {
+                Ok(crate::report::GalleryItem {
+                    png: std::fs::read(dir.join(&row.file_name))?,
+                    original_prompt: row.original_prompt.clone(),
+                    prompt: row.prompt.clone(),
+                    reason: format!("{:?}", row.reason).to_lowercase(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        galleries.push(crate::report::RoundGallery {
+            title: format!("Round {r}: samples of model {r}, judged and relabeled ({} of {})", items.len(), rows.len()),
+            items,
+        });
+    }
+    let config = std::fs::read_to_string(run.layout.config())?;
+    let title = format!("ipr run {} ({})", run.config.name, run.config.method);
+    let html = crate::report::render_report(&crate::report::ReportData {
+        title: &title,
+        config_toml: &config,
+        rows: &metrics.rows,
+        galleries: &galleries,
+        notes: &metrics_table(metrics),
+    });
+    ipr_core::fs::write_atomic(&run.layout.report(), html.as_bytes())?;
+    Ok(())
+}
