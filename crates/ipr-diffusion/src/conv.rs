@@ -109,6 +109,18 @@ fn col2im<T: WithDType>(cols: &[T], g: Geom) -> Vec<T> {
                     }
                     let drow = &mut plane[iy as usize * g.w..][..g.w];
                     let srow = &src[oy * wo..][..wo];
+                    if g.stride == 1 {
+                        // ix = ox + kw - pad over the valid range: a contiguous add.
+                        let lo = g.pad.saturating_sub(kw);
+                        let hi = (g.w + g.pad - kw).min(wo);
+                        if lo < hi {
+                            let d = &mut drow[lo + kw - g.pad..hi + kw - g.pad];
+                            for (a, &b) in d.iter_mut().zip(&srow[lo..hi]) {
+                                *a += b;
+                            }
+                        }
+                        continue;
+                    }
                     for (ox, &v) in srow.iter().enumerate() {
                         let ix = (ox * g.stride + kw) as isize - g.pad as isize;
                         if ix >= 0 && ix < g.w as isize {

@@ -28,6 +28,17 @@ fn sigmoid(u: f64) -> f64 {
     1.0 / (1.0 + (-u).exp())
 }
 
+/// The sigmoid in the element type's precision (f32 `exp` for f32 tensors, as torch computes SiLU;
+/// f64 `exp` per element was a visible share of a training step).
+fn sigmoid_t<T: WithDType>(u: f64) -> f64 {
+    if T::DTYPE == DType::F32 {
+        let u = u as f32;
+        (1.0 / (1.0 + (-u).exp())) as f64
+    } else {
+        sigmoid(u)
+    }
+}
+
 fn slice<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
     let (a, b) =
         l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("norm op needs contiguous input".into()))?;
@@ -52,7 +63,7 @@ fn forward<T: WithDType>(x: &[T], w: &[T], b: &[T], v: View) -> Vec<T> {
             let (wc, bc) = (w[ch].to_f64(), b[ch].to_f64());
             for i in c * v.s..(c + 1) * v.s {
                 let u = (xr[i].to_f64() - mean) * inv * wc + bc;
-                o[i] = T::from_f64(if v.silu { u * sigmoid(u) } else { u });
+                o[i] = T::from_f64(if v.silu { u * sigmoid_t::<T>(u) } else { u });
             }
         }
     });
@@ -76,7 +87,7 @@ fn backward_x<T: WithDType>(x: &[T], dy: &[T], w: &[T], b: &[T], v: View) -> Vec
                     let mut du = gr[i].to_f64();
                     if v.silu {
                         let u = n * wc + bc;
-                        let sg = sigmoid(u);
+                        let sg = sigmoid_t::<T>(u);
                         du *= sg * (1.0 + u * (1.0 - sg));
                     }
                     xn[i] = n;
