@@ -48,11 +48,22 @@ pub fn run(a: Args) -> Result<()> {
     let model = if config.model.source == "toy" {
         let dir = shipped_toy_model();
         if !dir.join("model_index.json").is_file() {
-            bail!(
-                "the toy base model is not in this checkout yet ({} is missing; it is made by `ipr toy pretrain`, \
-                 see the issues): pass --model DIR, e.g. a model made by `ipr toy init`",
+            // Until `ipr toy pretrain` has produced the shipped base model, the demo says what
+            // it will do and how to run the loop today, rather than failing or pretending.
+            println!(
+                "ipr run (toy demo) will: evaluate the shipped toy base model on the seen and held-out spatial\n\
+                 prompts, then for each IPR round sample images of the training prompts, detect the objects with\n\
+                 the exact toy detector, judge and relabel them (policy `measured`), train a LoRA on the labelled\n\
+                 sets of all rounds with the feedback weights, evaluate with VISOR, and write runs/<name>/ with\n\
+                 metrics.json and report.html.\n\n\
+                 The toy base model is not in this checkout yet ({} is missing: it is made by\n\
+                 `ipr toy pretrain`, still being sized to 2 CPU cores). The loop itself runs today on any\n\
+                 diffusers-format model, e.g. an untrained toy model:\n\n\
+                 \x20   ipr toy init --out toy-init --seed 0\n\
+                 \x20   ipr run --config examples/tiny-run.toml --model toy-init",
                 dir.display()
             );
+            return Ok(());
         }
         dir
     } else {
