@@ -26,6 +26,10 @@ pub struct TrainStepReport {
     pub ms_per_step: f64,
     /// Every timed step.
     pub ms_steps: Vec<f64>,
+    /// Median of the forward part (noising, UNet, loss) of each step.
+    pub ms_forward: f64,
+    /// Median of backward + clipping + AdamW.
+    pub ms_backward_and_update: f64,
     pub batch: usize,
     pub lora_parameters: usize,
     pub threads: usize,
@@ -75,7 +79,7 @@ pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize) -> Result<T
     let c = &unet.config;
     let s = c.sample_size.unwrap_or(32);
     let shape = (batch, c.in_channels, s, s);
-    let mut times = Vec::new();
+    let (mut times, mut fwd_times, mut bwd_times) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..=iters {
         let seed = i as u64 * 1000;
         let b = Batch {
@@ -88,6 +92,7 @@ pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize) -> Result<T
         };
         let start = Instant::now();
         let (loss, _) = weighted_loss(&unet, &ddpm, &b, None)?;
+        let fwd = start.elapsed().as_secs_f64() * 1e3;
         let store = loss.backward()?;
         let mut grads = named_grads(&params, &store);
         clip_grad_norm(&mut grads, 1.0)?;
@@ -95,22 +100,27 @@ pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize) -> Result<T
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if i > 0 {
             times.push(ms);
+            fwd_times.push(fwd);
+            bwd_times.push(ms - fwd);
         }
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = if sorted.is_empty() {
-        f64::NAN
-    } else if sorted.len() % 2 == 1 {
-        sorted[sorted.len() / 2]
-    } else {
-        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
-    };
     Ok(TrainStepReport {
-        ms_per_step: median,
+        ms_per_step: median(&times),
+        ms_forward: median(&fwd_times),
+        ms_backward_and_update: median(&bwd_times),
         ms_steps: times,
         batch,
         lora_parameters: set.num_parameters(),
         threads: rayon::current_num_threads(),
     })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
