@@ -6,6 +6,10 @@
 # Env: UNET (a UNet folder or config; default: the toy-size config, 1.69 M parameters), BATCH (8),
 # ITERS (5 timed steps per run), ROUNDS (3: ipr and torch alternate, the median of the per-run
 # medians is reported), THREADS (default: all cores).
+# On a shared machine use THREADS=1 for a stable comparison: with 2 threads on 2 busy cores, torch's
+# OpenMP threads (and candle's spin-barrier pool) stall for seconds while waiting for each other
+# (measured here: torch 97 ms to 5.6 s per step in consecutive runs), so a 2-thread ratio under load
+# says more about the load than about the code.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${1:-${PYTHON:-python3}}
