@@ -35,6 +35,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result.map_err(|e| Error::io(path, e))
 }
 
+/// Build the folder `out` atomically: `fill` writes into a fresh temporary folder beside it,
+/// which is then renamed to `out`; on any error the temporary folder is removed. `out` must not
+/// exist (a complete artifact is never replaced).
+pub fn build_dir<E: From<Error>>(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    if out.exists() {
+        return Err(Error::file(out, "already exists: remove it or choose another output folder").into());
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = temp_path(out);
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = fill(&tmp).and_then(|()| fs::rename(&tmp, out).map_err(|e| Error::io(out, e).into()));
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
 /// Write `rows` as JSON Lines, atomically.
 pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     let mut out = Vec::new();
@@ -110,6 +132,22 @@ mod tests {
         assert_eq!(read_jsonl::<Row>(&path).unwrap(), rows);
         let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["rows.jsonl"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn build_dir_is_complete_or_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("art");
+        let failed: Result<()> = build_dir(&out, |tmp| {
+            fs::write(tmp.join("a"), b"1").unwrap();
+            Err(Error::Invalid("boom".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left behind");
+        build_dir::<Error>(&out, |tmp| fs::write(tmp.join("a"), b"1").map_err(|e| Error::io(tmp, e))).unwrap();
+        assert_eq!(fs::read(out.join("a")).unwrap(), b"1");
+        let again = build_dir::<Error>(&out, |_| Ok(()));
+        assert!(again.unwrap_err().to_string().contains("already exists"));
     }
 
     #[test]

@@ -107,34 +107,27 @@ pub fn score_detections(
 /// Write a labelled imagefolder at `out`: the images (hard links where possible, else copies)
 /// from `images`, and `metadata.jsonl`. Built beside `out` and renamed into place.
 pub fn write_labelled_folder(out: &Path, rows: &[LabelledRow], images: Option<&Path>) -> Result<()> {
-    if out.exists() {
-        return Err(Error::file(out, "already exists: remove it or choose another output folder"));
-    }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| {
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    crate::fs::build_dir(out, |tmp| {
         if let Some(images) = images {
             for row in rows {
                 let (src, dst) = (images.join(&row.file_name), tmp.join(&row.file_name));
                 if let Some(d) = dst.parent() {
                     std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
                 }
-                if std::fs::hard_link(&src, &dst).is_err() {
-                    std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
-                }
+                link_or_copy(&src, &dst)?;
             }
         }
-        crate::fs::write_jsonl(&tmp.join(METADATA), rows)?;
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        crate::fs::write_jsonl(&tmp.join(METADATA), rows)
+    })
+}
+
+/// A hard link to `src` at `dst` (artifacts are never modified in place), or a copy where the
+/// file system has no links.
+pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
+    if std::fs::hard_link(src, dst).is_err() {
+        std::fs::copy(src, dst).map_err(|e| Error::io(src, e))?;
     }
-    result
+    Ok(())
 }
 
 #[cfg(test)]

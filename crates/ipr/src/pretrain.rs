@@ -7,7 +7,7 @@
 //! command, seed and time written next to it (`PRETRAIN.json`).
 
 use crate::toy_model::init_toy_model;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use ipr_diffusion::pipeline::Pipeline;
@@ -121,11 +121,6 @@ pub fn pretrain(
         loss = trainer.train_step()?.loss;
         progress(step + 1, loss);
     }
-    let tmp = parent.join(format!(".pretrain-out.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    checkpoint::save(&trainer, &tmp, Some(&init))?;
-    // The optimiser state is for resuming training, not part of the shipped model.
-    let _ = std::fs::remove_file(tmp.join(checkpoint::TRAINING_STATE));
     let record = PretrainRecord {
         command: command.to_string(),
         settings: s.clone(),
@@ -133,8 +128,13 @@ pub fn pretrain(
         final_loss: loss,
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     };
-    std::fs::write(tmp.join("PRETRAIN.json"), serde_json::to_string_pretty(&record)? + "\n")?;
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    ipr_core::fs::build_dir(out, |tmp| -> Result<()> {
+        checkpoint::save(&trainer, tmp, Some(&init))?;
+        // The optimiser state is for resuming training, not part of the shipped model.
+        let _ = std::fs::remove_file(tmp.join(checkpoint::TRAINING_STATE));
+        std::fs::write(tmp.join("PRETRAIN.json"), serde_json::to_string_pretty(&record)? + "\n")?;
+        Ok(())
+    })?;
     let _ = std::fs::remove_dir_all(&init);
     Ok(record)
 }

@@ -272,25 +272,20 @@ impl Run<'_> {
         }
         let method = self.config.method;
         let first = if method == ipr_core::method::Method::Pr { r } else { 0 };
-        let tmp = out.with_file_name(format!(".train.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
         let mut all = Vec::new();
-        for round in first..=r {
-            let dir = self.layout.labelled(round);
-            let rows: Vec<LabelledRow> = read_imagefolder(&dir)?;
-            for mut row in method.training_rows(&rows) {
-                let name = format!("r{round}_{}", row.file_name);
-                let (src, dst) = (dir.join(&row.file_name), tmp.join(&name));
-                if std::fs::hard_link(&src, &dst).is_err() {
-                    std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        ipr_core::fs::build_dir(&out, |tmp| -> Result<()> {
+            for round in first..=r {
+                let dir = self.layout.labelled(round);
+                let rows: Vec<LabelledRow> = read_imagefolder(&dir)?;
+                for mut row in method.training_rows(&rows) {
+                    let name = format!("r{round}_{}", row.file_name);
+                    ipr_core::stages::link_or_copy(&dir.join(&row.file_name), &tmp.join(&name))?;
+                    row.file_name = name;
+                    all.push(row);
                 }
-                row.file_name = name;
-                all.push(row);
             }
-        }
-        ipr_core::fs::write_jsonl(&tmp.join(ipr_core::dataset::METADATA), &all)?;
-        std::fs::rename(&tmp, &out)?;
+            Ok(ipr_core::fs::write_jsonl(&tmp.join(ipr_core::dataset::METADATA), &all)?)
+        })?;
         Ok(all.len())
     }
 

@@ -91,23 +91,16 @@ pub fn sample_images(
 
 /// Write sampled images as an imagefolder at `out` (built aside, renamed into place).
 pub fn write_sample_folder(out: &Path, samples: &[(SampleRow, RgbImage)]) -> Result<()> {
-    anyhow::ensure!(!out.exists(), "{} already exists", out.display());
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    for (row, image) in samples {
-        let path = tmp.join(&row.file_name);
-        image
-            .save_with_format(&path, image::ImageFormat::Png)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    let rows: Vec<&SampleRow> = samples.iter().map(|(r, _)| r).collect();
-    ipr_core::fs::write_jsonl(&tmp.join(METADATA), &rows)?;
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-    Ok(())
+    ipr_core::fs::build_dir(out, |tmp| {
+        for (row, image) in samples {
+            let path = tmp.join(&row.file_name);
+            image
+                .save_with_format(&path, image::ImageFormat::Png)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        let rows: Vec<&SampleRow> = samples.iter().map(|(r, _)| r).collect();
+        Ok(ipr_core::fs::write_jsonl(&tmp.join(METADATA), &rows)?)
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! "latents" (3 x 32 x 32 in [-1, 1]). diffusers loads each component with `from_pretrained(dir,
 //! subfolder=...)`; ipr's pipeline loads the folder as it is.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device};
 use ipr_diffusion::clip_text::ClipTextModel;
 use ipr_diffusion::config::{write_json, ClipTextConfig, UNetConfig};
@@ -70,12 +70,11 @@ pub fn scheduler_config() -> serde_json::Value {
 
 /// Write a freshly initialised toy model (seeded) to `dir`, built aside and renamed into place.
 pub fn init_toy_model(dir: &Path, seed: u64) -> Result<()> {
-    anyhow::ensure!(!dir.exists(), "{} already exists", dir.display());
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let tmp =
-        parent.join(format!(".{}.tmp-{}", dir.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    ipr_core::fs::build_dir(dir, |tmp| write_toy_model(tmp, seed))
+}
+
+/// The files of a fresh toy model, into the existing empty folder `tmp`.
+fn write_toy_model(tmp: &Path, seed: u64) -> Result<()> {
     for sub in ["unet", "text_encoder", "tokenizer", "scheduler"] {
         std::fs::create_dir_all(tmp.join(sub))?;
     }
@@ -108,7 +107,6 @@ pub fn init_toy_model(dir: &Path, seed: u64) -> Result<()> {
         "scheduler": ["diffusers", "DDIMScheduler"]
     });
     std::fs::write(tmp.join("model_index.json"), serde_json::to_string_pretty(&index)? + "\n")?;
-    std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     Ok(())
 }
 

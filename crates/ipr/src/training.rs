@@ -71,10 +71,6 @@ pub fn train_lora(
         let stats = trainer.train_step()?;
         progress(step + 1, stats.loss);
     }
-    let parent = out.parent().unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(".lora.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    checkpoint::save(&trainer, &tmp, None)?;
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    ipr_core::fs::build_dir(out, |tmp| -> Result<()> { Ok(checkpoint::save(&trainer, tmp, None)?) })?;
     Ok(())
 }
