@@ -108,8 +108,11 @@ impl AdamW {
 }
 
 /// Pulls each named variable's gradient out of a `GradStore` (missing ones are skipped).
+/// Gradients are detached: a gradient computed from other variables (every weight of a fully
+/// trained model) carries the step's whole graph, which the optimiser's moments would otherwise
+/// keep alive, step after step (measured: +600 MB per step at batch 16 on the toy UNet).
 pub fn named_grads(vars: &[(String, Var)], store: &GradStore) -> HashMap<String, Tensor> {
-    vars.iter().filter_map(|(n, v)| store.get(v.as_tensor()).map(|g| (n.clone(), g.clone()))).collect()
+    vars.iter().filter_map(|(n, v)| store.get(v.as_tensor()).map(|g| (n.clone(), g.detach()))).collect()
 }
 
 /// Adds `other` into `acc` (gradient accumulation).
@@ -147,6 +150,21 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// d(sum(a * b))/da = b depends on the variable b: handed to the optimiser, it must not
+    /// carry the graph (the moments would keep every step's graph alive).
+    #[test]
+    fn gradients_are_detached() {
+        let a = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[3f32, 4.0], &Device::Cpu).unwrap();
+        let loss = (a.as_tensor() * b.as_tensor()).unwrap().sum_all().unwrap();
+        let store = loss.backward().unwrap();
+        assert!(store.get(a.as_tensor()).unwrap().track_op(), "candle's gradient is part of the graph");
+        let vars = vec![("a".to_string(), a), ("b".to_string(), b)];
+        let grads = named_grads(&vars, &store);
+        assert!(grads.values().all(|g| !g.track_op()));
+        assert_eq!(grads["a"].to_vec1::<f32>().unwrap(), [3.0, 4.0]);
+    }
 
     /// torch 2.x: p = [1., -2.] (f64), grads [0.5, 0.25] then [-1., 2.], AdamW(lr=0.1, wd=0.01)
     /// gives [0.899000002, -2.097999996] then [0.9347113542385653, -2.1780485712611055].
