@@ -26,6 +26,16 @@ pub struct JudgeSummary {
 }
 
 impl JudgeSummary {
+    /// Tally one image's strict outcome.
+    pub fn count(&mut self, outcome: Outcome) {
+        self.images += 1;
+        match outcome {
+            Outcome::Correct => self.correct += 1,
+            Outcome::LocationError => self.location_errors += 1,
+            Outcome::CountError => self.count_errors += 1,
+        }
+    }
+
     /// Percentage of images that are right by the strict rule.
     pub fn strict_accuracy(&self) -> f64 {
         if self.images == 0 {
@@ -54,12 +64,7 @@ pub fn relabel_detections(
     for (i, row) in rows.iter().enumerate() {
         let prompt = parse_prompt(row, i + 1, vocab)?;
         let verdict = judge(&prompt, &row.detections, vocab).map_err(|m| format!("record {}: {m}", i + 1))?;
-        s.images += 1;
-        match verdict.outcome() {
-            Outcome::Correct => s.correct += 1,
-            Outcome::LocationError => s.location_errors += 1,
-            Outcome::CountError => s.count_errors += 1,
-        }
+        s.count(verdict.outcome());
         match relabel(policy, weights, &prompt, &verdict, vocab) {
             Some(r) => out.push(LabelledRow {
                 file_name: row.file_name.clone(),
@@ -76,22 +81,28 @@ pub fn relabel_detections(
     Ok((out, s))
 }
 
-/// VISOR's view of every image of a spatial prompt, and its results-file entries for all
-/// images (VISOR writes entries for every prompt; metrics skip non-spatial ones).
-pub fn score_detections(
-    rows: &[DetectionRow],
-    vocab: &Vocabulary,
-) -> std::result::Result<(Vec<ImageScore>, ResultEntries), String> {
-    let mut scores = Vec::new();
-    let mut entries = Vec::new();
+/// Every image judged once, seen both ways: VISOR's scores (images of spatial prompts), its
+/// results-file entries (every image; metrics skip non-spatial ones), and the strict IPR tally.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub scores: Vec<ImageScore>,
+    pub entries: ResultEntries,
+    /// IPR's strict outcomes (`dropped` stays 0: nothing is relabeled here).
+    pub strict: JudgeSummary,
+}
+
+/// Judge every detected image against its prompt.
+pub fn score_detections(rows: &[DetectionRow], vocab: &Vocabulary) -> std::result::Result<Scored, String> {
+    let mut out = Scored { scores: Vec::new(), entries: Vec::new(), strict: JudgeSummary::default() };
     for (i, row) in rows.iter().enumerate() {
         let prompt = parse_prompt(row, i + 1, vocab)?;
         if let Prompt::Count { .. } = prompt {
             return Err(format!("record {}: count captions are not VISOR prompts", i + 1));
         }
         let verdict = judge(&prompt, &row.detections, vocab).map_err(|m| format!("record {}: {m}", i + 1))?;
+        out.strict.count(verdict.outcome());
         if let Some(relation) = prompt.relation() {
-            scores.push(ImageScore {
+            out.scores.push(ImageScore {
                 prompt_id: row.prompt_id,
                 relation,
                 found_a: verdict.count_a > 0,
@@ -99,9 +110,9 @@ pub fn score_detections(
                 sra: verdict.visor_sra,
             });
         }
-        entries.push((image_key(row.prompt_id, row.image_index), VisorResult::from_verdict(&verdict, &row.prompt)));
+        out.entries.push((image_key(row.prompt_id, row.image_index), VisorResult::from_verdict(&verdict, &row.prompt)));
     }
-    Ok((scores, entries))
+    Ok(out)
 }
 
 /// Write a labelled imagefolder at `out`: the images (hard links where possible, else copies)
@@ -184,7 +195,9 @@ mod tests {
     #[test]
     fn scores_like_visor() {
         let v = Vocabulary::coco80();
-        let (scores, entries) = score_detections(&rows(), &v).unwrap();
+        let Scored { scores, entries, strict } = score_detections(&rows(), &v).unwrap();
+        let (_, relabeled) = relabel_detections(&rows(), &v, RelabelPolicy::Measured, &Weights::default(), 0).unwrap();
+        assert_eq!(strict, JudgeSummary { dropped: 0, ..relabeled }, "the same judge, without relabeling");
         assert_eq!((scores.len(), entries.len()), (4, 5), "the 'and' image is written but not scored");
         let m = visor_metrics(&scores).unwrap();
         assert_eq!((m.oa, m.visor_cond, m.visor_uncond, m.visor_1), (50.0, 50.0, 25.0, 100.0));

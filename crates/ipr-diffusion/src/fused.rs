@@ -156,6 +156,15 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Option<Tensor>> {
     Ok(Some(x.contiguous()?.apply_op1(NormalizeLastDim { eps })?))
 }
 
+/// The forward of the ops below that only attach a backward: the result, computed detached by
+/// candle and passed as the third operand, handed over as is.
+fn pass_through(y: &CpuStorage, yl: &Layout, what: &str) -> Result<(CpuStorage, Shape)> {
+    if !yl.is_contiguous() || yl.start_offset() != 0 {
+        return Err(candle_core::Error::Msg(format!("{what} result must be contiguous")));
+    }
+    Ok((y.try_clone(yl)?, yl.shape().clone()))
+}
+
 /// A 2-d convolution whose forward is candle's (computed detached and cloned through this op)
 /// and whose input gradient, for stride 1, is a forward convolution with the flipped, transposed
 /// kernel instead of candle's `conv_transpose2d` (a direct loop on the CPU, ~4x slower: the
@@ -180,10 +189,7 @@ impl candle_core::CustomOp3 for Conv2dFastBackward {
         y: &CpuStorage,
         yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !yl.is_contiguous() || yl.start_offset() != 0 {
-            return Err(candle_core::Error::Msg("conv2d result must be contiguous".into()));
-        }
-        Ok((y.try_clone(yl)?, yl.shape().clone()))
+        pass_through(y, yl, "conv2d")
     }
 
     fn bwd(
@@ -265,10 +271,7 @@ impl candle_core::CustomOp3 for LinearSkipFrozen {
         y: &CpuStorage,
         yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !yl.is_contiguous() || yl.start_offset() != 0 {
-            return Err(candle_core::Error::Msg("linear result must be contiguous".into()));
-        }
-        Ok((y.try_clone(yl)?, yl.shape().clone()))
+        pass_through(y, yl, "linear")
     }
 
     fn bwd(

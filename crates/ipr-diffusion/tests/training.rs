@@ -282,6 +282,7 @@ fn request(data: &Path, out: &Path, steps: usize) -> TrainRequest {
         lora: LoraConfig::unet(4),
         text_encoder_lora: None,
         config: TrainConfig { steps, batch_size: 2, grad_accum: 2, learning_rate: 1e-3, seed: 4, ..Default::default() },
+        init_adapter: None,
         resume: false,
         flip_vocab: None,
         checkpoint_every: 0,

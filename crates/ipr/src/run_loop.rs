@@ -216,17 +216,10 @@ impl Run<'_> {
         self.sample_stage(i, rows, self.config.eval.images_per_prompt, self.config.eval.seed, &samples)?;
         self.detect_stage(&samples, &detections)?;
         let found = read_detections(&detections)?;
-        let (scores, entries) = score_detections(&found, &self.prompts.vocab).map_err(anyhow::Error::msg)?;
-        ipr_core::visor_format::write_results(&dir.join("visor_results.json"), &entries)?;
-        let metrics = visor_metrics(&scores).map_err(anyhow::Error::msg)?;
-        let (_, strict) = relabel_detections(
-            &found,
-            &self.prompts.vocab,
-            self.config.relabel.policy,
-            &self.config.relabel.weights,
-            i,
-        )
-        .map_err(anyhow::Error::msg)?;
+        let scored = score_detections(&found, &self.prompts.vocab).map_err(anyhow::Error::msg)?;
+        ipr_core::visor_format::write_results(&dir.join("visor_results.json"), &scored.entries)?;
+        let metrics = visor_metrics(&scored.scores).map_err(anyhow::Error::msg)?;
+        let strict = scored.strict;
         let out = EvalRecord { metrics, strict };
         ipr_core::fs::write_json(&record, &out)?;
         self.log(format!(
@@ -304,21 +297,21 @@ impl Run<'_> {
                 self.layout.train(r).display()
             );
         }
-        let settings = crate::training::LoraTraining::from_config(&self.config, r, &self.prompts.vocab);
         let previous = (r > 0).then(|| self.layout.lora(r));
-        let pb = crate::progress::bar(u64::from(self.config.train.steps), "train", self.quiet);
-        crate::training::train_lora(
+        let req = crate::training::request(
+            &self.config,
+            r,
+            &self.prompts.vocab,
             &self.model,
             previous.as_deref(),
             &self.layout.train(r),
-            &settings,
-            &self.device,
-            &out,
-            &mut |step, loss| {
-                pb.set_position(step as u64);
-                pb.set_message(format!("loss {loss:.4}"));
-            },
-        )?;
+            out,
+        );
+        let pb = crate::progress::bar(u64::from(self.config.train.steps), "train", self.quiet);
+        crate::training::train_atomically(&req, &mut |step, loss| {
+            pb.set_position(step as u64);
+            pb.set_message(format!("loss {loss:.4}"));
+        })?;
         pb.finish_and_clear();
         Ok(())
     }

@@ -28,6 +28,9 @@ pub struct TrainRequest {
     pub config: TrainConfig,
     /// Continue from `out/training_state.safetensors` and `out/pytorch_lora_weights.safetensors`.
     pub resume: bool,
+    /// Start from this adapter (a folder or file) instead of fresh adapters, with a fresh
+    /// optimiser: how the IPR loop continues the previous round's LoRA. Ignored when resuming.
+    pub init_adapter: Option<PathBuf>,
     /// The vocabulary captions are parsed in for caption-aware flips (with `config.flip`).
     pub flip_vocab: Option<Vocabulary>,
     /// Save every this many steps (and at the end); 0 = only at the end.
@@ -64,13 +67,13 @@ pub fn train(req: &TrainRequest, on_step: &mut dyn FnMut(usize, &StepStats)) -> 
     let ds = data::load_dataset(&req.data, resolution, pipe.vae.as_ref(), vocab, dtype, &device)?;
     let state = req.out.join(checkpoint::TRAINING_STATE);
     let resuming = req.resume && state.is_file();
-    let set = if resuming {
-        super::load_lora(&mut pipe, &req.out)?
-    } else {
-        super::attach_lora(&mut pipe, &req.lora, req.text_encoder_lora.as_ref(), req.config.seed)?
+    let loaded_from = if resuming { Some(req.out.clone()) } else { req.init_adapter.clone() };
+    let set = match &loaded_from {
+        Some(path) => super::load_lora(&mut pipe, path)?,
+        None => super::attach_lora(&mut pipe, &req.lora, req.text_encoder_lora.as_ref(), req.config.seed)?,
     };
     // Adapters loaded from a file carry no dropout; training ones get the requested one.
-    if resuming {
+    if loaded_from.is_some() {
         for (_, linears) in super::pipeline_linears(&mut pipe) {
             for l in linears {
                 if let Some(a) = &mut l.lora {
@@ -80,7 +83,7 @@ pub fn train(req: &TrainRequest, on_step: &mut dyn FnMut(usize, &StepStats)) -> 
         }
     }
     let mut set = set;
-    if resuming {
+    if loaded_from.is_some() {
         // The saved file's configs are rebuilt from the request (targets as given, not as matched).
         set.configs = std::iter::once(("unet".to_string(), req.lora.clone()))
             .chain(req.text_encoder_lora.iter().map(|c| ("text_encoder".to_string(), c.clone())))

@@ -84,7 +84,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Clip(a) => return clip(a),
     };
     let scores = if let Some(path) = &a.results {
-        let rows = super::prompt_table(a.prompts.as_ref())?;
+        let rows = ipr::detection::prompt_table(a.prompts.as_ref())?;
         let entries = read_results(path)?;
         score_results(&entries, &rows).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?
     } else {
@@ -104,7 +104,7 @@ pub fn run(cmd: Command) -> Result<()> {
         } else {
             bail!("give --results FILE, --detections FILE or --images DIR");
         };
-        let (scores, entries) = ipr_core::stages::score_detections(&rows, &vocab)
+        let ipr_core::stages::Scored { scores, entries, .. } = ipr_core::stages::score_detections(&rows, &vocab)
             .map_err(|m| anyhow::anyhow!("{}: {m}", source.display()))?;
         if let Some(out) = &a.write_results {
             write_results(out, &entries)?;
@@ -129,7 +129,7 @@ pub fn run(cmd: Command) -> Result<()> {
 fn clip(a: ClipArgs) -> Result<()> {
     let device = ipr_diffusion::sample::device_from_name(&a.device)?;
     let scorer = ipr_detect::ClipScorer::load(&a.model, &device)?;
-    let table = super::prompt_table(a.prompts.as_ref())?;
+    let table = ipr::detection::prompt_table(a.prompts.as_ref())?;
     let rows = ipr_detect::folder::read_samples(&a.images, &table)?;
     let pb = ipr::progress::bar(rows.len() as u64, "clip", a.quiet);
     let (per_image, score) =

@@ -28,11 +28,3 @@ pub fn load_vocab(spec: &str) -> Result<Vocabulary> {
         .with_context(|| format!("{}: expected a JSON array of class names", path.display()))?;
     Vocabulary::new(names).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
-
-/// The prompt table: a VISOR-format JSON file, or SR2D over COCO-80 generated in memory.
-pub fn prompt_table(path: Option<&std::path::PathBuf>) -> Result<Vec<ipr_core::sr2d::PromptRow>> {
-    Ok(match path {
-        Some(p) => ipr_core::sr2d::read_rows(p)?,
-        None => ipr_core::sr2d::sr2d_rows(&Vocabulary::coco80()),
-    })
-}

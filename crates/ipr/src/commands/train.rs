@@ -107,6 +107,7 @@ pub fn run(a: Args) -> Result<()> {
         text_encoder_lora,
         config,
         resume: a.resume,
+        init_adapter: None,
         flip_vocab,
         checkpoint_every: a.checkpoint_every,
         device: a.device,
