@@ -3,7 +3,7 @@
 # run, same UNet config, batch, rank-4 adapters on to_q/to_k/to_v/to_out.0, AdamW, weighted loss,
 # fp32, same thread count. Prints both medians and the ratio ipr / torch (<= 1.0: ipr is faster).
 #   bash scripts/bench/compare_train_step.sh [PYTHON]
-# Env: UNET (a UNet folder or config; default: the toy-size config, 1.69 M parameters), BATCH (8),
+# Env: UNET (a UNet folder or config; default: the shipped toy base model's UNet, 1.0 M parameters), BATCH (8),
 # ITERS (5 timed steps per run), ROUNDS (3: ipr and torch alternate, the median of the per-run
 # medians is reported), THREADS (default: all cores).
 # On a shared machine use THREADS=1 for a stable comparison: with 2 threads on 2 busy cores, torch's
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${1:-${PYTHON:-python3}}
 THREADS=${THREADS:-$(nproc)}
-UNET=${UNET:-crates/ipr-diffusion/examples/toy_unet_config.json}
+UNET=${UNET:-models/toy-base/unet}
 BATCH=${BATCH:-8}
 ITERS=${ITERS:-5}
 ROUNDS=${ROUNDS:-3}

@@ -230,7 +230,9 @@ impl Pipeline {
             } else {
                 out
             };
-            x = sampler.step(&pred, i, &x)?;
+            // Sampling never needs gradients: cut the graph each step, so that weights that carry
+            // one (unmerged adapters) cannot keep every step's activations alive.
+            x = sampler.step(&pred, i, &x)?.detach();
         }
         Ok(x)
     }

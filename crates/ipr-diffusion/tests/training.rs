@@ -450,3 +450,55 @@ fn full_training_from_scratch_with_ema_saves_a_loadable_pipeline() {
         (&reloaded.unet.conv_in.weight - saved).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(d, 0.0, "the saved UNet holds the EMA weights");
 }
+
+/// Cutting a batch into shards computed in parallel gives the batch's loss and gradients (the
+/// model in f64, the adapters in f32, so only rounding at f32's level can differ), including the text encoder's adapters, whose graph the shards
+/// share.
+#[test]
+fn sharded_gradients_equal_the_whole_batch() {
+    let mut pipe = Pipeline::load(&fixtures().join("tiny-pixel"), DType::F64, &Device::Cpu).unwrap();
+    let set = attach_lora(&mut pipe, &LoraConfig::unet(2), Some(&LoraConfig::text_encoder(2)), 3).unwrap();
+    let params: Vec<(String, Var)> = set
+        .params
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            // Random B (it starts at zero), so that A has a gradient too.
+            let b = ipr_diffusion::noise::randn(i as u64, p.b.shape(), p.b.dtype(), &Device::Cpu).unwrap();
+            p.b.set(&(b * 0.1).unwrap()).unwrap();
+            [(format!("{}.A", p.key), p.a.clone()), (format!("{}.B", p.key), p.b.clone())]
+        })
+        .collect();
+    let ddpm = Ddpm::from_config(&pipe.scheduler_config, &pipe.scheduler_config_path).unwrap();
+    let x0 = ipr_diffusion::noise::randn(1, (5, 3, 16, 16), DType::F64, &Device::Cpu).unwrap();
+    let noise = ipr_diffusion::noise::randn(2, (5, 3, 16, 16), DType::F64, &Device::Cpu).unwrap();
+    let context = pipe.encode_prompts(&["a", "b", "c", "a car", "a dog"]).unwrap().embeds;
+    let batch = Batch {
+        x0,
+        noise,
+        timesteps: vec![10, 500, 990, 250, 700],
+        weights: vec![1.0, 0.5, 0.0, 2.0, 1.0],
+        context,
+        added: None,
+    };
+    let run = |shards| {
+        ipr_diffusion::train::sharded_loss_and_grads(&pipe.unet, &ddpm, &batch, Some(5.0), shards, 0.5, &params)
+            .unwrap()
+    };
+    let (loss1, g1) = run(1);
+    let whole: f64 = weighted_loss(&pipe.unet, &ddpm, &batch, Some(5.0)).unwrap().0.to_scalar().unwrap();
+    assert!((loss1 - 0.5 * whole).abs() < 1e-12 * whole.abs(), "scale");
+    for shards in [2, 3, 5, 9] {
+        let (loss, g) = run(shards);
+        assert!((loss - loss1).abs() < 1e-7 * loss1.abs(), "{shards} shards: loss {loss} vs {loss1}");
+        assert_eq!(g.len(), g1.len());
+        assert!(g.keys().any(|k| k.starts_with("text_encoder")), "text encoder adapters get gradients");
+        for (name, a) in &g1 {
+            let b = &g[name];
+            let diff: f64 =
+                (a - b).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar().unwrap();
+            let scale: f64 = a.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar().unwrap();
+            assert!(diff <= 1e-5 * scale.max(1e-30), "{shards} shards, {name}: {diff:e} of {scale:e}");
+        }
+    }
+}

@@ -40,10 +40,15 @@ pub struct CaptionNoise {
 }
 
 impl Default for CaptionNoise {
-    /// The rates of the probe described in the design (30% correct, 15% wrong, the rest
-    /// "and"); one scene in six has one object, one in ten three.
+    /// 12% correct, 15% wrong, the rest "and"; one scene in six has one object, one in ten three.
+    /// A wrong caption never holds by VISOR's centre test, and (averaged over the relations) says
+    /// a given relation as often as a true one would, so a model that learned these captions
+    /// perfectly would satisfy a stated relation 0.12 / (0.12 + 0.15) = 44% of the time. Measured
+    /// VISOR_cond comes out higher (extra objects give VISOR's any-pair test more chances): with
+    /// 20%/15% (57% in theory) the base model measured 63 (seen) and 71 (held-out), above the
+    /// 45-65 target, hence these rates. design.md's probe used 30%/15% (67%).
     fn default() -> Self {
-        Self { p_correct_relation: 0.30, p_wrong_relation: 0.15, p_single: 1.0 / 6.0, p_three: 0.10 }
+        Self { p_correct_relation: 0.12, p_wrong_relation: 0.15, p_single: 1.0 / 6.0, p_three: 0.10 }
     }
 }
 

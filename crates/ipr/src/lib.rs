@@ -11,5 +11,7 @@ pub mod progress;
 pub mod report;
 pub mod run_loop;
 pub mod sampling;
+pub mod toy_base;
+pub mod toy_grid;
 pub mod toy_model;
 pub mod training;

@@ -46,6 +46,9 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Every command runs models on the CPU: keep freed buffers in the heap (no mmap/munmap and
+    // page faults per tensor) and leave the cores to rayon (see `cpu_runtime`).
+    ipr_diffusion::train::cpu_runtime();
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a),
         Command::Prompts(c) => commands::prompts::run(c),

@@ -74,6 +74,26 @@ impl MetricsRow {
     }
 }
 
+/// The numeric columns of a row, in the order tables print them.
+pub const VALUE_NAMES: [&str; 8] =
+    ["OA", "VISOR_uncond", "VISOR_cond", "VISOR_1", "VISOR_2", "VISOR_3", "VISOR_4", "IPR_strict"];
+
+impl MetricsRow {
+    /// The values of [`VALUE_NAMES`], in that order.
+    pub fn values(&self) -> [f64; 8] {
+        [
+            self.oa,
+            self.visor_uncond,
+            self.visor_cond,
+            self.visor_1,
+            self.visor_2,
+            self.visor_3,
+            self.visor_4,
+            self.ipr_strict,
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsFile {
@@ -94,6 +114,33 @@ impl MetricsFile {
     pub fn get(&self, method: &str, iteration: u32, split: EvalSplit) -> Option<&MetricsRow> {
         self.rows.iter().find(|r| r.method == method && r.iteration == iteration && r.split == split)
     }
+}
+
+/// A Markdown table comparing runs: the base model (iteration 0 of the first run) and each run's
+/// last iteration, per split. The runs should share prompts, seeds and budget (same config but
+/// the method) for the comparison to mean anything; `labels` name the runs.
+pub fn comparison_table(runs: &[(String, MetricsFile)]) -> String {
+    let mut s = format!(
+        "| model | round | split | {} |\n| --- | ---: | --- |{}\n",
+        VALUE_NAMES.join(" | "),
+        " ---: |".repeat(VALUE_NAMES.len())
+    );
+    let mut line = |label: &str, r: &MetricsRow| {
+        let values: Vec<String> = r.values().iter().map(|v| format!("{v:.1}")).collect();
+        s.push_str(&format!("| {label} | {} | {} | {} |\n", r.iteration, r.split.name(), values.join(" | ")));
+    };
+    if let Some((_, first)) = runs.first() {
+        for r in first.rows.iter().filter(|r| r.iteration == 0) {
+            line("base", r);
+        }
+    }
+    for (label, m) in runs {
+        let last = m.rows.iter().map(|r| r.iteration).max().unwrap_or(0);
+        for r in m.rows.iter().filter(|r| r.iteration == last && last > 0) {
+            line(label, r);
+        }
+    }
+    s
 }
 
 #[cfg(test)]
@@ -127,5 +174,37 @@ mod tests {
         }
         assert_eq!(MetricsFile::read(&path).unwrap(), file);
         assert!(file.get("base", 0, EvalSplit::Heldout).is_some() && file.get("ipr", 0, EvalSplit::Heldout).is_none());
+    }
+
+    #[test]
+    fn comparison_has_the_base_once_and_each_runs_last_round() {
+        let m = |uncond: f64| VisorMetrics {
+            oa: 80.0,
+            visor_uncond: uncond,
+            visor_cond: 50.0,
+            visor_1: 0.0,
+            visor_2: 0.0,
+            visor_3: 0.0,
+            visor_4: 0.0,
+            obj_acc_a: 0.0,
+            obj_acc_b: 0.0,
+            num_images: 4,
+            num_prompts: 1,
+        };
+        let run = |method: &str, last: f64| MetricsFile {
+            rows: vec![
+                MetricsRow::new("base", 0, EvalSplit::Seen, &m(40.0), 0.0),
+                MetricsRow::new("base", 0, EvalSplit::Heldout, &m(41.0), 0.0),
+                MetricsRow::new(method, 1, EvalSplit::Heldout, &m(45.0), 0.0),
+                MetricsRow::new(method, 2, EvalSplit::Seen, &m(last), 0.0),
+                MetricsRow::new(method, 2, EvalSplit::Heldout, &m(last + 1.0), 0.0),
+            ],
+        };
+        let t = comparison_table(&[("a".into(), run("ipr", 60.0)), ("b".into(), run("filter", 50.0))]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2 + 2 + 2 + 2, "{t}");
+        assert!(lines[2].starts_with("| base | 0 | seen | 80.0 | 40.0 |"), "{t}");
+        assert!(lines[5].starts_with("| a | 2 | heldout | 80.0 | 61.0 |"), "{t}");
+        assert!(lines[7].starts_with("| b | 2 | heldout | 80.0 | 51.0 |"), "{t}");
     }
 }

@@ -97,11 +97,14 @@ impl PromptSets {
         }
     }
 
-    /// Keep the first `max_train` training and `max_eval` evaluation prompts (0: all).
+    /// Keep at most `max_train` training and `max_eval` evaluation prompts per split (0: all),
+    /// evenly spaced through each list (prompt `i * len / n` for `i < n`) so that every part of
+    /// it (pairs, relations, word orders) stays represented.
     pub fn truncated(mut self, max_train: u32, max_eval: u32) -> Self {
         let cut = |rows: &mut Vec<PromptRow>, n: u32| {
-            if n > 0 {
-                rows.truncate(n as usize)
+            let (n, len) = (n as usize, rows.len());
+            if n > 0 && n < len {
+                *rows = (0..n).map(|i| rows[i * len / n].clone()).collect();
             }
         };
         cut(&mut self.train, max_train);
@@ -352,35 +355,19 @@ pub fn run(run: &Run) -> Result<MetricsFile> {
 
 /// The terminal table: one line per model and split.
 pub fn metrics_table(m: &MetricsFile) -> String {
-    let mut s = format!(
-        "{:<9} {:>5} {:<8} {:>7} {:>13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>11}\n",
-        "method",
-        "round",
-        "split",
-        "OA",
-        "VISOR_uncond",
-        "VISOR_cond",
-        "VISOR_1",
-        "VISOR_2",
-        "VISOR_3",
-        "VISOR_4",
-        "IPR_strict"
-    );
+    use crate::metrics_file::VALUE_NAMES;
+    let widths = VALUE_NAMES.map(|n| n.len().max(7));
+    let mut s = format!("{:<9} {:>5} {:<8}", "method", "round", "split");
+    for (name, w) in VALUE_NAMES.iter().zip(widths) {
+        s.push_str(&format!(" {name:>w$}"));
+    }
+    s.push('\n');
     for r in &m.rows {
-        s.push_str(&format!(
-            "{:<9} {:>5} {:<8} {:>7.2} {:>13.2} {:>11.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>11.2}\n",
-            r.method,
-            r.iteration,
-            r.split.name(),
-            r.oa,
-            r.visor_uncond,
-            r.visor_cond,
-            r.visor_1,
-            r.visor_2,
-            r.visor_3,
-            r.visor_4,
-            r.ipr_strict
-        ));
+        s.push_str(&format!("{:<9} {:>5} {:<8}", r.method, r.iteration, r.split.name()));
+        for (v, w) in r.values().iter().zip(widths) {
+            s.push_str(&format!(" {v:>w$.2}"));
+        }
+        s.push('\n');
     }
     s
 }

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use ipr_core::dataset::{SampleRow, METADATA};
 use ipr_diffusion::pipeline::{Pipeline, SampleParams};
+use rayon::prelude::*;
 use std::path::Path;
 
 /// One prompt to sample.
@@ -57,7 +58,11 @@ pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>> {
         .collect())
 }
 
-/// Sample every (prompt, k) in memory, in order; `progress(done)` after each batch.
+/// Sample every (prompt, k) in memory, in order; `progress(done)` after each group of batches.
+///
+/// On the CPU, as many batches as rayon has threads run at once (candle's elementwise kernels are
+/// single-threaded, so this is what uses the other cores). Each batch is computed the same way
+/// whatever runs beside it, so the images do not depend on the thread count.
 pub fn sample_images(
     pipe: &Pipeline,
     jobs: &[PromptJob],
@@ -66,15 +71,37 @@ pub fn sample_images(
 ) -> Result<Vec<(SampleRow, RgbImage)>> {
     let items: Vec<(&PromptJob, u32)> =
         jobs.iter().flat_map(|j| (0..s.images_per_prompt).map(move |k| (j, k))).collect();
+    let batches: Vec<&[(&PromptJob, u32)]> = items.chunks(s.batch_size.max(1)).collect();
+    let parallel = if pipe.device.is_cpu() { rayon::current_num_threads().max(1) } else { 1 };
     let mut out = Vec::with_capacity(items.len());
-    for chunk in items.chunks(s.batch_size.max(1)) {
-        let seeds: Vec<u64> = chunk.iter().map(|(j, k)| image_seed(s.seed, j.prompt_id, *k)).collect();
-        let (_, c, h, w) = pipe.latent_shape(chunk.len());
-        let latents = ipr_diffusion::noise::randn_per_sample(&seeds, &[c, h, w], DType::F32, &pipe.device)?;
-        let prompts: Vec<&str> = chunk.iter().map(|(j, _)| j.text.as_str()).collect();
-        let final_latents = pipe.generate(&prompts, None, &latents, &s.params)?;
-        let images = to_rgb_images(&pipe.to_images(&final_latents)?)?;
-        for (((job, k), seed), image) in chunk.iter().zip(seeds).zip(images) {
+    for group in batches.chunks(parallel) {
+        let results: Vec<Result<Vec<(SampleRow, RgbImage)>>> =
+            group.par_iter().map(|batch| sample_batch(pipe, batch, s)).collect();
+        for r in results {
+            out.extend(r?);
+        }
+        progress(out.len());
+    }
+    Ok(out)
+}
+
+/// One UNet batch of (prompt, k) items.
+fn sample_batch(
+    pipe: &Pipeline,
+    batch: &[(&PromptJob, u32)],
+    s: &SampleSettings,
+) -> Result<Vec<(SampleRow, RgbImage)>> {
+    let seeds: Vec<u64> = batch.iter().map(|(j, k)| image_seed(s.seed, j.prompt_id, *k)).collect();
+    let (_, c, h, w) = pipe.latent_shape(batch.len());
+    let latents = ipr_diffusion::noise::randn_per_sample(&seeds, &[c, h, w], DType::F32, &pipe.device)?;
+    let prompts: Vec<&str> = batch.iter().map(|(j, _)| j.text.as_str()).collect();
+    let final_latents = pipe.generate(&prompts, None, &latents, &s.params)?;
+    let images = to_rgb_images(&pipe.to_images(&final_latents)?)?;
+    Ok(batch
+        .iter()
+        .zip(seeds)
+        .zip(images)
+        .map(|(((job, k), seed), image)| {
             let row = SampleRow {
                 file_name: format!("{}_{k}.png", job.prompt_id),
                 prompt_id: job.prompt_id,
@@ -82,11 +109,9 @@ pub fn sample_images(
                 image_index: *k,
                 seed,
             };
-            out.push((row, image));
-        }
-        progress(out.len());
-    }
-    Ok(out)
+            (row, image)
+        })
+        .collect())
 }
 
 /// Write sampled images as an imagefolder at `out` (built aside, renamed into place).

@@ -38,6 +38,7 @@ pub fn request(
         min_snr_gamma: None,
         seed: crate::sampling::image_seed(c.seed, 0x7261_696e, round),
         flip: true,
+        shards: ipr_diffusion::train::DEFAULT_SHARDS,
     };
     TrainRequest {
         model: model.to_string_lossy().into_owned(),

@@ -1,6 +1,6 @@
 //! `ipr run` end to end at CI size: two IPR rounds on a small untrained toy model, every
 //! artifact of the run layout, the metrics file, the report, and resume after an interruption
-//! between stages giving the same results.
+//! between stages, and after SIGKILL in the middle of stages, giving the same results.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -107,6 +107,34 @@ fn two_rounds_artifacts_metrics_report_and_resume() {
     assert_eq!(resumed.stdout, first.stdout, "same table");
     let after = std::fs::metadata(root.join("round-0/samples/metadata.jsonl")).unwrap().modified().unwrap();
     assert_eq!(sample_time, after, "finished stages are not redone");
+
+    // Killed with SIGKILL in the middle of stages (twice), then resumed: the same numbers.
+    let killed_cfg = CONFIG.replace("name = \"ci\"", "name = \"killed\"");
+    std::fs::write(dir.join("killed.toml"), &killed_cfg).unwrap();
+    let kargs = ["run", "--config", "killed.toml", "--model", "model", "--quiet"];
+    let kroot = dir.join("runs/killed");
+    for (i, marker) in ["round-0/samples", "round-1/samples"].into_iter().enumerate() {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ipr"))
+            .current_dir(dir)
+            .args(if i == 0 { kargs.to_vec() } else { [&kargs[..], &["--resume"]].concat() })
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while !kroot.join(marker).exists() && start.elapsed().as_secs() < 120 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL: no cleanup runs
+        child.wait().unwrap();
+        assert!(!kroot.join("metrics.json").exists(), "killed before the end ({marker})");
+    }
+    ok(&ipr(dir, &[&kargs[..], &["--resume"]].concat()));
+    assert_eq!(
+        std::fs::read_to_string(kroot.join("metrics.json")).unwrap(),
+        serde_json::to_string_pretty(&metrics).unwrap() + "\n",
+        "killed twice and resumed: the uninterrupted run's metrics"
+    );
 
     // A different configuration cannot resume this run.
     std::fs::write(dir.join("run.toml"), CONFIG.replace("seed = 11", "seed = 12")).unwrap();

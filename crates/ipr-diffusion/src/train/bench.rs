@@ -26,13 +26,16 @@ pub struct TrainStepReport {
     pub ms_per_step: f64,
     /// Every timed step.
     pub ms_steps: Vec<f64>,
-    /// Median of the forward part (noising, UNet, loss) of each step.
-    pub ms_forward: f64,
-    /// Median of backward + clipping + AdamW.
-    pub ms_backward_and_update: f64,
+    /// Median of the forward part (noising, UNet, loss) of each step (null when sharded: the
+    /// shards' passes overlap).
+    pub ms_forward: Option<f64>,
+    /// Median of backward + clipping + AdamW (null when sharded).
+    pub ms_backward_and_update: Option<f64>,
     pub batch: usize,
     pub lora_parameters: usize,
     pub threads: usize,
+    /// Shards of the batch computed in parallel ([`super::TrainConfig::shards`]).
+    pub shards: usize,
 }
 
 /// Builds the UNet (frozen weights) for the benchmark from a UNet folder, or from a config file
@@ -58,7 +61,7 @@ pub fn bench_unet(unet: &Path, device: &Device) -> Result<UNet2DConditionModel> 
 }
 
 /// Runs one warm-up step and `iters` timed steps.
-pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize) -> Result<TrainStepReport> {
+pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize, shards: usize) -> Result<TrainStepReport> {
     super::cpu_runtime();
     let device = Device::Cpu;
     let mut unet = bench_unet(unet_dir, &device)?;
@@ -91,10 +94,13 @@ pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize) -> Result<T
             added: None,
         };
         let start = Instant::now();
-        let (loss, _) = weighted_loss(&unet, &ddpm, &b, None)?;
-        let fwd = start.elapsed().as_secs_f64() * 1e3;
-        let store = loss.backward()?;
-        let mut grads = named_grads(&params, &store);
+        let (mut grads, fwd) = if shards <= 1 {
+            let (loss, _) = weighted_loss(&unet, &ddpm, &b, None)?;
+            let fwd = start.elapsed().as_secs_f64() * 1e3;
+            (named_grads(&params, &loss.backward()?), fwd)
+        } else {
+            (super::sharded_loss_and_grads(&unet, &ddpm, &b, None, shards, 1.0, &params)?.1, f64::NAN)
+        };
         clip_grad_norm(&mut grads, 1.0)?;
         opt.step(&grads, 1e-4)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -106,12 +112,13 @@ pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize) -> Result<T
     }
     Ok(TrainStepReport {
         ms_per_step: median(&times),
-        ms_forward: median(&fwd_times),
-        ms_backward_and_update: median(&bwd_times),
+        ms_forward: (shards <= 1).then(|| median(&fwd_times)),
+        ms_backward_and_update: (shards <= 1).then(|| median(&bwd_times)),
         ms_steps: times,
         batch,
         lora_parameters: set.num_parameters(),
         threads: rayon::current_num_threads(),
+        shards: shards.max(1),
     })
 }
 

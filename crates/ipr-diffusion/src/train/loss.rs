@@ -29,6 +29,39 @@ pub struct Batch {
     pub added: Option<AddedCond>,
 }
 
+impl Batch {
+    /// The batch cut into at most `n` consecutive shards of near-equal size (never empty).
+    pub fn split(&self, n: usize) -> Result<Vec<Batch>> {
+        let b = self.x0.dim(0)?;
+        let n = n.clamp(1, b.max(1));
+        if n == 1 {
+            return Ok(vec![self.clone()]);
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut start = 0;
+        for k in 0..n {
+            let len = b / n + usize::from(k < b % n);
+            let added = match &self.added {
+                Some(a) => Some(AddedCond {
+                    text_embeds: a.text_embeds.narrow(0, start, len)?,
+                    time_ids: a.time_ids.narrow(0, start, len)?,
+                }),
+                None => None,
+            };
+            out.push(Batch {
+                x0: self.x0.narrow(0, start, len)?,
+                noise: self.noise.narrow(0, start, len)?,
+                timesteps: self.timesteps[start..start + len].to_vec(),
+                weights: self.weights[start..start + len].to_vec(),
+                context: self.context.narrow(0, start, len)?,
+                added,
+            });
+            start += len;
+        }
+        Ok(out)
+    }
+}
+
 /// Per-sample min-SNR-gamma factors.
 pub fn min_snr_weights(ddpm: &Ddpm, timesteps: &[usize], gamma: f64) -> Vec<f64> {
     timesteps

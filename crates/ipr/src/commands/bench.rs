@@ -29,6 +29,9 @@ pub enum Command {
         batch: usize,
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Shards of the batch computed in parallel (as `ipr train --shards`; 1: off).
+        #[arg(long, default_value_t = ipr_diffusion::train::DEFAULT_SHARDS)]
+        shards: usize,
         #[arg(long)]
         json: bool,
     },
@@ -36,8 +39,8 @@ pub enum Command {
 
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
-        Command::TrainStep { unet, batch, iters, json } => {
-            let report = ipr_diffusion::train::bench::bench_train_step(&unet, batch, iters)?;
+        Command::TrainStep { unet, batch, iters, shards, json } => {
+            let report = ipr_diffusion::train::bench::bench_train_step(&unet, batch, iters, shards)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

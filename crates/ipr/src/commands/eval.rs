@@ -11,6 +11,13 @@ pub enum Command {
     Visor(VisorArgs),
     /// CLIP score (torchmetrics' definition) of images against their own prompts.
     Clip(ClipArgs),
+    /// A Markdown table comparing runs (their metrics.json): the base model and each run's last
+    /// round, per split. Give runs made with the same config but the method.
+    Compare {
+        /// Run folders (or their metrics.json), labelled by folder name.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
 }
 
 #[derive(ClapArgs)]
@@ -82,6 +89,7 @@ pub fn run(cmd: Command) -> Result<()> {
     let a = match cmd {
         Command::Visor(a) => a,
         Command::Clip(a) => return clip(a),
+        Command::Compare { runs } => return compare(&runs),
     };
     let scores = if let Some(path) = &a.results {
         let rows = ipr::detection::prompt_table(a.prompts.as_ref())?;
@@ -123,6 +131,18 @@ pub fn run(cmd: Command) -> Result<()> {
     } else {
         print_table(&m, a.by_relation.then_some(&by));
     }
+    Ok(())
+}
+
+fn compare(runs: &[PathBuf]) -> Result<()> {
+    let mut files = Vec::new();
+    for run in runs {
+        let path = if run.is_dir() { run.join("metrics.json") } else { run.clone() };
+        let folder = if run.is_dir() { run.as_path() } else { run.parent().unwrap_or(run) };
+        let label = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        files.push((label, ipr::metrics_file::MetricsFile::read(&path)?));
+    }
+    print!("{}", ipr::metrics_file::comparison_table(&files));
     Ok(())
 }
 

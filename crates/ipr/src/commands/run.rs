@@ -12,6 +12,9 @@ pub struct Args {
     /// Run name (the folder under runs_dir); overrides the config's.
     #[arg(long)]
     name: Option<String>,
+    /// Folder of runs; overrides the config's runs_dir.
+    #[arg(long)]
+    runs_dir: Option<PathBuf>,
     /// ipr (default), pr, filter or weighted; overrides the config's.
     #[arg(long)]
     method: Option<Method>,
@@ -25,11 +28,6 @@ pub struct Args {
     quiet: bool,
 }
 
-/// The toy base model that ships in the repository.
-fn shipped_toy_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/toy-base")
-}
-
 pub fn run(a: Args) -> Result<()> {
     let mut config = match &a.config {
         Some(p) => RunConfig::read(p).map_err(anyhow::Error::msg)?,
@@ -38,6 +36,9 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(n) = a.name {
         config.name = n;
     }
+    if let Some(d) = a.runs_dir {
+        config.runs_dir = d;
+    }
     if let Some(m) = a.method {
         config.method = m;
     }
@@ -45,30 +46,8 @@ pub fn run(a: Args) -> Result<()> {
         config.model.source = m;
     }
     config.validate().map_err(anyhow::Error::msg)?;
-    let model = if config.model.source == "toy" {
-        let dir = shipped_toy_model();
-        if !dir.join("model_index.json").is_file() {
-            // Until `ipr toy pretrain` has produced the shipped base model, the demo says what
-            // it will do and how to run the loop today, rather than failing or pretending.
-            println!(
-                "ipr run (toy demo) will: evaluate the shipped toy base model on the seen and held-out spatial\n\
-                 prompts, then for each IPR round sample images of the training prompts, detect the objects with\n\
-                 the exact toy detector, judge and relabel them (policy `measured`), train a LoRA on the labelled\n\
-                 sets of all rounds with the feedback weights, evaluate with VISOR, and write runs/<name>/ with\n\
-                 metrics.json and report.html.\n\n\
-                 The toy base model is not in this checkout yet ({} is missing: it is made by\n\
-                 `ipr toy pretrain`, still being sized to 2 CPU cores). The loop itself runs today on any\n\
-                 diffusers-format model, e.g. an untrained toy model:\n\n\
-                 \x20   ipr toy init --out toy-init --seed 0\n\
-                 \x20   ipr run --config examples/tiny-run.toml --model toy-init",
-                dir.display()
-            );
-            return Ok(());
-        }
-        dir
-    } else {
-        PathBuf::from(&config.model.source)
-    };
+    let toy = config.model.source == "toy";
+    let model = if toy { PathBuf::new() } else { PathBuf::from(&config.model.source) };
     let prompts = PromptSets::toy().truncated(config.prompts.max_train, config.prompts.max_eval);
     let layout = RunLayout::new(config.runs_dir.join(&config.name));
     let resolved = config.to_toml();
@@ -89,6 +68,18 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::create_dir_all(&layout.root)?;
         ipr_core::fs::write_atomic(&layout.config(), resolved.as_bytes())?;
     }
+    let model = if toy {
+        // The embedded base model, written into the run so that the run folder is complete.
+        let dir = layout.root.join("base-model");
+        if !dir.exists() {
+            ipr::toy_base::export(&dir)?;
+        } else if !ipr::toy_base::is_exported(&dir) {
+            bail!("{} is not this binary's toy base model (the run was made by another build)", dir.display());
+        }
+        dir
+    } else {
+        model
+    };
     let detector: Box<dyn ipr_detect::Detector> = match config.detector.kind.as_str() {
         "toy" => Box::new(ipr_detect::ToyDetector::default()),
         _ => {

@@ -61,6 +61,10 @@ pub struct Args {
     /// parse in --vocab are never flipped.
     #[arg(long)]
     pub flip: bool,
+    /// CPU: split each micro-batch into this many shards computed in parallel (1: off). Fixed,
+    /// not the core count, so that results do not depend on the machine.
+    #[arg(long, default_value_t = ipr_diffusion::train::DEFAULT_SHARDS)]
+    pub shards: usize,
     /// Vocabulary for --flip: coco80, toy, or a JSON file of class names.
     #[arg(long, default_value = "coco80")]
     pub vocab: String,
@@ -97,6 +101,7 @@ pub fn run(a: Args) -> Result<()> {
         min_snr_gamma: a.snr_gamma,
         seed: a.seed,
         flip: a.flip,
+        shards: a.shards,
     };
     let flip_vocab = if a.flip { Some(super::load_vocab(&a.vocab)?) } else { None };
     let req = TrainRequest {
