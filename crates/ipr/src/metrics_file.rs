@@ -118,7 +118,7 @@ impl MetricsFile {
 
 /// A Markdown table comparing runs: the base model (iteration 0 of the first run) and each run's
 /// last iteration, per split. The runs should share prompts, seeds and budget (same config but
-/// the method) for the comparison to mean anything; `labels` name the runs.
+/// the method) for the comparison to mean anything; each run comes with its label.
 pub fn comparison_table(runs: &[(String, MetricsFile)]) -> String {
     let mut s = format!(
         "| model | round | split | {} |\n| --- | ---: | --- |{}\n",

@@ -14,7 +14,7 @@ pub enum Command {
     /// A Markdown table comparing runs (their metrics.json): the base model and each run's last
     /// round, per split. Give runs made with the same config but the method.
     Compare {
-        /// Run folders (or their metrics.json), labelled by folder name.
+        /// Run folders (or their metrics.json), labelled by method and folder.
         #[arg(required = true)]
         runs: Vec<PathBuf>,
     },
@@ -139,8 +139,14 @@ fn compare(runs: &[PathBuf]) -> Result<()> {
     for run in runs {
         let path = if run.is_dir() { run.join("metrics.json") } else { run.clone() };
         let folder = if run.is_dir() { run.as_path() } else { run.parent().unwrap_or(run) };
-        let label = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        files.push((label, ipr::metrics_file::MetricsFile::read(&path)?));
+        let folder_name = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let metrics = ipr::metrics_file::MetricsFile::read(&path)?;
+        // Labelled by the method that made the last round, and the run folder.
+        let label = match metrics.rows.iter().max_by_key(|r| r.iteration) {
+            Some(r) if r.iteration > 0 => format!("{} ({folder_name})", r.method),
+            _ => folder_name,
+        };
+        files.push((label, metrics));
     }
     print!("{}", ipr::metrics_file::comparison_table(&files));
     Ok(())
