@@ -104,10 +104,9 @@ pub fn training_examples(s: &PretrainSettings) -> Result<Vec<Example>> {
             let pair = gen.sample(i);
             let x0 = image_to_x0(&pair.image)?;
             let caption = if unconditional(s.seed, i, s.p_uncond) { String::new() } else { pair.text };
-            let flipped = match (caption.is_empty(), mirror_caption(&caption, &vocab)) {
-                (true, _) => Some((flip_horizontal(&x0)?, String::new())),
-                (false, Some(c)) => Some((flip_horizontal(&x0)?, c)),
-                (false, None) => None,
+            let flipped = match mirror_caption(&caption, &vocab) {
+                Some(c) => Some((flip_horizontal(&x0)?, c)),
+                None => None,
             };
             Ok(Example { x0, caption, flipped, weight: 1.0 })
         })
@@ -122,6 +121,17 @@ fn unconditional(seed: u64, index: u64, p: f64) -> bool {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
     ((z >> 11) as f64 / (1u64 << 53) as f64) < p
+}
+
+/// The trained weights (EMA when kept) as a model folder with its `PRETRAIN.json`, built aside.
+fn save_model(trainer: &Trainer, init: &Path, record: &PretrainRecord, out: &Path) -> Result<()> {
+    ipr_core::fs::build_dir(out, |tmp| -> Result<()> {
+        checkpoint::save(trainer, tmp, Some(init))?;
+        // The optimiser state is for resuming training, not part of the model.
+        let _ = std::fs::remove_file(tmp.join(checkpoint::TRAINING_STATE));
+        std::fs::write(tmp.join("PRETRAIN.json"), record.json()?)?;
+        Ok(())
+    })
 }
 
 /// Train the toy base model into `out` (built aside, renamed into place).
@@ -176,12 +186,7 @@ pub fn pretrain(
                 threads: rayon::current_num_threads(),
                 snapshot_of_steps: Some(s.steps),
             };
-            ipr_core::fs::build_dir(&dir, |tmp| -> Result<()> {
-                checkpoint::save(&trainer, tmp, Some(&init))?;
-                let _ = std::fs::remove_file(tmp.join(checkpoint::TRAINING_STATE));
-                std::fs::write(tmp.join("PRETRAIN.json"), record.json()?)?;
-                Ok(())
-            })?;
+            save_model(&trainer, &init, &record, &dir)?;
         }
     }
     let record = PretrainRecord {
@@ -192,13 +197,7 @@ pub fn pretrain(
         threads: rayon::current_num_threads(),
         snapshot_of_steps: None,
     };
-    ipr_core::fs::build_dir(out, |tmp| -> Result<()> {
-        checkpoint::save(&trainer, tmp, Some(&init))?;
-        // The optimiser state is for resuming training, not part of the shipped model.
-        let _ = std::fs::remove_file(tmp.join(checkpoint::TRAINING_STATE));
-        std::fs::write(tmp.join("PRETRAIN.json"), record.json()?)?;
-        Ok(())
-    })?;
+    save_model(&trainer, &init, &record, out)?;
     let _ = std::fs::remove_dir_all(&init);
     Ok(record)
 }

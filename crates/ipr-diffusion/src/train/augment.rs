@@ -10,8 +10,12 @@ use ipr_core::{prompt::Prompt, Vocabulary};
 use crate::error::Result;
 
 /// The caption of the mirrored image, or `None` when the caption does not parse (such images
-/// must not be flipped). Captions without a left/right relation come back unchanged.
+/// must not be flipped). Captions without a left/right relation come back unchanged, and so
+/// does the empty caption (an unconditional example says nothing about sides).
 pub fn mirror_caption(caption: &str, vocab: &Vocabulary) -> Option<String> {
+    if caption.is_empty() {
+        return Some(String::new());
+    }
     match Prompt::parse(caption, vocab).ok()? {
         Prompt::Spatial { a, relation, b } if relation.mirrored() != relation => {
             Some(Prompt::Spatial { a, relation: relation.mirrored(), b }.render(vocab))
@@ -43,6 +47,7 @@ mod tests {
         );
         assert_eq!(mirror_caption("a dog above a car", &v).as_deref(), Some("a dog above a car"));
         assert_eq!(mirror_caption("a dog and a car", &v).as_deref(), Some("a dog and a car"));
+        assert_eq!(mirror_caption("", &v).as_deref(), Some(""));
         assert_eq!(mirror_caption("a dog on the left, photorealistic", &v), None);
         assert_eq!(mirror_caption("a wug to the left of a car", &v), None);
     }
