@@ -7,7 +7,14 @@ fn main() -> ipr_diffusion::Result<()> {
     let batch = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(8);
     let iters = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
     let shards = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(ipr_diffusion::train::DEFAULT_SHARDS);
-    let r = ipr_diffusion::train::bench::bench_train_step(&dir, batch, iters, shards)?;
+    let r = ipr_diffusion::train::bench::bench_train_step(
+        &dir,
+        batch,
+        iters,
+        shards,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )?;
     println!("{}", serde_json::to_string(&r).expect("json"));
     Ok(())
 }

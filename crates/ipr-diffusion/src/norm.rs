@@ -13,6 +13,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::fastmath::{lane_sum, sigmoid_f32};
+
 /// `x` viewed as `(n, groups, cg, s)`: statistics per `(n, group)` row, parameters per channel
 /// `group * cg + c`.
 #[derive(Debug, Clone, Copy)]
@@ -26,17 +28,6 @@ struct View {
 
 fn sigmoid(u: f64) -> f64 {
     1.0 / (1.0 + (-u).exp())
-}
-
-/// The sigmoid in the element type's precision (f32 `exp` for f32 tensors, as torch computes SiLU;
-/// f64 `exp` per element was a visible share of a training step).
-fn sigmoid_t<T: WithDType>(u: f64) -> f64 {
-    if T::DTYPE == DType::F32 {
-        let u = u as f32;
-        (1.0 / (1.0 + (-u).exp())) as f64
-    } else {
-        sigmoid(u)
-    }
 }
 
 fn slice<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
@@ -63,7 +54,7 @@ fn forward<T: WithDType>(x: &[T], w: &[T], b: &[T], v: View) -> Vec<T> {
             let (wc, bc) = (w[ch].to_f64(), b[ch].to_f64());
             for i in c * v.s..(c + 1) * v.s {
                 let u = (xr[i].to_f64() - mean) * inv * wc + bc;
-                o[i] = T::from_f64(if v.silu { u * sigmoid_t::<T>(u) } else { u });
+                o[i] = T::from_f64(if v.silu { u * sigmoid(u) } else { u });
             }
         }
     });
@@ -87,7 +78,7 @@ fn backward_x<T: WithDType>(x: &[T], dy: &[T], w: &[T], b: &[T], v: View) -> Vec
                     let mut du = gr[i].to_f64();
                     if v.silu {
                         let u = n * wc + bc;
-                        let sg = sigmoid_t::<T>(u);
+                        let sg = sigmoid(u);
                         du *= sg * (1.0 + u * (1.0 - sg));
                     }
                     xn[i] = n;
@@ -100,6 +91,86 @@ fn backward_x<T: WithDType>(x: &[T], dy: &[T], w: &[T], b: &[T], v: View) -> Vec
             let (m1, m2) = (s1 / len, s2 / len);
             for i in 0..row_len {
                 o[i] = T::from_f64((dxn[i] - m1 - xn[i] * m2) * inv);
+            }
+        },
+    );
+    out
+}
+
+fn stats_f32(row: &[f32], eps: f64) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = lane_sum(row, |v| v as f64) / n;
+    let var = lane_sum(row, |v| (v as f64 - mean).powi(2)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// The f32 forward: statistics in f64, then `x * scale + shift` per channel in f32 (as PyTorch's
+/// CPU group norm computes it) and a vectorisable SiLU.
+fn forward_f32(x: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
+    let row_len = v.cg * v.s;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(row_len).zip(x.par_chunks(row_len)).enumerate().for_each(|(r, (o, xr))| {
+        let g = r % v.groups;
+        let (mean, inv) = stats_f32(xr, v.eps);
+        for c in 0..v.cg {
+            let ch = g * v.cg + c;
+            let scale = inv * w[ch] as f64;
+            let (scale, shift) = (scale as f32, (b[ch] as f64 - mean * scale) as f32);
+            let (o, xc) = (&mut o[c * v.s..(c + 1) * v.s], &xr[c * v.s..(c + 1) * v.s]);
+            if v.silu {
+                for (o, &x) in o.iter_mut().zip(xc) {
+                    let u = x * scale + shift;
+                    *o = u * sigmoid_f32(u);
+                }
+            } else {
+                for (o, &x) in o.iter_mut().zip(xc) {
+                    *o = x * scale + shift;
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The f32 input gradient: element terms in f32, the two row reductions in f64.
+fn backward_x_f32(x: &[f32], dy: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
+    let row_len = v.cg * v.s;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(row_len).zip(x.par_chunks(row_len).zip(dy.par_chunks(row_len))).enumerate().for_each_init(
+        || (vec![0f32; row_len], vec![0f32; row_len]),
+        |(xn, dxn), (r, (o, (xr, gr)))| {
+            let g = r % v.groups;
+            let (mean, inv) = stats_f32(xr, v.eps);
+            let (inv32, shift) = (inv as f32, (-mean * inv) as f32);
+            for c in 0..v.cg {
+                let ch = g * v.cg + c;
+                let (wc, bc) = (w[ch], b[ch]);
+                let span = c * v.s..(c + 1) * v.s;
+                let (xn, dxn) = (&mut xn[span.clone()], &mut dxn[span.clone()]);
+                for (((n, d), &x), &dy) in xn.iter_mut().zip(dxn.iter_mut()).zip(&xr[span.clone()]).zip(&gr[span]) {
+                    *n = x * inv32 + shift;
+                    let mut du = dy;
+                    if v.silu {
+                        let u = *n * wc + bc;
+                        let sg = sigmoid_f32(u);
+                        du *= sg * (1.0 + u * (1.0 - sg));
+                    }
+                    *d = du * wc;
+                }
+            }
+            let len = row_len as f64;
+            let m1 = (lane_sum(dxn, |d| d as f64) / len) as f32;
+            let mut s2 = [0f64; 8];
+            let (c2, n2) = (dxn.chunks_exact(8), xn.chunks_exact(8));
+            let tail: f64 = c2.remainder().iter().zip(n2.remainder()).map(|(&d, &n)| d as f64 * n as f64).sum();
+            for (dc, nc) in c2.zip(n2) {
+                for k in 0..8 {
+                    s2[k] += dc[k] as f64 * nc[k] as f64;
+                }
+            }
+            let m2 = ((s2.iter().sum::<f64>() + tail) / len) as f32;
+            for ((o, &d), &n) in o.iter_mut().zip(dxn.iter()).zip(xn.iter()) {
+                *o = (d - m1 - n * m2) * inv32;
             }
         },
     );
@@ -127,7 +198,7 @@ impl CustomOp3 for NormFwd {
         let shape = xl.shape().clone();
         Ok(match (x, w, b) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                (CpuStorage::F32(forward(slice(x, xl)?, slice(w, wl)?, slice(b, bl)?, self.v)), shape)
+                (CpuStorage::F32(forward_f32(slice(x, xl)?, slice(w, wl)?, slice(b, bl)?, self.v)), shape)
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 (CpuStorage::F64(forward(slice(x, xl)?, slice(w, wl)?, slice(b, bl)?, self.v)), shape)
@@ -199,9 +270,10 @@ impl CustomOp2 for NormBwdX {
         };
         let shape = xl.shape().clone();
         Ok(match (x, g, w, b) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                (CpuStorage::F32(backward_x(slice(x, xl)?, slice(g, gl)?, slice(w, wl)?, slice(b, bl)?, self.v)), shape)
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(w), CpuStorage::F32(b)) => (
+                CpuStorage::F32(backward_x_f32(slice(x, xl)?, slice(g, gl)?, slice(w, wl)?, slice(b, bl)?, self.v)),
+                shape,
+            ),
             (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 (CpuStorage::F64(backward_x(slice(x, xl)?, slice(g, gl)?, slice(w, wl)?, slice(b, bl)?, self.v)), shape)
             }
@@ -308,6 +380,34 @@ mod tests {
         let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&x, &w, &b] {
             assert!(max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-10);
+        }
+    }
+
+    /// The f32 kernels (vectorised, f32 element math) agree with the f64 ones on the same data,
+    /// forward and input gradient, for group norm with and without SiLU and for layer norm, on
+    /// rows whose length is not a multiple of the 8 accumulation lanes.
+    #[test]
+    fn f32_kernels_agree_with_f64() {
+        let d = Device::Cpu;
+        for (shape, groups, silu) in [((2, 6, 5, 7), 3, true), ((2, 6, 5, 7), 2, false), ((3, 4, 9, 1), 1, false)] {
+            let x64 = (Tensor::randn(0f64, 2., shape, &d).unwrap() + 0.7).unwrap();
+            let w64 = Tensor::randn(1f64, 0.5, shape.1, &d).unwrap();
+            let b64 = Tensor::randn(0f64, 0.5, shape.1, &d).unwrap();
+            let r64 = Tensor::randn(0f64, 1., shape, &d).unwrap();
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let x32 = Var::from_tensor(&f32s(&x64)).unwrap();
+            let x64 = Var::from_tensor(&f32s(&x64).to_dtype(DType::F64).unwrap()).unwrap();
+            let (w32, b32, r32) = (f32s(&w64), f32s(&b64), f32s(&r64));
+            let (w64, b64, r64) = [&w32, &b32, &r32].map(|t| t.to_dtype(DType::F64).unwrap()).into();
+            let y32 = group_norm(x32.as_tensor(), &w32, &b32, groups, 1e-5, silu).unwrap().unwrap();
+            let y64 = group_norm(x64.as_tensor(), &w64, &b64, groups, 1e-5, silu).unwrap().unwrap();
+            let e = max_diff(&y32.to_dtype(DType::F64).unwrap(), &y64);
+            assert!(e < 2e-6, "{shape:?} silu {silu}: forward differs by {e}");
+            let g32 = (y32 * &r32).unwrap().sum_all().unwrap().backward().unwrap();
+            let g64 = (y64 * &r64).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx32 = g32.get(x32.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+            let e = max_diff(&dx32, g64.get(x64.as_tensor()).unwrap());
+            assert!(e < 1e-5, "{shape:?} silu {silu}: input gradient differs by {e}");
         }
     }
 }

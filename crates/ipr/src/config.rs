@@ -89,6 +89,9 @@ pub struct TrainConfig {
     pub warmup_steps: u32,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
+    /// Also train adapters (same rank and alpha) on the text encoder(s)' attention projections, as
+    /// the paper does for SDXL.
+    pub text_encoder_lora: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +173,7 @@ impl Default for TrainConfig {
             warmup_steps: 10,
             weight_decay: 1e-2,
             max_grad_norm: 1.0,
+            text_encoder_lora: false,
         }
     }
 }
@@ -303,5 +307,25 @@ mod tests {
             let e = parse(text).unwrap_err();
             assert!(e.starts_with("run.toml: ") && e.contains(want), "{text:?}: {e}");
         }
+    }
+
+    /// Every config shipped under `examples/` parses and validates (the README runs them).
+    #[test]
+    fn example_configs_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut dirs = vec![root];
+        let mut seen = 0;
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "toml") {
+                    RunConfig::read(&path).unwrap();
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 3, "found {seen} example configs");
     }
 }

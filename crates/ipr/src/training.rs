@@ -45,7 +45,9 @@ pub fn request(
         data: data.to_path_buf(),
         out,
         lora,
-        text_encoder_lora: None,
+        text_encoder_lora: t
+            .text_encoder_lora
+            .then(|| LoraConfig { alpha: t.lora_alpha, ..LoraConfig::text_encoder(t.lora_rank as usize) }),
         config,
         resume: false,
         init_adapter: previous.map(Path::to_path_buf),

@@ -34,16 +34,19 @@ pub struct TrainStepReport {
     pub batch: usize,
     pub lora_parameters: usize,
     pub threads: usize,
+    /// "cpu" or "cuda:N", and the frozen weights' dtype.
+    pub device: String,
+    pub dtype: String,
     /// Shards of the batch computed in parallel ([`super::TrainConfig::shards`]).
     pub shards: usize,
 }
 
 /// Builds the UNet (frozen weights) for the benchmark from a UNet folder, or from a config file
 /// alone (seeded random weights).
-pub fn bench_unet(unet: &Path, device: &Device) -> Result<UNet2DConditionModel> {
+pub fn bench_unet(unet: &Path, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
     let config_path = if unet.is_file() { unet.to_path_buf() } else { unet.join("config.json") };
     if unet.is_dir() && crate::source::weight_files(unet, "diffusion_pytorch_model").is_ok() {
-        return UNet2DConditionModel::load(unet, DType::F32, device);
+        return UNet2DConditionModel::load(unet, dtype, device);
     }
     let config = UNetConfig::load(&config_path)?;
     let seeded = crate::init::SeededVarMap::new(0);
@@ -55,16 +58,24 @@ pub fn bench_unet(unet: &Path, device: &Device) -> Result<UNet2DConditionModel> 
         .lock()
         .expect("var map")
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
-    UNet2DConditionModel::new(VarBuilder::from_tensors(tensors, DType::F32, device), config, &config_path)
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
+    UNet2DConditionModel::new(VarBuilder::from_tensors(tensors, dtype, device), config, &config_path)
 }
 
-/// Runs one warm-up step and `iters` timed steps.
-pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize, shards: usize) -> Result<TrainStepReport> {
+/// Runs one warm-up step and `iters` timed steps. The frozen UNet and the inputs are in `dtype`
+/// (f32 on the CPU; bf16 is the GPU's usual setting); LoRA weights, optimizer and loss stay f32.
+pub fn bench_train_step(
+    unet_dir: &Path,
+    batch: usize,
+    iters: usize,
+    shards: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<TrainStepReport> {
     super::cpu_runtime();
-    let device = Device::Cpu;
-    let mut unet = bench_unet(unet_dir, &device)?;
+    let device = device.clone();
+    let mut unet = bench_unet(unet_dir, dtype, &device)?;
     let set = attach_unet(&mut unet, &LoraConfig::unet(4), 0)?;
     let params: Vec<(String, candle_core::Var)> = set
         .params
@@ -86,16 +97,17 @@ pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize, shards: usi
     for i in 0..=iters {
         let seed = i as u64 * 1000;
         let b = Batch {
-            x0: crate::noise::randn(seed, shape, DType::F32, &device)?,
-            noise: crate::noise::randn(seed + 1, shape, DType::F32, &device)?,
+            x0: crate::noise::randn(seed, shape, dtype, &device)?,
+            noise: crate::noise::randn(seed + 1, shape, dtype, &device)?,
             timesteps: (0..batch).map(|j| (j * 997 + i * 131) % 1000).collect(),
             weights: (0..batch).map(|j| if j % 2 == 0 { 1.0 } else { 0.5 }).collect(),
-            context: crate::noise::randn(seed + 2, (batch, 8, c.cross_attention_dim), DType::F32, &device)?,
+            context: crate::noise::randn(seed + 2, (batch, 8, c.cross_attention_dim), dtype, &device)?,
             added: None,
         };
         let start = Instant::now();
         let (mut grads, fwd) = if shards <= 1 {
             let (loss, _) = weighted_loss(&unet, &ddpm, &b, None)?;
+            device.synchronize()?;
             let fwd = start.elapsed().as_secs_f64() * 1e3;
             (named_grads(&params, &loss.backward()?), fwd)
         } else {
@@ -103,6 +115,8 @@ pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize, shards: usi
         };
         clip_grad_norm(&mut grads, 1.0)?;
         opt.step(&grads, 1e-4)?;
+        // CUDA kernels run asynchronously: wait for the step before reading the clock.
+        device.synchronize()?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if i > 0 {
             times.push(ms);
@@ -119,6 +133,8 @@ pub fn bench_train_step(unet_dir: &Path, batch: usize, iters: usize, shards: usi
         lora_parameters: set.num_parameters(),
         threads: rayon::current_num_threads(),
         shards: shards.max(1),
+        device: format!("{:?}", device.location()),
+        dtype: dtype.as_str().to_string(),
     })
 }
 

@@ -77,6 +77,9 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
+        if let Some(y) = crate::geglu::geglu(&h)? {
+            return self.out.forward(&y);
+        }
         let inner = h.dim(candle_core::D::Minus1)? / 2;
         let (a, gate) = (h.narrow(candle_core::D::Minus1, 0, inner)?, h.narrow(candle_core::D::Minus1, inner, inner)?);
         self.out.forward(&(a * gelu(&gate)?)?)

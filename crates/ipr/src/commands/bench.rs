@@ -19,7 +19,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// One LoRA training step (rank 4, default targets, AdamW, weighted loss, fp32, CPU) on random
+    /// One LoRA training step (rank 4, default targets, AdamW, weighted loss, fp32) on random
     /// inputs of the UNet's sample size; median ms. Twin: scripts/bench/train_step.py.
     TrainStep {
         /// A UNet folder (config.json, weights optional) or a UNet config file.
@@ -32,6 +32,12 @@ pub enum Command {
         /// Shards of the batch computed in parallel (as `ipr train --shards`; 1: off).
         #[arg(long, default_value_t = ipr_diffusion::train::DEFAULT_SHARDS)]
         shards: usize,
+        /// cpu or cuda (on CUDA the batch is never sharded).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The frozen UNet's and the inputs' dtype: f32, bf16 or f16 (LoRA and AdamW stay f32).
+        #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
+        dtype: candle_core::DType,
         #[arg(long)]
         json: bool,
     },
@@ -39,8 +45,10 @@ pub enum Command {
 
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
-        Command::TrainStep { unet, batch, iters, shards, json } => {
-            let report = ipr_diffusion::train::bench::bench_train_step(&unet, batch, iters, shards)?;
+        Command::TrainStep { unet, batch, iters, shards, device, dtype, json } => {
+            let device = ipr_diffusion::sample::device_from_name(&device)?;
+            let shards = if device.is_cpu() { shards } else { 1 };
+            let report = ipr_diffusion::train::bench::bench_train_step(&unet, batch, iters, shards, &device, dtype)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

@@ -40,6 +40,9 @@ pub struct Args {
     pub out: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Weights and activations dtype: f32, bf16 or f16 (default: f32 on the CPU, bf16 on CUDA).
+    #[arg(long, value_parser = super::parse_dtype)]
+    pub dtype: Option<candle_core::DType>,
     /// LoRA adapter folder (pytorch_lora_weights.safetensors: ipr's, diffusers', PEFT's or kohya's).
     #[arg(long)]
     pub lora: Option<PathBuf>,
@@ -63,8 +66,8 @@ pub fn run(a: Args) -> Result<()> {
         output_latents: a.output_latents,
         out: a.out,
         device: a.device,
+        dtype: a.dtype,
         lora: a.lora,
-        ..Default::default()
     };
     let out = sample(&req)?;
     for p in &out.images {

@@ -1,0 +1,125 @@
+//! Element functions in f32 that the compiler can vectorise: no libm calls, no branches.
+//!
+//! The CPU kernels call these once per element of every activation; libm's scalar `expf` and
+//! `erff` stop a loop from being vectorised and were about 8% of a toy LoRA training step
+//! (`perf`, one thread). Accuracy: `exp_f32` within 2 ulp of the exact value on the range used,
+//! `erf_f32` within 1.5e-7 absolute (tests below, against f64).
+
+// Polynomial coefficients are written as published, beyond f32's precision.
+#![allow(clippy::excessive_precision)]
+
+/// `e^x` by range reduction to `x = n ln2 + r`, |r| <= ln2 / 2, and Cephes' degree-5 minimax
+/// polynomial for `e^r`. Inputs are clamped to [-87, 88] (results stay normal floats).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    // Round-to-nearest by adding and removing 1.5 * 2^23 (no `round` call, which SSE2 lacks).
+    const SHIFTER: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    // ln2 split in two so that `n * C1` is exact.
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let er = p * r * r + r + 1.0;
+    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `1 / (1 + e^-x)`.
+#[inline(always)]
+pub fn sigmoid_f32(x: f32) -> f32 {
+    1.0 / (1.0 + exp_f32(-x))
+}
+
+/// `erf(x)`: its Taylor series for |x| < 0.5 (7 terms, truncation < 1e-9), else `1 - erfc` with
+/// Numerical Recipes' Chebyshev fit `erfc(z) = t e^{-z^2 + poly(t)}`, `t = 1 / (1 + z/2)`
+/// (fractional error < 1.2e-7); odd-extended. Both are computed and one is selected, so the
+/// loop stays branch-free.
+#[inline(always)]
+pub fn erf_f32(x: f32) -> f32 {
+    let x2 = x * x;
+    let s = 1.205_533_3e-4;
+    let s = s * x2 - 8.548_327e-4;
+    let s = s * x2 + 5.223_977_6e-3;
+    let s = s * x2 - 2.686_617_1e-2;
+    let s = s * x2 + 0.112_837_92;
+    let s = s * x2 - 0.376_126_39;
+    let s = s * x2 + std::f32::consts::FRAC_2_SQRT_PI;
+    let series = x * s;
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let p = 0.170_872_77;
+    let p = p * t - 0.822_152_23;
+    let p = p * t + 1.488_515_9;
+    let p = p * t - 1.135_203_9;
+    let p = p * t + 0.278_868_07;
+    let p = p * t - 0.186_288_06;
+    let p = p * t + 0.096_784_18;
+    let p = p * t + 0.374_091_96;
+    let p = p * t + 1.000_023_7;
+    let p = p * t - 1.265_512_2;
+    let tail = (1.0 - t * exp_f32(-x2 + p)).copysign(x);
+    if z < 0.5 {
+        series
+    } else {
+        tail
+    }
+}
+
+/// Sum of `f(v)` over an f32 row in f64, over 8 independent lanes so that the loop vectorises
+/// (a single running f64 sum is one dependent add per element).
+#[inline(always)]
+pub fn lane_sum(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += f(c[k]);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid(lo: f64, hi: f64, n: usize) -> impl Iterator<Item = f32> {
+        (0..=n).map(move |i| (lo + (hi - lo) * i as f64 / n as f64) as f32)
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp() {
+        for x in grid(-87.0, 88.0, 200_000) {
+            let exact = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            let ulp = (exact as f32).abs() as f64 * f32::EPSILON as f64;
+            assert!((got - exact).abs() <= 2.0 * ulp, "exp({x}) = {got}, expected {exact}");
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        // Clamped, finite and ordered at the ends.
+        assert!(exp_f32(-1000.0) > 0.0 && exp_f32(1000.0).is_finite());
+    }
+
+    #[test]
+    fn sigmoid_matches_f64() {
+        for x in grid(-40.0, 40.0, 100_000) {
+            let exact = 1.0 / (1.0 + (-(x as f64)).exp());
+            let got = sigmoid_f32(x) as f64;
+            assert!((got - exact).abs() <= 2e-7 * exact.max(1e-30) + 1e-30, "sigmoid({x}) = {got}, expected {exact}");
+        }
+    }
+
+    #[test]
+    fn erf_is_within_1_5e7() {
+        for x in grid(-6.0, 6.0, 200_000) {
+            let exact = libm::erf(x as f64);
+            let got = erf_f32(x) as f64;
+            assert!((got - exact).abs() <= 1.5e-7, "erf({x}) = {got}, expected {exact}");
+        }
+    }
+}
