@@ -44,9 +44,7 @@ impl Geom {
 }
 
 fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    let (a, b) =
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("conv op needs a contiguous input".into()))?;
-    Ok(&data[a..b])
+    crate::fused::contiguous(data, l, "conv op")
 }
 
 /// `(B, C, H, W)` -> `(C k k, B Ho Wo)`.

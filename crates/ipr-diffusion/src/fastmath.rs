@@ -84,6 +84,21 @@ pub fn lane_sum(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// `sum(a[i] * b[i])` in f64, in 8 lanes as [`lane_sum`] (`a` and `b` of equal length).
+#[inline(always)]
+pub fn lane_dot(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| x as f64 * y as f64).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] as f64 * y[k] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +127,16 @@ mod tests {
             let got = sigmoid_f32(x) as f64;
             assert!((got - exact).abs() <= 2e-7 * exact.max(1e-30) + 1e-30, "sigmoid({x}) = {got}, expected {exact}");
         }
+    }
+
+    #[test]
+    fn lane_sums_equal_sequential_sums() {
+        let a: Vec<f32> = (0..21).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..21).map(|i| (i as f32 * 0.11).cos()).collect();
+        let sum: f64 = a.iter().map(|&v| v as f64 * 2.0).sum();
+        let dot: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        assert!((lane_sum(&a, |v| v as f64 * 2.0) - sum).abs() < 1e-14);
+        assert!((lane_dot(&a, &b) - dot).abs() < 1e-14);
     }
 
     #[test]

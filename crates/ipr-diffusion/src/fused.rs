@@ -11,13 +11,17 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType, D};
 
+/// The elements a contiguous `layout` covers in `data`; an error naming `op` otherwise. Every CPU
+/// kernel of the crate (here, `conv`, `norm`, `geglu`) reads its inputs through this.
+pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    let (start, end) =
+        layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op} needs a contiguous input")))?;
+    Ok(&data[start..end])
+}
+
 fn rows<'a, T: WithDType>(data: &'a [T], layout: &Layout) -> Result<(&'a [T], usize)> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused op needs a contiguous input".into()))?;
-    let dims = layout.dims();
-    let n = *dims.last().unwrap_or(&1);
-    Ok((&data[start..end], n.max(1)))
+    let n = *layout.dims().last().unwrap_or(&1);
+    Ok((contiguous(data, layout, "fused op")?, n.max(1)))
 }
 
 fn map_rows(s: &CpuStorage, l: &Layout, f: &(dyn Fn(&[f64], &mut [f64]) + Sync)) -> Result<(CpuStorage, Shape)> {

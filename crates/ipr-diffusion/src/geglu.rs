@@ -35,9 +35,7 @@ fn gelu_grad_f32(x: f32) -> f32 {
 }
 
 fn contiguous<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    let (a, b) =
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("geglu needs a contiguous input".into()))?;
-    Ok(&d[a..b])
+    crate::fused::contiguous(d, l, "geglu")
 }
 
 /// Rows of `2n` in, rows of `n` out: `out = f(a, gate)`.

@@ -47,7 +47,12 @@ impl LoraConfig {
 
     /// Rank `rank`, `alpha = rank`, no dropout, the default text-encoder targets.
     pub fn text_encoder(rank: usize) -> Self {
-        Self { targets: TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect(), ..Self::unet(rank) }
+        Self::unet(rank).for_text_encoder()
+    }
+
+    /// The same rank, alpha and dropout on the text encoder's default targets.
+    pub fn for_text_encoder(&self) -> Self {
+        Self { targets: TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect(), ..self.clone() }
     }
 
     pub fn scale(&self) -> f64 {

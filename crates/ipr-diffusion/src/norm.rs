@@ -13,7 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::fastmath::{lane_sum, sigmoid_f32};
+use crate::fastmath::{lane_dot, lane_sum, sigmoid_f32};
 
 /// `x` viewed as `(n, groups, cg, s)`: statistics per `(n, group)` row, parameters per channel
 /// `group * cg + c`.
@@ -31,9 +31,7 @@ fn sigmoid(u: f64) -> f64 {
 }
 
 fn slice<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    let (a, b) =
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("norm op needs contiguous input".into()))?;
-    Ok(&d[a..b])
+    crate::fused::contiguous(d, l, "norm op")
 }
 
 fn stats<T: WithDType>(row: &[T], eps: f64) -> (f64, f64) {
@@ -160,15 +158,7 @@ fn backward_x_f32(x: &[f32], dy: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f
             }
             let len = row_len as f64;
             let m1 = (lane_sum(dxn, |d| d as f64) / len) as f32;
-            let mut s2 = [0f64; 8];
-            let (c2, n2) = (dxn.chunks_exact(8), xn.chunks_exact(8));
-            let tail: f64 = c2.remainder().iter().zip(n2.remainder()).map(|(&d, &n)| d as f64 * n as f64).sum();
-            for (dc, nc) in c2.zip(n2) {
-                for k in 0..8 {
-                    s2[k] += dc[k] as f64 * nc[k] as f64;
-                }
-            }
-            let m2 = ((s2.iter().sum::<f64>() + tail) / len) as f32;
+            let m2 = (lane_dot(dxn, xn) / len) as f32;
             for ((o, &d), &n) in o.iter_mut().zip(dxn.iter()).zip(xn.iter()) {
                 *o = (d - m1 - n * m2) * inv32;
             }

@@ -27,6 +27,7 @@ pub fn request(
     let t = &c.train;
     let mut lora = LoraConfig::unet(t.lora_rank as usize);
     lora.alpha = t.lora_alpha;
+    let text_encoder_lora = t.text_encoder_lora.then(|| lora.for_text_encoder());
     let config = TrainConfig {
         steps: t.steps as usize,
         batch_size: t.batch_size as usize,
@@ -45,9 +46,7 @@ pub fn request(
         data: data.to_path_buf(),
         out,
         lora,
-        text_encoder_lora: t
-            .text_encoder_lora
-            .then(|| LoraConfig { alpha: t.lora_alpha, ..LoraConfig::text_encoder(t.lora_rank as usize) }),
+        text_encoder_lora,
         config,
         resume: false,
         init_adapter: previous.map(Path::to_path_buf),

@@ -65,6 +65,7 @@ pub fn bench_unet(unet: &Path, dtype: DType, device: &Device) -> Result<UNet2DCo
 
 /// Runs one warm-up step and `iters` timed steps. The frozen UNet and the inputs are in `dtype`
 /// (f32 on the CPU; bf16 is the GPU's usual setting); LoRA weights, optimizer and loss stay f32.
+/// `shards` applies on the CPU only (a GPU computes the whole batch at once).
 pub fn bench_train_step(
     unet_dir: &Path,
     batch: usize,
@@ -75,6 +76,7 @@ pub fn bench_train_step(
 ) -> Result<TrainStepReport> {
     super::cpu_runtime();
     let device = device.clone();
+    let shards = if device.is_cpu() { shards } else { 1 };
     let mut unet = bench_unet(unet_dir, dtype, &device)?;
     let set = attach_unet(&mut unet, &LoraConfig::unet(4), 0)?;
     let params: Vec<(String, candle_core::Var)> = set

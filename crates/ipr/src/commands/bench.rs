@@ -47,7 +47,6 @@ pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::TrainStep { unet, batch, iters, shards, device, dtype, json } => {
             let device = ipr_diffusion::sample::device_from_name(&device)?;
-            let shards = if device.is_cpu() { shards } else { 1 };
             let report = ipr_diffusion::train::bench::bench_train_step(&unet, batch, iters, shards, &device, dtype)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args as ClapArgs;
-use ipr_diffusion::lora::{LoraConfig, TEXT_ENCODER_TARGETS};
+use ipr_diffusion::lora::LoraConfig;
 use ipr_diffusion::train::run::{train, TrainRequest};
 use ipr_diffusion::train::schedule::LrSchedule;
 use ipr_diffusion::train::TrainConfig;
@@ -87,9 +87,7 @@ pub fn run(a: Args) -> Result<()> {
         dropout: a.lora_dropout,
         targets: a.targets.clone(),
     };
-    let text_encoder_lora = a
-        .text_encoder_lora
-        .then(|| LoraConfig { targets: TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect(), ..lora.clone() });
+    let text_encoder_lora = a.text_encoder_lora.then(|| lora.for_text_encoder());
     let config = TrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,
