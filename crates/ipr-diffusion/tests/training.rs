@@ -372,6 +372,39 @@ fn flips_mirror_captions_and_skip_unparsable_ones() {
     assert!(flipped > 3 && kept > 3, "flipped {flipped}, kept {kept}");
 }
 
+/// `timestep_range` confines the drawn timesteps to [lo, hi) and covers it; a range outside the
+/// scheduler's timesteps is refused.
+#[test]
+fn timestep_range_bounds_the_drawn_timesteps() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_folder(tmp.path(), &rows());
+    let load = || {
+        let mut pipe = Pipeline::load(&fixtures().join("tiny-pixel"), DType::F32, &Device::Cpu).unwrap();
+        let set = attach_lora(&mut pipe, &LoraConfig::unet(2), None, 0).unwrap();
+        let ex = examples(tmp.path(), &pipe);
+        (pipe, set, ex)
+    };
+    let (pipe, set, ex) = load();
+    let config = TrainConfig { batch_size: 4, timestep_range: Some((600, 700)), ..Default::default() };
+    let mut t = Trainer::new(pipe, Trainable::Lora(set), ex, config).unwrap();
+    let drawn: Vec<usize> = (0..50).flat_map(|s| t.make_batch(s, 0).unwrap().timesteps).collect();
+    assert!(drawn.iter().all(|&x| (600..700).contains(&x)), "{drawn:?}");
+    assert!(drawn.iter().any(|&x| x < 620) && drawn.iter().any(|&x| x >= 680), "covers the range");
+    let n = {
+        let (pipe, _, _) = load();
+        ipr_diffusion::scheduler::Ddpm::from_config(&pipe.scheduler_config, &pipe.scheduler_config_path)
+            .unwrap()
+            .alphas_cumprod
+            .len()
+    };
+    for bad in [(5, 5), (0, n + 1)] {
+        let config = TrainConfig { timestep_range: Some(bad), ..Default::default() };
+        let (pipe, set, ex) = load();
+        let e = Trainer::new(pipe, Trainable::Lora(set), ex, config).err().expect("refused").to_string();
+        assert!(e.contains("timestep range"), "{e}");
+    }
+}
+
 /// Saved adapters load back (PEFT keys, alpha from the metadata) and give the same outputs.
 #[test]
 fn adapter_file_round_trips() {

@@ -92,6 +92,12 @@ pub struct TrainConfig {
     /// Also train adapters (same rank and alpha) on the text encoder(s)' attention projections, as
     /// the paper does for SDXL.
     pub text_encoder_lora: bool,
+    /// Module-path patterns of the UNet layers that get adapters (PEFT's `target_modules`).
+    pub lora_targets: Vec<String>,
+    /// min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off (plain MSE).
+    pub min_snr_gamma: f64,
+    /// Train only on timesteps in `[lo, hi)`; unset = every timestep of the scheduler.
+    pub timestep_range: Option<[u32; 2]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +180,9 @@ impl Default for TrainConfig {
             weight_decay: 1e-2,
             max_grad_norm: 1.0,
             text_encoder_lora: false,
+            lora_targets: ipr_diffusion::lora::UNET_TARGETS.iter().map(|s| s.to_string()).collect(),
+            min_snr_gamma: 0.0,
+            timestep_range: None,
         }
     }
 }
@@ -262,6 +271,17 @@ impl RunConfig {
         if !(self.train.weight_decay.is_finite() && self.train.weight_decay >= 0.0) {
             return Err(format!("train.weight_decay is {}, expected a finite number >= 0", self.train.weight_decay));
         }
+        if self.train.lora_targets.is_empty() || self.train.lora_targets.iter().any(|t| t.is_empty()) {
+            return Err("train.lora_targets is empty or has an empty pattern, expected module-path patterns".into());
+        }
+        if !(self.train.min_snr_gamma.is_finite() && self.train.min_snr_gamma >= 0.0) {
+            return Err(format!("train.min_snr_gamma is {}, expected a finite number >= 0", self.train.min_snr_gamma));
+        }
+        if let Some([lo, hi]) = self.train.timestep_range {
+            if lo >= hi {
+                return Err(format!("train.timestep_range is [{lo}, {hi}], expected lo < hi"));
+            }
+        }
         positive("eval.images_per_prompt", self.eval.images_per_prompt)?;
         Ok(())
     }
@@ -303,6 +323,9 @@ mod tests {
             ("method = \"dpo\"", "method"),
             ("[detector]\nkind = \"owlvit\"", "detector.model"),
             ("name = \"../x\"", "name"),
+            ("[train]\ntimestep_range = [900, 100]", "train.timestep_range is [900, 100]"),
+            ("[train]\nlora_targets = []", "train.lora_targets"),
+            ("[train]\nmin_snr_gamma = -5.0", "train.min_snr_gamma"),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.starts_with("run.toml: ") && e.contains(want), "{text:?}: {e}");

@@ -160,6 +160,7 @@ pub fn pretrain(
         adam: AdamWConfig::default(),
         max_grad_norm: Some(1.0),
         min_snr_gamma: s.min_snr_gamma,
+        timestep_range: None,
         seed: s.seed,
         flip: true,
         shards: s.shards,

@@ -4,7 +4,11 @@
 //! config's settings, writing its adapter folder atomically.
 
 use crate::config::RunConfig;
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
+use candle_core::{DType, Device};
+use ipr_diffusion::pipeline::Pipeline;
+use ipr_diffusion::scheduler::Ddpm;
+use ipr_diffusion::train::attach_lora;
 use ipr_diffusion::lora::LoraConfig;
 use ipr_diffusion::train::optim::AdamWConfig;
 use ipr_diffusion::train::run::{train, TrainRequest};
@@ -25,9 +29,7 @@ pub fn request(
     out: PathBuf,
 ) -> TrainRequest {
     let t = &c.train;
-    let mut lora = LoraConfig::unet(t.lora_rank as usize);
-    lora.alpha = t.lora_alpha;
-    let text_encoder_lora = t.text_encoder_lora.then(|| lora.for_text_encoder());
+    let (lora, text_encoder_lora) = lora_configs(c);
     let config = TrainConfig {
         steps: t.steps as usize,
         batch_size: t.batch_size as usize,
@@ -36,7 +38,8 @@ pub fn request(
         schedule: LrSchedule::ConstantWithWarmup { warmup: t.warmup_steps as usize },
         adam: AdamWConfig { weight_decay: t.weight_decay, ..AdamWConfig::default() },
         max_grad_norm: Some(t.max_grad_norm),
-        min_snr_gamma: None,
+        min_snr_gamma: (t.min_snr_gamma > 0.0).then_some(t.min_snr_gamma),
+        timestep_range: t.timestep_range.map(|[lo, hi]| (lo as usize, hi as usize)),
         seed: crate::sampling::image_seed(c.seed, 0x7261_696e, round),
         flip: true,
         shards: ipr_diffusion::train::DEFAULT_SHARDS,
@@ -54,6 +57,31 @@ pub fn request(
         checkpoint_every: 0,
         device: c.model.device.clone(),
     }
+}
+
+/// The adapters the config asks for: the UNet's, and the text encoder's when enabled.
+pub fn lora_configs(c: &RunConfig) -> (LoraConfig, Option<LoraConfig>) {
+    let t = &c.train;
+    let mut lora = LoraConfig::unet(t.lora_rank as usize);
+    lora.alpha = t.lora_alpha;
+    lora.targets = t.lora_targets.clone();
+    let text_encoder_lora = t.text_encoder_lora.then(|| lora.for_text_encoder());
+    (lora, text_encoder_lora)
+}
+
+/// Checks what `run.toml` alone cannot: that the LoRA targets match layers of `model` and that
+/// `train.timestep_range` lies inside its scheduler's timesteps. Run before any work starts.
+pub fn preflight(c: &RunConfig, model: &Path) -> Result<()> {
+    let mut pipe = Pipeline::load(model, DType::F32, &Device::Cpu)?;
+    let (lora, text_encoder_lora) = lora_configs(c);
+    attach_lora(&mut pipe, &lora, text_encoder_lora.as_ref(), 0).map_err(|e| anyhow!("train.lora_targets: {e}"))?;
+    if let Some([lo, hi]) = c.train.timestep_range {
+        let n = Ddpm::from_config(&pipe.scheduler_config, &pipe.scheduler_config_path)?.alphas_cumprod.len();
+        if hi as usize > n {
+            bail!("train.timestep_range is [{lo}, {hi}], but {} has {n} training timesteps", model.display());
+        }
+    }
+    Ok(())
 }
 
 /// Run `req` into a folder built aside and renamed to `req.out`; `progress(step, loss)` after

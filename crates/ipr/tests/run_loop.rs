@@ -158,3 +158,21 @@ fn bad_configs_fail_before_any_work() {
         assert!(!dir.join("runs").exists(), "nothing was started");
     }
 }
+
+/// Keys that need the model to check (LoRA targets, timestep range) fail before any stage runs
+/// and leave no run folder behind.
+#[test]
+fn model_dependent_keys_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for (text, want) in [
+        ("[train]\nlora_targets = [\"to_qq\"]", "train.lora_targets"),
+        ("[train]\ntimestep_range = [0, 2000]", "train.timestep_range is [0, 2000], but"),
+    ] {
+        std::fs::write(dir.join("run.toml"), text).unwrap();
+        let o = ipr(dir, &["run", "--config", "run.toml"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{text}: {err}");
+        assert!(!dir.join("runs/toy").exists(), "no half-made run is left");
+    }
+}

@@ -89,6 +89,9 @@ pub struct TrainConfig {
     /// `max_grad_norm` (diffusers: 1.0); `None` = no clipping.
     pub max_grad_norm: Option<f64>,
     pub min_snr_gamma: Option<f64>,
+    /// Draw training timesteps uniformly from `[lo, hi)` instead of every timestep of the
+    /// scheduler (diffusers' `--timestep_bias_strategy range`); `None` = all.
+    pub timestep_range: Option<(usize, usize)>,
     pub seed: u64,
     /// Flip images horizontally (with the caption mirrored) with probability 1/2, for examples
     /// that have a mirrored copy ([`data::load_dataset`] with a vocabulary).
@@ -111,6 +114,7 @@ impl Default for TrainConfig {
             adam: AdamWConfig::default(),
             max_grad_norm: Some(1.0),
             min_snr_gamma: None,
+            timestep_range: None,
             seed: 0,
             flip: false,
             shards: DEFAULT_SHARDS,
@@ -285,6 +289,14 @@ impl Trainer {
             return Err(Error::Input("batch size and gradient accumulation must be at least 1".into()));
         }
         let ddpm = Ddpm::from_config(&pipe.scheduler_config, &pipe.scheduler_config_path)?;
+        if let Some((lo, hi)) = config.timestep_range {
+            let n = ddpm.alphas_cumprod.len();
+            if lo >= hi || hi > n {
+                return Err(Error::Input(format!(
+                    "timestep range [{lo}, {hi}) is not inside the scheduler's [0, {n}) or is empty"
+                )));
+            }
+        }
         let (params, ema, text_trained) = match &trainable {
             Trainable::Lora(set) => {
                 let p: Vec<(String, Var)> = set
@@ -365,7 +377,7 @@ impl Trainer {
     /// The batch of micro-batch `micro` of step `step` (pure function of the seed and indices).
     pub fn make_batch(&mut self, step: usize, micro: usize) -> Result<Batch> {
         let b = self.config.batch_size;
-        let t_max = self.ddpm.alphas_cumprod.len() as u64;
+        let (t_lo, t_hi) = self.config.timestep_range.unwrap_or((0, self.ddpm.alphas_cumprod.len()));
         let mut x0 = Vec::with_capacity(b);
         let mut captions = Vec::with_capacity(b);
         let mut timesteps = Vec::with_capacity(b);
@@ -375,7 +387,7 @@ impl Trainer {
             let pos = (step * self.config.grad_accum + micro) * b + slot;
             let ex = &self.examples[self.example_index(pos)];
             let mut rng = SplitMix64::new(mix(self.config.seed, step as u64, micro as u64, slot as u64));
-            timesteps.push((rng.next_u64() % t_max) as usize);
+            timesteps.push(t_lo + (rng.next_u64() % (t_hi - t_lo) as u64) as usize);
             noise_seeds.push(rng.next_u64());
             let flip = rng.next_f64() <= 0.5;
             match (&ex.flipped, self.config.flip && flip) {

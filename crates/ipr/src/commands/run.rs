@@ -51,7 +51,8 @@ pub fn run(a: Args) -> Result<()> {
     let prompts = PromptSets::toy().truncated(config.prompts.max_train, config.prompts.max_eval);
     let layout = RunLayout::new(config.runs_dir.join(&config.name));
     let resolved = config.to_toml();
-    if layout.root.exists() {
+    let fresh = !layout.root.exists();
+    if !fresh {
         if !a.resume {
             bail!("{} exists: pass --resume to continue it, or choose another --name", layout.root.display());
         }
@@ -80,6 +81,13 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         model
     };
+    if let Err(e) = ipr::training::preflight(&config, &model) {
+        if fresh {
+            // Nothing but the config and the exported base is there yet: leave no half-made run.
+            let _ = std::fs::remove_dir_all(&layout.root);
+        }
+        return Err(e);
+    }
     let detector: Box<dyn ipr_detect::Detector> = match config.detector.kind.as_str() {
         "toy" => Box::new(ipr_detect::ToyDetector::default()),
         _ => {

@@ -57,6 +57,9 @@ pub struct Args {
     /// min-SNR-gamma loss weighting (diffusers' --snr_gamma; 5 is the usual value).
     #[arg(long)]
     pub snr_gamma: Option<f64>,
+    /// Train only on timesteps in [LO, HI) (diffusers' --timestep_bias_strategy range), as LO,HI.
+    #[arg(long, value_delimiter = ',', num_args = 2, value_names = ["LO", "HI"])]
+    pub timestep_range: Option<Vec<usize>>,
     /// Random horizontal flips with "left"/"right" swapped in the caption; captions that do not
     /// parse in --vocab are never flipped.
     #[arg(long)]
@@ -97,6 +100,7 @@ pub fn run(a: Args) -> Result<()> {
         adam: ipr_diffusion::train::optim::AdamWConfig { weight_decay: a.weight_decay, ..Default::default() },
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
         min_snr_gamma: a.snr_gamma,
+        timestep_range: a.timestep_range.as_deref().map(|r| (r[0], r[1])),
         seed: a.seed,
         flip: a.flip,
         shards: a.shards,
