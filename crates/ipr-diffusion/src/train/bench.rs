@@ -34,6 +34,8 @@ pub struct TrainStepReport {
     pub batch: usize,
     pub lora_parameters: usize,
     pub threads: usize,
+    /// Threads candle's own matrix products use (its `get_num_threads`).
+    pub candle_threads: usize,
     /// "cpu" or "cuda:N", and the frozen weights' dtype.
     pub device: String,
     pub dtype: String,
@@ -134,6 +136,7 @@ pub fn bench_train_step(
         batch,
         lora_parameters: set.num_parameters(),
         threads: rayon::current_num_threads(),
+        candle_threads: candle_core::utils::get_num_threads(),
         shards: shards.max(1),
         device: format!("{:?}", device.location()),
         dtype: dtype.as_str().to_string(),

@@ -61,10 +61,17 @@ use schedule::LrSchedule;
 /// - candle's elementwise "barrier pool" spin-waits on its worker threads; on a busy machine the
 ///   spinning takes the cores gemm needs, so it is turned off (`CANDLE_NUM_THREADS=1`) unless the
 ///   user set `CANDLE_NUM_THREADS`. Matrix products and this crate's kernels still use rayon's
-///   threads (`RAYON_NUM_THREADS`).
+///   threads (`RAYON_NUM_THREADS`);
+/// - `RAYON_NUM_THREADS`, when unset, is set to candle's own default (physical cores): candle 0.11
+///   recomputes that default on every matrix product when the variable is absent, re-reading
+///   `/proc/cpuinfo` each time (measured: a toy LoRA step at 2 threads took 66-74 ms instead of
+///   45 ms). Set before rayon's global pool starts, so rayon and candle agree on the count.
 pub fn cpu_runtime() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+        }
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
