@@ -6,10 +6,10 @@
 use crate::config::RunConfig;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
+use ipr_diffusion::lora::LoraConfig;
 use ipr_diffusion::pipeline::Pipeline;
 use ipr_diffusion::scheduler::Ddpm;
 use ipr_diffusion::train::attach_lora;
-use ipr_diffusion::lora::LoraConfig;
 use ipr_diffusion::train::optim::AdamWConfig;
 use ipr_diffusion::train::run::{train, TrainRequest};
 use ipr_diffusion::train::schedule::LrSchedule;

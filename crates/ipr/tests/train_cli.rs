@@ -122,3 +122,25 @@ fn bench_train_step_prints_json() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["ms_per_step"].as_f64().unwrap() > 0.0);
 }
+
+/// `--timestep-range` takes `LO,HI` and refuses an empty or malformed range by name.
+#[test]
+fn timestep_range_flag_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model();
+    for bad in ["300", "900,100", "a,b"] {
+        let o = ipr(&[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            tmp.path().to_str().unwrap(),
+            "--out",
+            tmp.path().join("out").to_str().unwrap(),
+            "--timestep-range",
+            bad,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--timestep-range") && err.contains("LO < HI"), "{bad}: {err}");
+    }
+}

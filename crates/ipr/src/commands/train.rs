@@ -58,8 +58,8 @@ pub struct Args {
     #[arg(long)]
     pub snr_gamma: Option<f64>,
     /// Train only on timesteps in [LO, HI) (diffusers' --timestep_bias_strategy range), as LO,HI.
-    #[arg(long, value_delimiter = ',', num_args = 2, value_names = ["LO", "HI"])]
-    pub timestep_range: Option<Vec<usize>>,
+    #[arg(long, value_name = "LO,HI", value_parser = parse_range)]
+    pub timestep_range: Option<(usize, usize)>,
     /// Random horizontal flips with "left"/"right" swapped in the caption; captions that do not
     /// parse in --vocab are never flipped.
     #[arg(long)]
@@ -100,7 +100,7 @@ pub fn run(a: Args) -> Result<()> {
         adam: ipr_diffusion::train::optim::AdamWConfig { weight_decay: a.weight_decay, ..Default::default() },
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
         min_snr_gamma: a.snr_gamma,
-        timestep_range: a.timestep_range.as_deref().map(|r| (r[0], r[1])),
+        timestep_range: a.timestep_range,
         seed: a.seed,
         flip: a.flip,
         shards: a.shards,
@@ -148,4 +148,13 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `LO,HI` with `LO < HI`.
+fn parse_range(s: &str) -> Result<(usize, usize), String> {
+    let parsed = s.split_once(',').and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)));
+    match parsed {
+        Some((lo, hi)) if lo < hi => Ok((lo, hi)),
+        _ => Err(format!("{s:?}: expected LO,HI with integers LO < HI, e.g. 300,1000")),
+    }
 }
