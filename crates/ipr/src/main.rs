@@ -44,11 +44,27 @@ enum Command {
     Bench(commands::bench::Command),
 }
 
+impl Command {
+    /// Commands that mostly train (their shards allocate in parallel; see `single_malloc_arena`).
+    /// `ipr run` samples most of its time, so it is not one of them.
+    fn is_training(&self) -> bool {
+        matches!(
+            self,
+            Command::Train(_)
+                | Command::Bench(commands::bench::Command::TrainStep { .. })
+                | Command::Toy(commands::toy::Command::Pretrain { .. })
+        )
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     // Every command runs models on the CPU: keep freed buffers in the heap (no mmap/munmap and
     // page faults per tensor) and leave the cores to rayon (see `cpu_runtime`).
     ipr_diffusion::train::cpu_runtime();
+    if !cli.command.is_training() {
+        ipr_diffusion::train::single_malloc_arena();
+    }
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a),
         Command::Prompts(c) => commands::prompts::run(c),
