@@ -4,16 +4,17 @@
 //! config's settings, writing its adapter folder atomically.
 
 use crate::config::RunConfig;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use candle_core::{DType, Device};
-use ipr_diffusion::lora::LoraConfig;
-use ipr_diffusion::pipeline::Pipeline;
+use ipr_diffusion::config::SchedulerConfig;
+use ipr_diffusion::lora::{attach_unet, LoraConfig};
 use ipr_diffusion::scheduler::Ddpm;
-use ipr_diffusion::train::attach_lora;
+use ipr_diffusion::train::check_timestep_range;
 use ipr_diffusion::train::optim::AdamWConfig;
 use ipr_diffusion::train::run::{train, TrainRequest};
 use ipr_diffusion::train::schedule::LrSchedule;
 use ipr_diffusion::train::TrainConfig;
+use ipr_diffusion::unet::UNet2DConditionModel;
 use std::path::{Path, PathBuf};
 
 /// The training request of round `round`: train on `data`, starting from `previous` (the last
@@ -69,17 +70,18 @@ pub fn lora_configs(c: &RunConfig) -> (LoraConfig, Option<LoraConfig>) {
     (lora, text_encoder_lora)
 }
 
-/// Checks what `run.toml` alone cannot: that the LoRA targets match layers of `model` and that
-/// `train.timestep_range` lies inside its scheduler's timesteps. Run before any work starts.
+/// Checks what `run.toml` alone cannot: that the UNet LoRA targets match layers of `model` and that
+/// `train.timestep_range` lies inside its scheduler's timesteps. Run before any work starts; loads
+/// only the UNet, in half precision (the text-encoder targets are fixed and match every CLIP).
 pub fn preflight(c: &RunConfig, model: &Path) -> Result<()> {
-    let mut pipe = Pipeline::load(model, DType::F32, &Device::Cpu)?;
-    let (lora, text_encoder_lora) = lora_configs(c);
-    attach_lora(&mut pipe, &lora, text_encoder_lora.as_ref(), 0).map_err(|e| anyhow!("train.lora_targets: {e}"))?;
+    let mut unet = UNet2DConditionModel::load(&model.join("unet"), DType::F16, &Device::Cpu)?;
+    let (lora, _) = lora_configs(c);
+    attach_unet(&mut unet, &lora, 0).map_err(|e| anyhow!("train.lora_targets: {e}"))?;
     if let Some([lo, hi]) = c.train.timestep_range {
-        let n = Ddpm::from_config(&pipe.scheduler_config, &pipe.scheduler_config_path)?.alphas_cumprod.len();
-        if hi as usize > n {
-            bail!("train.timestep_range is [{lo}, {hi}], but {} has {n} training timesteps", model.display());
-        }
+        let path = model.join("scheduler").join("scheduler_config.json");
+        let ddpm = Ddpm::from_config(&SchedulerConfig::load(&path)?, &path)?;
+        check_timestep_range((lo as usize, hi as usize), &ddpm)
+            .map_err(|e| anyhow!("train.timestep_range is [{lo}, {hi}] for {}: {e}", model.display()))?;
     }
     Ok(())
 }

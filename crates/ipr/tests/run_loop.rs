@@ -142,6 +142,16 @@ fn two_rounds_artifacts_metrics_report_and_resume() {
     assert!(!other.status.success() && String::from_utf8_lossy(&other.stderr).contains("another configuration"));
 }
 
+/// Runs `ipr run --config run.toml` with `text` in `dir`, asserts that it fails with `want` in
+/// its error, and returns that error.
+fn run_fails(dir: &Path, text: &str, want: &str) -> String {
+    std::fs::write(dir.join("run.toml"), text).unwrap();
+    let o = ipr(dir, &["run", "--config", "run.toml"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && err.contains(want), "{text}: {err}");
+    err
+}
+
 #[test]
 fn bad_configs_fail_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
@@ -151,10 +161,8 @@ fn bad_configs_fail_before_any_work() {
         ("[train]\nsteps = 0", "train.steps"),
         ("[model]\nsource = \"nowhere\"", "model.source"),
     ] {
-        std::fs::write(dir.join("run.toml"), text).unwrap();
-        let o = ipr(dir, &["run", "--config", "run.toml"]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains(want) && err.contains("run.toml"), "{text}: {err}");
+        let err = run_fails(dir, text, want);
+        assert!(err.contains("run.toml"), "{text}: {err}");
         assert!(!dir.join("runs").exists(), "nothing was started");
     }
 }
@@ -167,12 +175,9 @@ fn model_dependent_keys_fail_before_any_work() {
     let dir = tmp.path();
     for (text, want) in [
         ("[train]\nlora_targets = [\"to_qq\"]", "train.lora_targets"),
-        ("[train]\ntimestep_range = [0, 2000]", "train.timestep_range is [0, 2000], but"),
+        ("[train]\ntimestep_range = [0, 2000]", "train.timestep_range is [0, 2000] for"),
     ] {
-        std::fs::write(dir.join("run.toml"), text).unwrap();
-        let o = ipr(dir, &["run", "--config", "run.toml"]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains(want), "{text}: {err}");
+        run_fails(dir, text, want);
         assert!(!dir.join("runs/toy").exists(), "no half-made run is left");
     }
 }

@@ -101,6 +101,18 @@ pub fn single_malloc_arena() {
     }
 }
 
+/// Checks a [`TrainConfig::timestep_range`] against the scheduler: non-empty and inside its
+/// training timesteps.
+pub fn check_timestep_range((lo, hi): (usize, usize), ddpm: &Ddpm) -> Result<()> {
+    let n = ddpm.alphas_cumprod.len();
+    if lo >= hi || hi > n {
+        return Err(Error::Input(format!(
+            "timestep range [{lo}, {hi}) is not inside the scheduler's [0, {n}) or is empty"
+        )));
+    }
+    Ok(())
+}
+
 /// Optimisation settings; `Default` follows diffusers' LoRA script where it has one.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -313,13 +325,8 @@ impl Trainer {
             return Err(Error::Input("batch size and gradient accumulation must be at least 1".into()));
         }
         let ddpm = Ddpm::from_config(&pipe.scheduler_config, &pipe.scheduler_config_path)?;
-        if let Some((lo, hi)) = config.timestep_range {
-            let n = ddpm.alphas_cumprod.len();
-            if lo >= hi || hi > n {
-                return Err(Error::Input(format!(
-                    "timestep range [{lo}, {hi}) is not inside the scheduler's [0, {n}) or is empty"
-                )));
-            }
+        if let Some(range) = config.timestep_range {
+            check_timestep_range(range, &ddpm)?;
         }
         let (params, ema, text_trained) = match &trainable {
             Trainable::Lora(set) => {
