@@ -170,7 +170,7 @@ impl CustomOp1 for Col2Im {
 /// released once copied out, so the graph does not keep a second copy of every conv output.
 struct Conv2dOp {
     g: Geom,
-    y: std::sync::Mutex<Option<Tensor>>,
+    y: crate::fused::Stash,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -187,17 +187,7 @@ impl CustomOp3 for Conv2dOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = self
-            .y
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("ipr-conv2d: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("ipr-conv2d: forward run twice".into()))?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => Err(candle_core::Error::Msg("ipr-conv2d: result not on the CPU".into())),
-        }
+        self.y.cpu(self.name())
     }
 
     fn bwd(
@@ -260,7 +250,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, str
             &zeros
         }
     };
-    Ok(Some(x.apply_op3(w, bias, Conv2dOp { g, y: std::sync::Mutex::new(Some(y)) })?))
+    Ok(Some(x.apply_op3(w, bias, Conv2dOp { g, y: crate::fused::Stash::new(y) })?))
 }
 
 #[cfg(test)]

@@ -158,50 +158,66 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Option<Tensor>> {
     Ok(Some(x.contiguous()?.apply_op1(NormalizeLastDim { eps })?))
 }
 
-/// The forward of the ops below that only attach a backward: the result, computed detached by
-/// candle and passed as the third operand, handed over as is.
-fn pass_through(y: &CpuStorage, yl: &Layout, what: &str) -> Result<(CpuStorage, Shape)> {
-    if !yl.is_contiguous() || yl.start_offset() != 0 {
-        return Err(candle_core::Error::Msg(format!("{what} result must be contiguous")));
+/// A forward result computed (detached) before its op is applied, handed to the op's forward
+/// once and then released: the graph holds only the op's result, not also the operand a
+/// pass-through op would need (which doubled the memory of every such node).
+pub(crate) struct Stash(std::sync::Mutex<Option<Tensor>>);
+
+impl Stash {
+    pub(crate) fn new(result: Tensor) -> Self {
+        Self(std::sync::Mutex::new(Some(result)))
     }
-    Ok((y.try_clone(yl)?, yl.shape().clone()))
+
+    fn take(&self, op: &str) -> Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned lock")))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: forward applied twice")))
+    }
+
+    /// The result's storage, for a `cpu_fwd`.
+    pub(crate) fn cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
+        let t = self.take(op)?;
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => Err(candle_core::Error::Msg(format!("{op}: result not on the CPU"))),
+        }
+    }
+
+    /// The result's storage, for a `cuda_fwd`.
+    pub(crate) fn cuda(&self, op: &str) -> Result<(candle_core::CudaStorage, Shape)> {
+        let t = self.take(op)?;
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => Err(candle_core::Error::Msg(format!("{op}: result not on a CUDA device"))),
+        }
+    }
 }
 
-/// A 2-d convolution whose forward is candle's (computed detached and cloned through this op)
-/// and whose input gradient, for stride 1, is a forward convolution with the flipped, transposed
-/// kernel instead of candle's `conv_transpose2d` (a direct loop on the CPU, ~4x slower: the
-/// measurement is in docs/stack-notes.md). Gradients are only computed for operands that track them,
-/// so a frozen kernel (LoRA training) costs no weight gradient.
+/// A 2-d convolution whose forward is candle's (computed detached and handed over through a
+/// [`Stash`]) and whose input gradient, for stride 1, is a forward convolution with the flipped,
+/// transposed kernel instead of candle's `conv_transpose2d` (a direct loop on the CPU, ~4x slower:
+/// the measurement is in docs/stack-notes.md). Gradients are only computed for operands that track
+/// them, so a frozen kernel (LoRA training) costs no weight gradient.
 struct Conv2dFastBackward {
     padding: usize,
     stride: usize,
+    y: Stash,
 }
 
-impl candle_core::CustomOp3 for Conv2dFastBackward {
+impl candle_core::CustomOp2 for Conv2dFastBackward {
     fn name(&self) -> &'static str {
         "ipr-conv2d-fast-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        _w: &CpuStorage,
-        _wl: &Layout,
-        y: &CpuStorage,
-        yl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        pass_through(y, yl, "conv2d")
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.y.cpu(self.name())
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (p, s) = (self.padding, self.stride);
         let (_, _, kh, kw) = w.dims4()?;
         let dx = if x.track_op() {
@@ -224,7 +240,7 @@ impl candle_core::CustomOp3 for Conv2dFastBackward {
         } else {
             None
         };
-        Ok((dx, dw, None))
+        Ok((dx, dw))
     }
 }
 
@@ -248,16 +264,18 @@ pub fn conv2d_fast_backward(x: &Tensor, w: &Tensor, padding: usize, stride: usiz
     if !on || !x.device().is_cpu() || !(x.track_op() || w.track_op()) {
         return Ok(None);
     }
-    let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?.contiguous()?;
-    Ok(Some(x.apply_op3(w, &y, Conv2dFastBackward { padding, stride })?))
+    let y = Stash::new(x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?);
+    Ok(Some(x.apply_op2(w, Conv2dFastBackward { padding, stride, y })?))
 }
 
-/// `x W^T` (x `(N, in)`, W `(out, in)`) whose backward computes only the gradients of the operands
-/// that track them: candle's matmul backward always computes both operands' gradients, so a
-/// frozen weight (LoRA training) would cost a weight-gradient matmul and its storage per layer
-/// and step (docs/stack-notes.md). The forward is candle's, computed detached and cloned through
-/// this op.
-struct LinearSkipFrozen;
+/// `x W^T (+ b)` (x `(N, in)`, W `(out, in)`) whose backward computes only the gradients of the
+/// operands that track them: candle's matmul backward always computes both operands' gradients,
+/// so a frozen weight (LoRA training) would cost a weight-gradient matmul and its storage per
+/// layer and step (docs/stack-notes.md). The forward is candle's, computed detached and handed
+/// over through a [`Stash`]; the bias is part of the op (one node instead of two).
+struct LinearSkipFrozen {
+    y: Stash,
+}
 
 impl candle_core::CustomOp3 for LinearSkipFrozen {
     fn name(&self) -> &'static str {
@@ -266,38 +284,65 @@ impl candle_core::CustomOp3 for LinearSkipFrozen {
 
     fn cpu_fwd(
         &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        _w: &CpuStorage,
-        _wl: &Layout,
-        y: &CpuStorage,
-        yl: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        pass_through(y, yl, "linear")
+        self.y.cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.y.cuda(self.name())
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _y: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dx = if x.track_op() { Some(grad.matmul(w)?) } else { None };
         let dw = if w.track_op() { Some(grad.t()?.matmul(x)?) } else { None };
-        Ok((dx, dw, None))
+        let db = if b.track_op() { Some(grad.sum(0)?) } else { None };
+        Ok((dx, dw, db))
     }
 }
 
-/// `x.matmul(w.t())` for a 2-d `x`, with the backward above when a gradient is needed on the CPU;
-/// `None` where the caller should use candle's matmul (no gradient needed, or another device).
-pub fn linear_no_frozen_grad(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || !(x.track_op() || w.track_op()) {
+/// `x.matmul(w.t())` (`+ bias`) for a 2-d `x`, with the backward above when a gradient is needed
+/// (CPU and CUDA); `None` where the caller should use candle's matmul (no gradient needed, or
+/// another device).
+pub fn linear_no_frozen_grad(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let device_ok = x.device().is_cpu() || x.device().is_cuda();
+    let tracks = x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op());
+    if !device_ok || !tracks {
         return Ok(None);
     }
-    let y = x.detach().matmul(&w.detach().t()?)?.contiguous()?;
-    Ok(Some(x.apply_op3(w, &y, LinearSkipFrozen)?))
+    let mut y = x.detach().matmul(&w.detach().t()?)?;
+    let zeros;
+    let bias = match bias {
+        Some(b) => {
+            y = y.broadcast_add(&b.detach())?;
+            b
+        }
+        None => {
+            zeros = Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?;
+            &zeros
+        }
+    };
+    Ok(Some(x.apply_op3(w, bias, LinearSkipFrozen { y: Stash::new(y.contiguous()?) })?))
 }
 
 #[cfg(test)]
@@ -338,18 +383,21 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f64, 1., (5, 3), &d).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3), &d).unwrap()).unwrap();
         let r = Tensor::randn(0f64, 1., (5, 4), &d).unwrap();
-        let ours = linear_no_frozen_grad(x.as_tensor(), w.as_tensor()).unwrap().unwrap();
-        let theirs = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f64, 1., 4, &d).unwrap()).unwrap();
+        let ours = linear_no_frozen_grad(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap().unwrap();
+        let theirs = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
         assert!(max_diff(&ours, &theirs) == 0.0);
         let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&x, &w] {
+        for v in [&x, &w, &b] {
             assert!(max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-12);
         }
-        let frozen = w.as_tensor().detach();
-        let y = linear_no_frozen_grad(x.as_tensor(), &frozen).unwrap().unwrap();
-        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(g.get(&frozen).is_none() && g.get(x.as_tensor()).is_some());
-        assert!(linear_no_frozen_grad(&x.as_tensor().detach(), &frozen).unwrap().is_none());
+        let (frozen, frozen_b) = (w.as_tensor().detach(), b.as_tensor().detach());
+        for bias in [None, Some(&frozen_b)] {
+            let y = linear_no_frozen_grad(x.as_tensor(), &frozen, bias).unwrap().unwrap();
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(g.get(&frozen).is_none() && g.get(&frozen_b).is_none() && g.get(x.as_tensor()).is_some());
+        }
+        assert!(linear_no_frozen_grad(&x.as_tensor().detach(), &frozen, Some(&frozen_b)).unwrap().is_none());
     }
 }

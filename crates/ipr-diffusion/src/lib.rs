@@ -34,6 +34,7 @@
 //! by finite differences. `examples/bench_unet.rs` measures CPU denoising steps per second next to
 //! `examples/bench_unet.py` (diffusers, same configs).
 
+pub mod attention;
 pub mod clip_text;
 pub mod config;
 pub mod conv;

@@ -57,17 +57,21 @@ impl Linear {
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let y = match crate::fused::linear_no_frozen_grad(&x2, &self.weight)? {
-            Some(y) => y,
-            None => x2.matmul(&self.weight.t()?)?,
+        // An unmerged adapter's delta is added before the bias (the order of the sums is kept
+        // the same on every path); without one the bias joins the fused op.
+        let adapter = self.lora.as_ref().filter(|l| !l.merged);
+        let fused_bias = if adapter.is_none() { self.bias.as_ref() } else { None };
+        let (y, bias_added) = match crate::fused::linear_no_frozen_grad(&x2, &self.weight, fused_bias)? {
+            Some(y) => (y, fused_bias.is_some()),
+            None => (x2.matmul(&self.weight.t()?)?, false),
         };
-        let y = match &self.lora {
-            Some(lora) if !lora.merged => (y + lora.delta(&x2)?)?,
-            _ => y,
+        let y = match adapter {
+            Some(lora) => (y + lora.delta(&x2)?)?,
+            None => y,
         };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            Some(b) if !bias_added => y.broadcast_add(b)?,
+            _ => y,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features();
@@ -244,6 +248,8 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// Multi-head scaled dot-product attention (Vaswani et al. 2017) over `(B, L, H*D)` projections,
 /// with an optional additive mask broadcast to `(B, H, Lq, Lk)`; returns `(B, Lq, H*D)`.
+/// Without a mask, attention whose scores exceed [`crate::attention::block_bytes`] runs block by
+/// block ([`crate::attention`]): same result, memory bounded in the forward and the backward.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, lq, inner) = q.dims3()?;
     let lk = k.dim(1)?;
@@ -252,6 +258,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         |t: &Tensor, l: usize| -> Result<Tensor> { Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?) };
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
     let scale = 1.0 / (d as f64).sqrt();
+    if let (None, Some(rows)) = (mask, crate::attention::block_rows(b * heads, lq, lk)) {
+        let flat = |t: &Tensor, l: usize| t.reshape((b * heads, l, d));
+        let out = crate::attention::blockwise_attention(&flat(&q, lq)?, &flat(&k, lk)?, &flat(&v, lk)?, scale, rows)?;
+        return Ok(out.reshape((b, heads, lq, d))?.transpose(1, 2)?.reshape((b, lq, inner))?);
+    }
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;

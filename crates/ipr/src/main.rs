@@ -14,6 +14,10 @@ use clap::{Parser, Subcommand};
     about = "Iterative Prompt Relabeling for text-to-image diffusion models, measured with VISOR"
 )]
 struct Cli {
+    /// Memory bound of attention: the scores of one block of queries may take at most this many
+    /// MiB; larger attention runs block by block (forward and backward). 0: never block.
+    #[arg(long, global = true, value_name = "MIB", default_value_t = ipr_diffusion::attention::DEFAULT_BLOCK_BYTES >> 20)]
+    attention_block_mib: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,6 +66,10 @@ fn main() {
     // Every command runs models on the CPU: keep freed buffers in the heap (no mmap/munmap and
     // page faults per tensor) and leave the cores to rayon (see `cpu_runtime`).
     ipr_diffusion::train::cpu_runtime();
+    ipr_diffusion::attention::set_block_bytes(match cli.attention_block_mib {
+        0 => usize::MAX,
+        mib => mib << 20,
+    });
     if !cli.command.is_training() {
         ipr_diffusion::train::single_malloc_arena();
     }
