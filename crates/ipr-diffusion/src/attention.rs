@@ -53,17 +53,9 @@ pub fn blockwise_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows:
     q.apply_op3(&k, &v, BlockwiseAttention { scale, rows, out: crate::fused::Stash::new(out) })
 }
 
-/// The softmax of a score block, without a graph: the fused kernels (this crate's on the CPU,
-/// candle's on other devices) in f32 for half inputs.
+/// The softmax of a score block, without a graph (fused kernels on every device).
 fn softmax(x: &Tensor) -> Result<Tensor> {
-    if let Some(y) = crate::fused::softmax_last_dim(&x.detach())? {
-        return Ok(y);
-    }
-    let up = match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-        _ => x.clone(),
-    };
-    candle_nn::ops::softmax_last_dim(&up)?.to_dtype(x.dtype())
+    crate::nn::softmax(&x.detach()).map_err(|e| candle_core::Error::Msg(format!("attention softmax: {e}")))
 }
 
 fn query_blocks(lq: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {

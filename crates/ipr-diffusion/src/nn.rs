@@ -198,13 +198,17 @@ impl Conv2d {
     }
 }
 
-/// Softmax over the last dimension with a backward: fused on the CPU ([`crate::fused`]), from
-/// primitive ops elsewhere (candle's `softmax_last_dim` has no backward), in f32 for half inputs.
+/// Softmax over the last dimension with a backward: fused on the CPU ([`crate::fused`]); on
+/// other devices candle's fused kernel where no gradient is needed (sampling) and primitive ops
+/// where one is (candle's `softmax_last_dim` has no backward); in f32 for half inputs.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if let Some(y) = crate::fused::softmax_last_dim(x)? {
         return Ok(y);
     }
-    Ok(candle_nn::ops::softmax(&upcast(x)?, D::Minus1)?.to_dtype(x.dtype())?)
+    let up = upcast(x)?;
+    let y =
+        if x.track_op() { candle_nn::ops::softmax(&up, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&up)? };
+    Ok(y.to_dtype(x.dtype())?)
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension, with a backward: fused on the CPU,
