@@ -265,7 +265,16 @@ mod tests {
     #[test]
     fn equals_candles_conv_and_its_gradients() {
         let d = Device::Cpu;
-        for (k, p, s, hw) in [(3, 1, 1, 9), (1, 0, 1, 7), (3, 1, 2, 9), (3, 0, 2, 8), (3, 1, 2, 8)] {
+        for (k, p, s, hw) in [
+            (3, 1, 1, 9),
+            (1, 0, 1, 7),
+            (3, 1, 2, 9),
+            (3, 0, 2, 8),
+            (3, 1, 2, 8),
+            (3, 2, 1, 5),
+            (5, 2, 1, 4),
+            (3, 2, 2, 3),
+        ] {
             let x = Var::from_tensor(&Tensor::randn(0f64, 1., (2, 3, hw, hw), &d).unwrap()).unwrap();
             let w = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3, k, k), &d).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f64, 1., 4, &d).unwrap()).unwrap();
