@@ -236,6 +236,13 @@ mod tests {
         let reference = plain(&f32s(&q), &f32s(&kt), &f32s(&vt), 0.35).unwrap();
         let y = blockwise_attention(&half(&q), &half(&kt), &half(&vt), 0.35, 4).unwrap();
         assert!(max_diff(&f32s(&y).to_dtype(DType::F64).unwrap(), &reference.to_dtype(DType::F64).unwrap()) < 0.05);
+        // The bf16 backward (f32 elementwise parts) against the f64 one.
+        let g_half = y.sum_all().unwrap().backward().unwrap();
+        let g_ref = plain(&q, &kt, &vt, 0.35).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (g_half.get(&q).unwrap(), g_ref.get(&q).unwrap());
+        let scale = b.abs().unwrap().max_keepdim(0).unwrap().flatten_all().unwrap().max(0).unwrap();
+        let err = max_diff(a, b) / scale.to_scalar::<f64>().unwrap();
+        assert!(err < 0.03, "bf16 dq relative error {err}");
     }
 
     #[test]
