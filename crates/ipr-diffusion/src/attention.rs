@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CustomOp3, DType, Result, Tensor, D};
 
 /// The default budget for one block's scores: large enough that GPU kernels stay busy, small
 /// enough that SD-size training fits (SD 2.1, 96x96 latents, batch 2: 13 blocks per layer).
@@ -84,29 +84,7 @@ impl CustomOp3 for BlockwiseAttention {
         "ipr-blockwise-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.out.cuda(self.name())
-    }
+    crate::fused::stashed_forward3!(out);
 
     fn bwd(
         &self,
@@ -133,18 +111,10 @@ impl CustomOp3 for BlockwiseAttention {
             let dp = g_c.matmul(&v_t)?.to_dtype(acc)?;
             let ds = (p.to_dtype(acc)? * dp.broadcast_sub(&delta.narrow(1, start, n)?)?)?.to_dtype(dtype)?;
             if v.track_op() {
-                let c = p.t()?.matmul(&g_c)?.to_dtype(acc)?;
-                dv = Some(match dv {
-                    Some(s) => (s + c)?,
-                    None => c,
-                });
+                accumulate(&mut dv, p.t()?.matmul(&g_c)?.to_dtype(acc)?)?;
             }
             if k.track_op() {
-                let c = (ds.t()?.matmul(&q_c)? * self.scale)?.to_dtype(acc)?;
-                dk = Some(match dk {
-                    Some(s) => (s + c)?,
-                    None => c,
-                });
+                accumulate(&mut dk, (ds.t()?.matmul(&q_c)? * self.scale)?.to_dtype(acc)?)?;
             }
             if q.track_op() {
                 dq_blocks.push((ds.matmul(&kd)? * self.scale)?);
@@ -153,6 +123,15 @@ impl CustomOp3 for BlockwiseAttention {
         let dq = if q.track_op() { Some(Tensor::cat(&dq_blocks, 1)?) } else { None };
         Ok((dq, dk.map(|t| t.to_dtype(dtype)).transpose()?, dv.map(|t| t.to_dtype(dtype)).transpose()?))
     }
+}
+
+/// `sum += part` for the dK / dV sums over query blocks.
+fn accumulate(sum: &mut Option<Tensor>, part: Tensor) -> Result<()> {
+    *sum = Some(match sum.take() {
+        Some(s) => (s + part)?,
+        None => part,
+    });
+    Ok(())
 }
 
 #[cfg(test)]

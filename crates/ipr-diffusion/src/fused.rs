@@ -178,24 +178,63 @@ impl Stash {
 
     /// The result's storage, for a `cpu_fwd`.
     pub(crate) fn cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
-        let t = self.take(op)?;
-        let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => Err(candle_core::Error::Msg(format!("{op}: result not on the CPU"))),
-        }
+        self.storage(op, "the CPU", |s| match s {
+            candle_core::Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
     }
 
     /// The result's storage, for a `cuda_fwd`.
     pub(crate) fn cuda(&self, op: &str) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.storage(op, "a CUDA device", |s| match s {
+            candle_core::Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn storage<S: BackendStorage>(
+        &self,
+        op: &str,
+        device: &str,
+        pick: impl FnOnce(&candle_core::Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
         let t = self.take(op)?;
         let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => Err(candle_core::Error::Msg(format!("{op}: result not on a CUDA device"))),
-        }
+        let s = pick(&storage).ok_or_else(|| candle_core::Error::Msg(format!("{op}: result not on {device}")))?;
+        Ok((s.try_clone(layout)?, layout.shape().clone()))
     }
 }
+
+/// The `cpu_fwd` and `cuda_fwd` of a `CustomOp3` whose result waits in the [`Stash`] field
+/// `$field`: both hand it over, whatever the operands.
+macro_rules! stashed_forward3 {
+    ($field:ident) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.$field.cpu(self.name())
+        }
+
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.$field.cuda(self.name())
+        }
+    };
+}
+pub(crate) use stashed_forward3;
 
 /// A 2-d convolution whose forward is candle's (computed detached and handed over through a
 /// [`Stash`]) and whose input gradient, for stride 1, is a forward convolution with the flipped,
@@ -282,29 +321,7 @@ impl candle_core::CustomOp3 for LinearSkipFrozen {
         "ipr-linear-skip-frozen"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.y.cuda(self.name())
-    }
+    stashed_forward3!(y);
 
     fn bwd(
         &self,

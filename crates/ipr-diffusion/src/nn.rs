@@ -57,21 +57,11 @@ impl Linear {
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        // An unmerged adapter's delta is added before the bias (the order of the sums is kept
-        // the same on every path); without one the bias joins the fused op.
-        let adapter = self.lora.as_ref().filter(|l| !l.merged);
-        let fused_bias = if adapter.is_none() { self.bias.as_ref() } else { None };
-        let (y, bias_added) = match crate::fused::linear_no_frozen_grad(&x2, &self.weight, fused_bias)? {
-            Some(y) => (y, fused_bias.is_some()),
-            None => (x2.matmul(&self.weight.t()?)?, false),
-        };
-        let y = match adapter {
-            Some(lora) => (y + lora.delta(&x2)?)?,
-            None => y,
-        };
-        let y = match &self.bias {
-            Some(b) if !bias_added => y.broadcast_add(b)?,
-            _ => y,
+        // An unmerged adapter's delta is added before the bias (the order of the sums is the
+        // same on every path).
+        let y = match self.lora.as_ref().filter(|l| !l.merged) {
+            None => affine(&x2, &self.weight, self.bias.as_ref())?,
+            Some(lora) => add_bias((affine(&x2, &self.weight, None)? + lora.delta(&x2)?)?, self.bias.as_ref())?,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features();
@@ -196,6 +186,22 @@ impl Conv2d {
             None => Ok(y),
         }
     }
+}
+
+/// `x W^T (+ b)` for a 2-d `x`: the frozen-weight op where a gradient is needed
+/// ([`crate::fused::linear_no_frozen_grad`]), candle's matmul otherwise.
+fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(y) = crate::fused::linear_no_frozen_grad(x, w, b)? {
+        return Ok(y);
+    }
+    add_bias(x.matmul(&w.t()?)?, b)
+}
+
+fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 /// Softmax over the last dimension with a backward: fused on the CPU ([`crate::fused`]); on
