@@ -39,8 +39,8 @@ fn main() -> ipr_diffusion::Result<()> {
             let b = 2 * images;
             let x = Tensor::randn(0f32, 1.0, (images, config.in_channels, s, s), &device)?;
             let ctx = Tensor::randn(0f32, 1.0, (b, 77, config.cross_attention_dim), &device)?;
-            let sampler = Sampler::from_config(SamplerKind::Ddim, &sched, &path, 50)?;
-            let step = |i: usize, x: &Tensor| -> ipr_diffusion::Result<Tensor> {
+            let mut sampler = Sampler::from_config(SamplerKind::Ddim, &sched, &path, 50)?;
+            let mut step = |i: usize, x: &Tensor| -> ipr_diffusion::Result<Tensor> {
                 let t = Tensor::new(&[sampler.timesteps()[i] as f32], &device)?;
                 let out = unet.forward(&Tensor::cat(&[x, x], 0)?, &t, &ctx, None)?;
                 let (u, c) = (out.narrow(0, 0, images)?, out.narrow(0, images, images)?);

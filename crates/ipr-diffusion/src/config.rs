@@ -1,10 +1,10 @@
 //! `config.json` files of diffusers-format folders, parsed with serde.
 //!
 //! Field names and defaults equal those of the reference libraries (diffusers 0.42
-//! `UNet2DConditionModel`, `AutoencoderKL`, `DDIMScheduler`, `EulerDiscreteScheduler`; transformers
-//! 5.x `CLIPTextConfig`), so a folder written by `save_pretrained` loads without surprises. Keys this
-//! crate does not implement are accepted only at their default value; any other value is an error
-//! that names the file and the key (`validate`).
+//! `UNet2DConditionModel`, `AutoencoderKL`, `DDIMScheduler`, `EulerDiscreteScheduler`,
+//! `DPMSolverMultistepScheduler`; transformers 5.x `CLIPTextConfig`), so a folder written by
+//! `save_pretrained` loads without surprises. Keys this crate does not implement are accepted only
+//! at their default value; any other value is an error that names the file and the key (`validate`).
 
 use std::path::Path;
 
@@ -545,12 +545,101 @@ pub struct SchedulerConfig {
     pub sigma_min: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sigma_max: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub algorithm_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub solver_order: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub solver_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lower_order_final: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub euler_at_final: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_lu_lambdas: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_flow_sigmas: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variance_type: Option<String>,
+    /// diffusers writes its default, `-inf`, as the bare token `-Infinity` (see [`SchedulerConfig::load`]).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "maybe_nonfinite")]
+    pub lambda_min_clipped: Option<f64>,
+}
+
+/// An `f64` that may be non-finite: written as a number, or as the string `"-Infinity"`,
+/// `"Infinity"` or `"NaN"` (Python's spelling) where JSON has no number for it.
+mod maybe_nonfinite {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f64),
+        Name(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        match Option::<Repr>::deserialize(d)? {
+            None => Ok(None),
+            Some(Repr::Number(v)) => Ok(Some(v)),
+            Some(Repr::Name(name)) => match name.as_str() {
+                "-Infinity" => Ok(Some(f64::NEG_INFINITY)),
+                "Infinity" => Ok(Some(f64::INFINITY)),
+                "NaN" => Ok(Some(f64::NAN)),
+                other => Err(serde::de::Error::custom(format!(
+                    "expected a number, \"-Infinity\", \"Infinity\" or \"NaN\", got {other:?}"
+                ))),
+            },
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) if v.is_nan() => s.serialize_str("NaN"),
+            Some(v) if v.is_infinite() => s.serialize_str(if *v > 0.0 { "Infinity" } else { "-Infinity" }),
+            Some(v) => s.serialize_f64(*v),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// Quotes the bare tokens `-Infinity`, `Infinity` and `NaN` that Python's `json` writes for
+/// non-finite floats (not JSON, so serde_json rejects them), leaving strings untouched.
+pub fn quote_nonfinite_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push('"');
+            out.push_str(token);
+            out.push('"');
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 impl SchedulerConfig {
-    /// Reads `scheduler/scheduler_config.json`.
+    /// Reads `scheduler/scheduler_config.json`. Configs that diffusers saved may hold `-Infinity`
+    /// (`DPMSolverMultistepScheduler`'s default `lambda_min_clipped`), which is read as `-inf`.
     pub fn load(path: &Path) -> Result<Self> {
-        read_json(path)
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        serde_json::from_str(&quote_nonfinite_numbers(&text))
+            .map_err(|source| Error::Json { path: path.to_path_buf(), source })
     }
 
     /// What diffusers' `StableDiffusionPipeline.__init__` does to the scheduler it loads (SD 1.x /
@@ -580,6 +669,28 @@ mod tests {
         let mut c: SchedulerConfig = serde_json::from_str(r#"{"_class_name": "PNDMScheduler"}"#).unwrap();
         c.apply_sd_pipeline_fixups();
         assert_eq!((c.steps_offset, c.clip_sample), (Some(1), None));
+    }
+
+    #[test]
+    fn python_nonfinite_floats_are_read() {
+        let text = r#"{"lambda_min_clipped": -Infinity, "timestep_spacing": "NaN -Infinity", "beta_end": 0.012}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scheduler_config.json");
+        std::fs::write(&path, text).unwrap();
+        let c = SchedulerConfig::load(&path).unwrap();
+        assert_eq!(c.lambda_min_clipped, Some(f64::NEG_INFINITY));
+        assert_eq!(c.timestep_spacing.as_deref(), Some("NaN -Infinity"));
+        assert_eq!(c.beta_end, Some(0.012));
+        // Written back as a string, read back the same.
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""lambda_min_clipped":"-Infinity""#), "{json}");
+        let back: SchedulerConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.lambda_min_clipped, Some(f64::NEG_INFINITY));
+        let c: SchedulerConfig = serde_json::from_str(r#"{"lambda_min_clipped": -5.1}"#).unwrap();
+        assert_eq!(c.lambda_min_clipped, Some(-5.1));
+        let c: SchedulerConfig = serde_json::from_str(r#"{"lambda_min_clipped": null}"#).unwrap();
+        assert_eq!(c.lambda_min_clipped, None);
+        assert_eq!(quote_nonfinite_numbers(r#"["a\"NaN", NaN]"#), r#"["a\"NaN", "NaN"]"#);
     }
 
     #[test]

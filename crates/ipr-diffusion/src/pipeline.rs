@@ -186,7 +186,7 @@ impl Pipeline {
         latents: &Tensor,
         params: &SampleParams,
     ) -> Result<Tensor> {
-        let sampler = Sampler::from_config(
+        let mut sampler = Sampler::from_config(
             params.sampler,
             &self.scheduler_config,
             &self.scheduler_config_path,

@@ -81,12 +81,13 @@ pub fn device_from_name(name: &str) -> Result<Device> {
     }
 }
 
-/// Parses `ddim` or `euler`.
+/// Parses `ddim`, `euler` or `dpmsolver++`.
 pub fn sampler_from_name(name: &str) -> Result<SamplerKind> {
     match name {
         "ddim" => Ok(SamplerKind::Ddim),
         "euler" => Ok(SamplerKind::Euler),
-        other => Err(Error::Input(format!("unknown scheduler {other:?}: expected ddim or euler"))),
+        "dpmsolver++" => Ok(SamplerKind::DpmSolverPlusPlus),
+        other => Err(Error::Input(format!("unknown scheduler {other:?}: expected ddim, euler or dpmsolver++"))),
     }
 }
 

@@ -1,14 +1,17 @@
 //! Final latents of the whole pipeline against diffusers:
 //! `pipe(prompts, negative_prompt=negatives, num_inference_steps=4, guidance_scale=5.0,
 //! latents=L, output_type="latent")` with `DDIMScheduler.from_config(pipe.scheduler.config)` and
-//! with `EulerDiscreteScheduler.from_config(...)`, for a batch of two prompts.
+//! with `EulerDiscreteScheduler.from_config(...)`, for a batch of two prompts; tiny-sd21 also with
+//! `DPMSolverMultistepScheduler.from_config(...)` (`reference/dpmsolver-sd21.safetensors`).
 
 mod common;
+
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use common::{assert_close, fixtures, Reference};
 use ipr_diffusion::pipeline::{Pipeline, SampleParams};
-use ipr_diffusion::scheduler::SamplerKind;
+use ipr_diffusion::scheduler::{Sampler, SamplerKind};
 
 const PROMPTS: [&str; 2] = ["a photo of a red cube to the left of a blue sphere", "A Dog   above a cat!"];
 const NEGATIVES: [&str; 2] = ["blurry, bad quality", ""];
@@ -31,6 +34,23 @@ fn sd15_pipeline() {
 #[test]
 fn sd21_pipeline_v_prediction() {
     check("tiny-sd21");
+}
+
+/// DPM-Solver++ through the whole pipeline: tiny-sd21 (v_prediction, leading spacing and
+/// steps_offset 1 from its saved DDIM config) with `DPMSolverMultistepScheduler.from_config(
+/// pipe.scheduler.config)`, 6 steps.
+#[test]
+fn sd21_pipeline_dpm_solver() {
+    let r = Reference::load("dpmsolver-sd21");
+    let pipe = Pipeline::load(&fixtures().join("tiny-sd21"), DType::F32, &Device::Cpu).unwrap();
+    let sampler =
+        Sampler::from_config(SamplerKind::DpmSolverPlusPlus, &pipe.scheduler_config, Path::new("tiny-sd21"), 6)
+            .unwrap();
+    let want: Vec<f64> = r.i64s("pipeline/timesteps").into_iter().map(|t| t as f64).collect();
+    assert_eq!(sampler.timesteps(), want);
+    let params = SampleParams { num_inference_steps: 6, guidance_scale: 5.0, sampler: SamplerKind::DpmSolverPlusPlus };
+    let out = pipe.generate(&PROMPTS, Some(&NEGATIVES), &r.get("pipeline/latents"), &params).unwrap();
+    assert_close("tiny-sd21 dpmsolver_out", &out, &r.get("pipeline/dpmsolver_out"), 1e-4);
 }
 
 #[test]

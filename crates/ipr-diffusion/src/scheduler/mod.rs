@@ -1,19 +1,30 @@
 //! Noise schedules and samplers, as diffusers implements them (`DDPMScheduler.add_noise`,
-//! `DDIMScheduler`, `EulerDiscreteScheduler`).
+//! `DDIMScheduler`, `EulerDiscreteScheduler`, `DPMSolverMultistepScheduler`).
 //!
 //! - Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (forward noising, linear betas).
 //! - Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM, eta = 0).
 //! - Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"
 //!   (Euler in sigma space, as k-diffusion and diffusers' `EulerDiscreteScheduler`).
+//! - Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+//!   Models" (multistep second order, diffusers' `DPMSolverMultistepScheduler`).
 //! - Salimans & Ho 2022, "Progressive Distillation" (v-prediction).
 //!
 //! The schedule math lives in small pure functions over `f64` (betas, timesteps, sigmas); the
 //! samplers apply it to tensors. A [`Sampler`] is built from a `scheduler_config.json` the way
 //! `XScheduler.from_config(config)` builds it: keys present in the file win, X's defaults fill in.
+//!
+//! | sampler | file | diffusers class | state |
+//! |---|---|---|---|
+//! | [`SamplerKind::Ddim`] | `ddim.rs` | `DDIMScheduler` (eta = 0) | none |
+//! | [`SamplerKind::Euler`] | `euler.rs` | `EulerDiscreteScheduler` | none |
+//! | [`SamplerKind::DpmSolverPlusPlus`] | `dpm_solver.rs` | `DPMSolverMultistepScheduler` | previous x0 |
+//!
+//! Training uses `ddpm.rs` (forward noising, velocity targets) and `betas.rs` (beta schedules).
 
 mod betas;
 mod ddim;
 mod ddpm;
+mod dpm_solver;
 mod euler;
 
 use std::path::Path;
@@ -23,6 +34,7 @@ use candle_core::Tensor;
 pub use betas::{alphas_cumprod, betas, BetaSchedule};
 pub use ddim::{Ddim, DdimConfig};
 pub use ddpm::{add_noise, velocity, Ddpm};
+pub use dpm_solver::{DpmSolverMultistep, DpmSolverMultistepConfig, FinalSigma, SolverType};
 pub use euler::{EulerDiscrete, EulerDiscreteConfig};
 
 use crate::config::SchedulerConfig;
@@ -85,14 +97,18 @@ impl TimestepSpacing {
 pub enum SamplerKind {
     Ddim,
     Euler,
+    /// Multistep DPM-Solver++ ("dpmsolver++").
+    DpmSolverPlusPlus,
 }
 
 /// A sampler over a fixed list of inference timesteps: `timesteps()`, then for each index `i`
-/// `scale_model_input(x, i)`, the model, and `step(model_output, i, x)`.
+/// `scale_model_input(x, i)`, the model, and `step(model_output, i, x)`. `step` takes `&mut self`:
+/// DPM-Solver++ keeps the previous step's data prediction (DDIM and Euler keep nothing).
 #[derive(Debug, Clone)]
 pub enum Sampler {
     Ddim(Ddim),
     Euler(EulerDiscrete),
+    DpmSolver(DpmSolverMultistep),
 }
 
 impl Sampler {
@@ -109,6 +125,10 @@ impl Sampler {
                 EulerDiscreteConfig::from_config(config, path)?,
                 num_inference_steps,
             )?),
+            SamplerKind::DpmSolverPlusPlus => Sampler::DpmSolver(DpmSolverMultistep::new(
+                DpmSolverMultistepConfig::from_config(config, path)?,
+                num_inference_steps,
+            )?),
         })
     }
 
@@ -122,30 +142,34 @@ impl Sampler {
         match self {
             Sampler::Ddim(s) => s.timesteps.iter().map(|&t| t as f64).collect(),
             Sampler::Euler(s) => s.timesteps.clone(),
+            Sampler::DpmSolver(s) => s.timesteps.iter().map(|&t| t as f64).collect(),
         }
     }
 
     /// Factor applied to the initial Gaussian noise.
     pub fn init_noise_sigma(&self) -> f64 {
         match self {
-            Sampler::Ddim(_) => 1.0,
+            Sampler::Ddim(_) | Sampler::DpmSolver(_) => 1.0,
             Sampler::Euler(s) => s.init_noise_sigma(),
         }
     }
 
-    /// Model input at step `i` (Euler divides by `sqrt(sigma^2 + 1)`; DDIM passes through).
+    /// Model input at step `i` (Euler divides by `sqrt(sigma^2 + 1)`; DDIM and DPM-Solver++ pass
+    /// through).
     pub fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         match self {
-            Sampler::Ddim(_) => Ok(sample.clone()),
+            Sampler::Ddim(_) | Sampler::DpmSolver(_) => Ok(sample.clone()),
             Sampler::Euler(s) => s.scale_model_input(sample, i),
         }
     }
 
-    /// One denoising step from the model output at step index `i`.
-    pub fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor) -> Result<Tensor> {
+    /// One denoising step from the model output at step index `i`. Steps go in order `0..n`; a
+    /// multistep sampler uses what the call for `i - 1` left (see [`DpmSolverMultistep::step`]).
+    pub fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Result<Tensor> {
         match self {
             Sampler::Ddim(s) => s.step(model_output, i, sample),
             Sampler::Euler(s) => s.step(model_output, i, sample),
+            Sampler::DpmSolver(s) => s.step(model_output, i, sample),
         }
     }
 }

@@ -23,7 +23,7 @@ pub struct Args {
     pub steps: usize,
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
-    /// ddim or euler.
+    /// ddim, euler or dpmsolver++ (diffusers' DPMSolverMultistepScheduler, 2nd order).
     #[arg(long, default_value = "ddim")]
     pub scheduler: String,
     /// Image i starts from the noise of seed + i.
