@@ -259,6 +259,7 @@ fn zero_weight_sample_has_no_influence_inside_a_batch() {
                 caption: v["prompt"].as_str().unwrap().to_string(),
                 flipped: None,
                 weight: v["weight"].as_f64().unwrap(),
+                size_cond: None,
             });
         }
         let set = attach_lora(&mut pipe, &LoraConfig::unet(4), Some(&LoraConfig::text_encoder(4)), 0).unwrap();

@@ -108,7 +108,7 @@ pub fn training_examples(s: &PretrainSettings) -> Result<Vec<Example>> {
                 Some(c) => Some((flip_horizontal(&x0)?, c)),
                 None => None,
             };
-            Ok(Example { x0, caption, flipped, weight: 1.0 })
+            Ok(Example { x0, caption, flipped, weight: 1.0, size_cond: None })
         })
         .collect()
 }

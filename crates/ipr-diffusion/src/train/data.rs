@@ -16,6 +16,7 @@ use ipr_core::dataset::{check_weights, read_imagefolder, TrainingRow};
 use ipr_core::Vocabulary;
 
 use super::augment::{flip_horizontal, mirror_caption};
+use super::SizeCond;
 use crate::error::{Error, Result};
 use crate::vae::AutoencoderKL;
 
@@ -28,6 +29,9 @@ pub struct Example {
     /// The mirrored example when flipping is allowed for it (the caption parsed).
     pub flipped: Option<(Tensor, String)>,
     pub weight: f64,
+    /// SDXL's size conditioning (the image's size as read, crop `(0, 0)`: the image is resized,
+    /// not cropped); `None`: the image was made at the training resolution. Other models ignore it.
+    pub size_cond: Option<SizeCond>,
 }
 
 /// Pixels in [-1, 1], `(3, size, size)`, from an image file (resized with a triangle filter when
@@ -83,7 +87,10 @@ pub fn load_dataset(
             dropped += 1;
             continue;
         }
-        let pixels = load_image(&dir.join(&row.file_name), resolution)?;
+        let path = dir.join(&row.file_name);
+        let (width, height) = image::image_dimensions(&path)
+            .map_err(|e| Error::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        let pixels = load_image(&path, resolution)?;
         let flipped = match flip_vocab.and_then(|v| mirror_caption(&row.prompt, v)) {
             Some(caption) => Some((to_x0(&flip_horizontal(&pixels)?, vae, dtype, device)?, caption)),
             None => None,
@@ -93,6 +100,7 @@ pub fn load_dataset(
             caption: row.prompt,
             flipped,
             weight: row.weight,
+            size_cond: Some(SizeCond { original: (height as usize, width as usize), crop_top_left: (0, 0) }),
         });
     }
     if examples.is_empty() {

@@ -4,6 +4,10 @@
 //! random timestep and one noise draw per sample, DDPM noising, epsilon / v / x0 target per the
 //! scheduler config, `loss = sum_i w_i mse_i / batch`, AdamW (torch semantics), gradient
 //! clipping, LR schedule, gradient accumulation, optional min-SNR-gamma, EMA for full training.
+//! SDXL follows `train_text_to_image_lora_sdxl.py`: both text encoders' penultimate hidden states,
+//! the second's pooled projection, and per-sample time ids from each example's original size and
+//! crop ([`SizeCond`], [`time_ids`]); `tests/sdxl_training.rs` checks one step's loss and LoRA
+//! gradients against that script's.
 //!
 //! Determinism: every random draw is a pure function of `(seed, step, micro-batch, slot)` (the
 //! example, its timestep, its noise, its flip) or of `(seed, epoch)` (the order examples are
@@ -283,6 +287,32 @@ fn load_varmap(map: &VarMap, files: &[std::path::PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// SDXL's size conditioning of a training example (Podell et al. 2023, "SDXL: Improving Latent
+/// Diffusion Models for High-Resolution Image Synthesis", section 2.2), as diffusers'
+/// `train_text_to_image_lora_sdxl.py` records it per image: the image's size before it was
+/// resized, and the top-left corner of the crop taken from the resized image.
+///
+/// Flipping: that script flips the resized image before cropping and keeps the crop's corner as
+/// drawn, so a flipped example has the same time ids; [`Trainer::make_batch`] does the same. (The
+/// full fine-tuning script, `train_text_to_image_sdxl.py`, flips after cropping and stores
+/// `crop_left = resolution - crop_left`; not followed here.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeCond {
+    /// `(height, width)` of the image as read, before any resize.
+    pub original: (usize, usize),
+    /// `(top, left)` of the crop, in pixels of the resized image.
+    pub crop_top_left: (usize, usize),
+}
+
+/// One sample's SDXL time ids, diffusers' `compute_time_ids`:
+/// `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`, `target` being the training
+/// resolution `(height, width)`. Without a size condition the image is taken as given at the
+/// target size, uncropped: `[H, W, 0, 0, H, W]`, what the pipeline uses when sampling.
+pub fn time_ids(cond: Option<SizeCond>, target: (usize, usize)) -> [f32; 6] {
+    let c = cond.unwrap_or(SizeCond { original: target, crop_top_left: (0, 0) });
+    [c.original.0, c.original.1, c.crop_top_left.0, c.crop_top_left.1, target.0, target.1].map(|v| v as f32)
+}
+
 /// Statistics of one optimiser step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
@@ -411,6 +441,7 @@ impl Trainer {
         let (t_lo, t_hi) = self.config.timestep_range.unwrap_or((0, self.ddpm.alphas_cumprod.len()));
         let mut x0 = Vec::with_capacity(b);
         let mut captions = Vec::with_capacity(b);
+        let mut size_conds = Vec::with_capacity(b);
         let mut timesteps = Vec::with_capacity(b);
         let mut weights = Vec::with_capacity(b);
         let mut noise_seeds = Vec::with_capacity(b);
@@ -431,6 +462,8 @@ impl Trainer {
                     captions.push(ex.caption.clone());
                 }
             }
+            // A flipped example keeps its size conditioning (see [`SizeCond`]).
+            size_conds.push(ex.size_cond);
             weights.push(ex.weight);
         }
         let device = self.pipe.device.clone();
@@ -438,12 +471,38 @@ impl Trainer {
         let x0 = Tensor::stack(&x0, 0)?.to_device(&device)?.to_dtype(dtype)?;
         let shape: Vec<usize> = x0.dims()[1..].to_vec();
         let noise = crate::noise::randn_per_sample(&noise_seeds, &shape, dtype, &device)?;
-        let (context, pooled) = self.encode(&captions)?;
+        self.batch_from(x0, noise, timesteps, weights, &captions, &size_conds)
+    }
+
+    /// The batch of given samples, as [`Trainer::make_batch`] finishes it once it has drawn them:
+    /// the captions through the pipeline's text encoder(s) (with their graph when they are
+    /// trained, else cached), and for SDXL the added conditioning, the second encoder's pooled
+    /// embeddings and each sample's [`time_ids`] for the resolution `x0` stands for. `x0` and
+    /// `noise` are `(B, C, H, W)` on the pipeline's device, in its dtype.
+    pub fn batch_from(
+        &mut self,
+        x0: Tensor,
+        noise: Tensor,
+        timesteps: Vec<usize>,
+        weights: Vec<f64>,
+        captions: &[String],
+        size_conds: &[Option<SizeCond>],
+    ) -> Result<Batch> {
+        let (b, _, h, w) = x0.dims4()?;
+        if captions.len() != b || size_conds.len() != b {
+            return Err(Error::Input(format!(
+                "{} captions and {} size conditions for a batch of {b}",
+                captions.len(),
+                size_conds.len()
+            )));
+        }
+        let (context, pooled) = self.encode(captions)?;
         let added = match pooled {
             Some(p) => {
-                let res = (x0.dim(2)? * self.pipe.vae_scale_factor()) as f32;
-                let ids: Vec<f32> = (0..b).flat_map(|_| [res, res, 0.0, 0.0, res, res]).collect();
-                Some(AddedCond { text_embeds: p, time_ids: Tensor::from_vec(ids, (b, 6), &device)?.to_dtype(dtype)? })
+                let f = self.pipe.vae_scale_factor();
+                let ids: Vec<f32> = size_conds.iter().flat_map(|c| time_ids(*c, (h * f, w * f))).collect();
+                let time_ids = Tensor::from_vec(ids, (b, 6), x0.device())?.to_dtype(x0.dtype())?;
+                Some(AddedCond { text_embeds: p, time_ids })
             }
             None => None,
         };

@@ -24,6 +24,10 @@ impl Reference {
         self.0.get(key).unwrap_or_else(|| panic!("no reference tensor {key}")).clone()
     }
 
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
     pub fn has(&self, key: &str) -> bool {
         self.0.contains_key(key)
     }
