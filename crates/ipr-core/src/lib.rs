@@ -13,6 +13,7 @@ pub mod fs;
 pub mod judge;
 pub mod method;
 pub mod metrics;
+pub mod pair_split;
 pub mod prompt;
 pub mod relabel;
 pub mod relation;

@@ -125,21 +125,41 @@ pub fn to_visor_json(rows: &[PromptRow]) -> String {
     serde_json::to_string_pretty(rows).expect("rows serialise")
 }
 
-/// Read a prompt table (VISOR's `text_spatial_rel_phrases.json` or ours). Ids must equal
-/// positions, as visor.py indexes the list by id.
+/// Read a prompt table: VISOR's `text_spatial_rel_phrases.json`, ours, or any subset of one
+/// (the run folder's `prompts/*.json`). Ids must be strictly increasing, so that a full table
+/// has ids equal to positions (visor.py indexes the list by id) and a subset keeps the full
+/// table's ids; [`find_row`] looks them up.
 pub fn read_rows(path: &Path) -> Result<Vec<PromptRow>> {
     let text = crate::fs::read_to_string(path)?;
     let rows: Vec<PromptRow> = crate::fs::from_json_str(&text).map_err(|m| Error::file(path, m))?;
     for (i, row) in rows.iter().enumerate() {
-        if row.unique_id != i as u64 {
+        if i > 0 && row.unique_id <= rows[i - 1].unique_id {
             return Err(Error::file(
                 path,
-                format!("row {i} has unique_id {}, expected {i} (ids must equal positions)", row.unique_id),
+                format!(
+                    "row {i} has unique_id {} after {}: ids must be strictly increasing",
+                    row.unique_id,
+                    rows[i - 1].unique_id
+                ),
             ));
         }
         row.rel().map_err(|m| Error::file(path, format!("row {i}: field rel_type: {m}")))?;
     }
     Ok(rows)
+}
+
+/// Checks that every row of a table is a prompt of `vocab` whose text agrees with its fields;
+/// the error names the file, the row and the problem (an unknown class, a mismatched text).
+pub fn check_rows(path: &Path, rows: &[PromptRow], vocab: &Vocabulary) -> Result<()> {
+    for (i, row) in rows.iter().enumerate() {
+        row.prompt(vocab).map_err(|m| Error::file(path, format!("row {i} (unique_id {}): {m}", row.unique_id)))?;
+    }
+    Ok(())
+}
+
+/// The row with `unique_id` of a table read by [`read_rows`] (ids increasing).
+pub fn find_row(rows: &[PromptRow], unique_id: u64) -> Option<&PromptRow> {
+    rows.binary_search_by_key(&unique_id, |r| r.unique_id).ok().map(|i| &rows[i])
 }
 
 #[cfg(test)]
@@ -187,9 +207,22 @@ mod tests {
         let mut rows = sr2d_rows(&v)[..3].to_vec();
         std::fs::write(&path, to_visor_json(&rows)).unwrap();
         assert_eq!(read_rows(&path).unwrap(), rows);
-        rows[1].unique_id = 7;
+        rows[1].unique_id = 0;
         std::fs::write(&path, to_visor_json(&rows)).unwrap();
-        assert!(read_rows(&path).unwrap_err().to_string().contains("row 1 has unique_id 7"));
+        let e = read_rows(&path).unwrap_err().to_string();
+        assert!(e.contains("row 1 has unique_id 0 after 0: ids must be strictly increasing"), "{e}");
+        // A subset keeps the full table's ids.
+        let subset = vec![sr2d_rows(&v)[5].clone(), sr2d_rows(&v)[1103].clone()];
+        std::fs::write(&path, to_visor_json(&subset)).unwrap();
+        let read = read_rows(&path).unwrap();
+        assert_eq!(find_row(&read, 1103).unwrap().text, "a kite to the right of a bicycle");
+        assert!(find_row(&read, 6).is_none());
+        check_rows(&path, &read, &v).unwrap();
+        let mut unknown = read.clone();
+        unknown[1].obj_1_attributes = vec!["dragon".into()];
+        unknown[1].text = "a dragon to the right of a bicycle".into();
+        let e = check_rows(&path, &unknown, &v).unwrap_err().to_string();
+        assert!(e.contains("p.json") && e.contains("row 1 (unique_id 1103)") && e.contains("dragon"), "{e}");
         rows[1].unique_id = 1;
         rows[2].rel_type = "beside".into();
         std::fs::write(&path, to_visor_json(&rows)).unwrap();

@@ -101,7 +101,7 @@ pub fn score_results(
     let mut out = Vec::new();
     for (key, r) in entries {
         let (id, _) = parse_image_key(key)?;
-        let row = rows.get(id as usize).ok_or_else(|| {
+        let row = crate::sr2d::find_row(rows, id).ok_or_else(|| {
             format!("image key {key:?}: unique_id {id} is not in the prompt table ({} rows)", rows.len())
         })?;
         let RelType::Spatial(relation) = row.rel().map_err(|m| format!("prompt {id}: {m}"))? else {

@@ -85,7 +85,7 @@ pub fn samples_named_by_id(dir: &Path, table: &[PromptRow]) -> Result<Vec<Sample
             continue;
         }
         let Ok((id, k)) = ipr_core::visor_format::parse_image_key(stem) else { continue };
-        let row = table.get(id as usize).ok_or_else(|| {
+        let row = ipr_core::sr2d::find_row(table, id).ok_or_else(|| {
             ModelError::Input(format!(
                 "{}: image {name} names prompt {id}, not in the prompt table ({} rows)",
                 dir.display(),

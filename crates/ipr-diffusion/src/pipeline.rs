@@ -63,10 +63,30 @@ pub struct Pipeline {
     pub text: TextEncoders,
     pub scheduler_config: SchedulerConfig,
     pub scheduler_config_path: PathBuf,
+    /// The UNet's and text encoders' dtype.
     pub dtype: DType,
+    /// The VAE's dtype (may differ: SDXL's VAE overflows in f16).
+    pub vae_dtype: DType,
     pub device: Device,
     /// SDXL: an absent negative prompt means zero embeddings (`model_index.json`, default true).
     pub force_zeros_for_empty_prompt: bool,
+}
+
+fn size_factor(vae_scale_factor: usize, unet: &crate::config::UNetConfig) -> usize {
+    vae_scale_factor << unet.down_block_types.len().saturating_sub(1)
+}
+
+/// [`Pipeline::size_factor`] of a pipeline folder, from its configs alone (no weights read):
+/// for checking an image size before any work starts.
+pub fn folder_size_factor(folder: &Path) -> Result<usize> {
+    let unet = crate::config::UNetConfig::load(&folder.join("unet").join("config.json"))?;
+    let vae = folder.join("vae").join("config.json");
+    let vae_factor = if vae.is_file() {
+        1 << crate::config::VaeConfig::load(&vae)?.block_out_channels.len().saturating_sub(1)
+    } else {
+        1
+    };
+    Ok(size_factor(vae_factor, &unet))
 }
 
 fn require_dir(path: PathBuf) -> Result<PathBuf> {
@@ -82,11 +102,16 @@ fn require_dir(path: PathBuf) -> Result<PathBuf> {
 
 impl Pipeline {
     /// Loads a diffusers-format folder (`unet/`, `scheduler/`, `tokenizer/`, `text_encoder/`,
-    /// optional `vae/`, and for SDXL `tokenizer_2/`, `text_encoder_2/`).
+    /// optional `vae/`, and for SDXL `tokenizer_2/`, `text_encoder_2/`), every model in `dtype`.
     pub fn load(folder: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_vae_dtype(folder, dtype, dtype, device)
+    }
+
+    /// [`Pipeline::load`] with the VAE in its own dtype.
+    pub fn load_with_vae_dtype(folder: &Path, dtype: DType, vae_dtype: DType, device: &Device) -> Result<Self> {
         let unet = UNet2DConditionModel::load(&require_dir(folder.join("unet"))?, dtype, device)?;
         let vae = if folder.join("vae").is_dir() {
-            Some(AutoencoderKL::load(&folder.join("vae"), dtype, device)?)
+            Some(AutoencoderKL::load(&folder.join("vae"), vae_dtype, device)?)
         } else {
             None
         };
@@ -123,6 +148,7 @@ impl Pipeline {
             scheduler_config,
             scheduler_config_path,
             dtype,
+            vae_dtype,
             device: device.clone(),
             force_zeros_for_empty_prompt,
         })
@@ -137,6 +163,36 @@ impl Pipeline {
     pub fn latent_shape(&self, batch: usize) -> (usize, usize, usize, usize) {
         let s = self.unet.config.sample_size.unwrap_or(64);
         (batch, self.unet.config.in_channels, s, s)
+    }
+
+    /// The image size the model was trained at, `(height, width)` in pixels: the UNet's
+    /// `sample_size` times the VAE's factor (diffusers' default `height` and `width`).
+    pub fn native_size(&self) -> (usize, usize) {
+        let s = self.unet.config.sample_size.unwrap_or(64) * self.vae_scale_factor();
+        (s, s)
+    }
+
+    /// What image sides must be multiples of: the VAE's factor times the UNet's downsampling
+    /// (`2^(len(down_block_types) - 1)`), so every up block meets its skip connection's size.
+    pub fn size_factor(&self) -> usize {
+        size_factor(self.vae_scale_factor(), &self.unet.config)
+    }
+
+    /// Shape of the initial noise for `batch` images of `height x width` pixels; the error says
+    /// which side is not a multiple of [`Self::size_factor`].
+    pub fn latent_shape_for(&self, batch: usize, height: usize, width: usize) -> Result<(usize, usize, usize, usize)> {
+        let f = self.size_factor();
+        for (name, v) in [("height", height), ("width", width)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::Input(format!(
+                    "{name} {v} is not a multiple of {f}, this model's factor (VAE {} x UNet downsampling {})",
+                    self.vae_scale_factor(),
+                    f / self.vae_scale_factor()
+                )));
+            }
+        }
+        let v = self.vae_scale_factor();
+        Ok((batch, self.unet.config.in_channels, height / v, width / v))
     }
 
     fn ids(&self, tokenizer: &ClipTokenizer, prompts: &[&str]) -> Result<Tensor> {
@@ -258,7 +314,7 @@ impl Pipeline {
     /// Images in [0, 1], `(B, C, H, W)`, f32, from final latents (through the VAE when there is one).
     pub fn to_images(&self, latents: &Tensor) -> Result<Tensor> {
         let x = match &self.vae {
-            Some(v) => v.decode_latents(&latents.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?,
+            Some(v) => v.decode_latents(&latents.to_dtype(self.vae_dtype)?)?.to_dtype(DType::F32)?,
             None => latents.to_dtype(DType::F32)?,
         };
         Ok(((x / 2.0)? + 0.5)?.clamp(0.0, 1.0)?)

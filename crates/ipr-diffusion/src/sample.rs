@@ -40,6 +40,8 @@ pub struct SampleRequest {
     /// A LoRA adapter (folder with `pytorch_lora_weights.safetensors`, or the file) to apply,
     /// merged into the weights ([`crate::lora_io`] lists the layouts read).
     pub lora: Option<PathBuf>,
+    /// `(height, width)` in pixels when not given by `latents`; `None`: the model's native size.
+    pub size: Option<(usize, usize)>,
 }
 
 impl Default for SampleRequest {
@@ -56,6 +58,7 @@ impl Default for SampleRequest {
             device: "cpu".into(),
             dtype: None,
             lora: None,
+            size: None,
         }
     }
 }
@@ -179,7 +182,10 @@ pub fn sample(req: &SampleRequest) -> Result<SampleOutput> {
             l.to_device(&device)?
         }
         None => {
-            let (_, c, h, w) = pipe.latent_shape(b);
+            let (_, c, h, w) = match req.size {
+                Some((height, width)) => pipe.latent_shape_for(b, height, width)?,
+                None => pipe.latent_shape(b),
+            };
             let seeds: Vec<u64> = (0..b as u64).map(|i| req.seed.wrapping_add(i)).collect();
             crate::noise::randn_per_sample(&seeds, &[c, h, w], DType::F32, &device)?
         }

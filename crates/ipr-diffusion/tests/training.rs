@@ -288,6 +288,9 @@ fn request(data: &Path, out: &Path, steps: usize) -> TrainRequest {
         flip_vocab: None,
         checkpoint_every: 0,
         device: "cpu".into(),
+        dtype: None,
+        vae_dtype: None,
+        resolution: None,
     }
 }
 

@@ -32,15 +32,35 @@ pub struct RunConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// "toy" (the shipped base model) or a diffusers-format folder.
+    /// "toy" (the shipped base model), a diffusers-format folder, or a Hugging Face repo id
+    /// found in the local cache (`stabilityai/stable-diffusion-2-1`).
     pub source: String,
     /// "cpu" or "cuda".
     pub device: String,
+    /// Weights and activations: "f32", "bf16" or "f16"; unset = f32 on the CPU, bf16 on CUDA.
+    /// LoRA adapters, gradients, optimiser state and the sampler's latents stay f32.
+    pub dtype: Option<String>,
+    /// The VAE's own precision (unset = `dtype`): SDXL's original VAE overflows in f16, so
+    /// `vae_dtype = "f32"` keeps it exact while the UNet runs in half precision.
+    pub vae_dtype: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PromptsConfig {
+    /// "toy" (the shapes world's split) or "sr2d" (VISOR's SR2D over COCO-80, its pairs split
+    /// by `split_seed`); unset = "toy" for the toy model, "sr2d" for any other.
+    pub set: Option<PromptSetName>,
+    /// SR2D: the seed of the pair split (training / validation / held-out).
+    pub split_seed: u64,
+    /// SR2D: fraction of the 3,160 unordered pairs held out for choosing settings.
+    pub validation_fraction: f64,
+    /// SR2D: fraction of the pairs held out for reporting (never sampled in training).
+    pub heldout_fraction: f64,
+    /// SR2D training prompts: "pairs" (every spatial prompt of the training pairs) or
+    /// "ipr-paper" (exactly the public code's 100 prompt ids; their pairs are kept out of the
+    /// validation and held-out pairs).
+    pub train: TrainPrompts,
     /// Use at most N training prompts, evenly spaced through the list (0: all).
     pub max_train: u32,
     /// Use at most N evaluation prompts of each split, evenly spaced (0: all).
@@ -54,20 +74,28 @@ pub struct SamplingConfig {
     pub images_per_prompt: u32,
     pub steps: u32,
     pub guidance_scale: f64,
-    /// "ddim" or "euler".
+    /// "ddim", "euler" or "dpmsolver++" (diffusers' DPMSolverMultistepScheduler, 2nd order).
     pub scheduler: String,
     pub batch_size: u32,
+    /// Image size in pixels; unset = the model's native size (`unet.sample_size` times the
+    /// VAE's factor). Must be a multiple of the model's factor (VAE x UNet downsampling).
+    pub height: Option<u32>,
+    pub width: Option<u32>,
+    /// The negative prompt of every image (unset: the pipeline's default, "" or SDXL's zeros).
+    pub negative_prompt: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectorConfig {
-    /// "toy" (exact) or "owlvit".
+    /// "toy" (exact), "owlvit" or "owlv2".
     pub kind: String,
     /// Score threshold (OWL-ViT; VISOR uses 0.1).
     pub threshold: f64,
     /// Model folder for learned detectors.
     pub model: Option<PathBuf>,
+    /// The text query of a class for learned detectors; `{}` is the class name.
+    pub query: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +138,30 @@ pub struct EvalConfig {
     pub images_per_prompt: u32,
     /// Fixed seed of the evaluation noise, the same for every round so rounds compare.
     pub seed: u64,
+    /// A CLIP model folder (transformers' CLIPModel; the paper used ViT-L/14): adds each
+    /// evaluated model's CLIP score against the original prompts.
+    pub clip_model: Option<PathBuf>,
+    /// The detector that scores the evaluation, apart from the one that judges training
+    /// samples. Unset: for SR2D, VISOR's protocol (OWL-ViT from `detector.model`, queries
+    /// "a photo of a {}", threshold 0.1); for the toy world, the exact detector.
+    pub detector: Option<DetectorConfig>,
+}
+
+/// The prompt sets a run can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptSetName {
+    Toy,
+    Sr2d,
+}
+
+/// Which SR2D prompts are sampled for training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrainPrompts {
+    #[serde(rename = "pairs")]
+    Pairs,
+    #[serde(rename = "ipr-paper")]
+    IprPaper,
 }
 
 impl Default for RunConfig {
@@ -133,7 +185,7 @@ impl Default for RunConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { source: "toy".into(), device: "cpu".into() }
+        ModelConfig { source: "toy".into(), device: "cpu".into(), dtype: None, vae_dtype: None }
     }
 }
 
@@ -141,7 +193,15 @@ impl Default for PromptsConfig {
     /// The demo: every training prompt; 56 evaluation prompts per split (all 56 held-out ones,
     /// every third of the 168 seen ones), to keep `ipr run` within minutes on 2 cores.
     fn default() -> Self {
-        PromptsConfig { max_train: 0, max_eval: 56 }
+        PromptsConfig {
+            set: None,
+            split_seed: 0,
+            validation_fraction: 0.1,
+            heldout_fraction: 0.1,
+            train: TrainPrompts::Pairs,
+            max_train: 0,
+            max_eval: 56,
+        }
     }
 }
 
@@ -155,13 +215,16 @@ impl Default for SamplingConfig {
             guidance_scale: 4.0,
             scheduler: "ddim".into(),
             batch_size: 64,
+            height: None,
+            width: None,
+            negative_prompt: None,
         }
     }
 }
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        DetectorConfig { kind: "toy".into(), threshold: 0.1, model: None }
+        DetectorConfig { kind: "toy".into(), threshold: 0.1, model: None, query: "a photo of a {}".into() }
     }
 }
 
@@ -196,11 +259,138 @@ impl Default for TrainConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { images_per_prompt: 4, seed: 1_000_003 }
+        EvalConfig { images_per_prompt: 4, seed: 1_000_003, detector: None, clip_model: None }
+    }
+}
+
+/// The samplers `sampling.scheduler` takes.
+pub const SCHEDULERS: [&str; 3] = ["ddim", "euler", "dpmsolver++"];
+
+fn quoted(names: &[&str]) -> String {
+    names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+}
+
+/// `f32`, `bf16` or `f16`.
+pub fn parse_dtype(name: &str) -> Result<candle_core::DType, String> {
+    match name {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        other => Err(format!("{other:?} is not a dtype, expected \"f32\", \"bf16\" or \"f16\"")),
+    }
+}
+
+/// `owner/name` that is not an existing path: a Hugging Face repo id, looked up in the local
+/// cache when the run starts.
+pub fn is_hub_id(source: &str) -> bool {
+    let mut parts = source.split('/');
+    let ok = |s: Option<&str>| s.is_some_and(|s| !s.is_empty() && !s.starts_with('.'));
+    ok(parts.next()) && ok(parts.next()) && parts.next().is_none() && !Path::new(source).exists()
+}
+
+impl PromptsConfig {
+    /// The SR2D pair split's rule.
+    pub fn split_rule(&self) -> ipr_core::pair_split::SplitRule {
+        ipr_core::pair_split::SplitRule {
+            seed: self.split_seed,
+            validation: self.validation_fraction,
+            heldout: self.heldout_fraction,
+        }
+    }
+}
+
+impl DetectorConfig {
+    /// One line for reports: kind, model, threshold and query.
+    pub fn describe(&self) -> String {
+        match self.kind.as_str() {
+            "toy" => "the exact toy detector".into(),
+            kind => format!(
+                "{kind} {} (score > {}, query {:?})",
+                self.model.as_ref().map(|m| m.display().to_string()).unwrap_or_default(),
+                self.threshold,
+                self.query
+            ),
+        }
+    }
+
+    fn validate(&self, key: &str) -> Result<(), String> {
+        match self.kind.as_str() {
+            "toy" => {}
+            "owlvit" | "owlv2" => {
+                let Some(m) = &self.model else {
+                    return Err(format!("{key}.model must be set when {key}.kind = {:?}", self.kind));
+                };
+                if !is_hub_id(&m.to_string_lossy()) && !m.join("config.json").is_file() {
+                    return Err(format!(
+                        "{key}.model {}: no config.json there (expected an {} folder)",
+                        m.display(),
+                        if self.kind == "owlv2" { "Owlv2ForObjectDetection" } else { "OwlViTForObjectDetection" }
+                    ));
+                }
+            }
+            other => return Err(format!("{key}.kind is {other:?}, expected \"toy\", \"owlvit\" or \"owlv2\"")),
+        }
+        if !(self.threshold.is_finite() && (0.0..1.0).contains(&self.threshold)) {
+            return Err(format!("{key}.threshold is {}, expected a number in [0, 1)", self.threshold));
+        }
+        if self.query.matches("{}").count() != 1 {
+            return Err(format!(
+                "{key}.query is {:?}, expected a template with one {{}} for the class name",
+                self.query
+            ));
+        }
+        Ok(())
     }
 }
 
 impl RunConfig {
+    /// The prompt set in force: `prompts.set`, or "toy" for the toy model and "sr2d" otherwise.
+    pub fn prompt_set(&self) -> PromptSetName {
+        self.prompts.set.unwrap_or(if self.model.source == "toy" { PromptSetName::Toy } else { PromptSetName::Sr2d })
+    }
+
+    /// The detector that scores the evaluation: `[eval.detector]`, else VISOR's protocol for SR2D
+    /// (the feedback detector's model with VISOR's query and threshold 0.1), else (the toy
+    /// world) the exact detector.
+    pub fn eval_detector(&self) -> DetectorConfig {
+        match (&self.eval.detector, self.prompt_set()) {
+            (Some(d), _) => d.clone(),
+            (None, PromptSetName::Sr2d) => DetectorConfig {
+                kind: self.detector.kind.clone(),
+                model: self.detector.model.clone(),
+                threshold: ipr_detect::owlvit::detector::VISOR_THRESHOLD,
+                query: ipr_detect::owlvit::detector::VISOR_QUERY_TEMPLATE.into(),
+            },
+            (None, PromptSetName::Toy) => DetectorConfig::default(),
+        }
+    }
+
+    /// The image size in pixels, `(height, width)`, when `sampling.height` / `width` set it;
+    /// a side left unset takes the other's value.
+    pub fn image_size(&self) -> Option<(usize, usize)> {
+        match (self.sampling.height, self.sampling.width) {
+            (None, None) => None,
+            (h, w) => {
+                let (h, w) = (h.or(w).unwrap() as usize, w.or(h).unwrap() as usize);
+                Some((h, w))
+            }
+        }
+    }
+
+    /// The weights' dtype on `device`: `model.dtype`, else f32 on the CPU and bf16 on CUDA.
+    pub fn dtype(&self) -> candle_core::DType {
+        match &self.model.dtype {
+            Some(d) => parse_dtype(d).expect("validated"),
+            None if self.model.device == "cpu" => candle_core::DType::F32,
+            None => candle_core::DType::BF16,
+        }
+    }
+
+    /// The VAE's dtype: `model.vae_dtype`, else [`Self::dtype`].
+    pub fn vae_dtype(&self) -> candle_core::DType {
+        self.model.vae_dtype.as_deref().map(|d| parse_dtype(d).expect("validated")).unwrap_or(self.dtype())
+    }
+
     /// Parse `run.toml` text; unknown keys and wrong types name the key.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, String> {
         let c: RunConfig = toml::from_str(text).map_err(|e| format!("{}: {}", path.display(), e.to_string().trim()))?;
@@ -241,32 +431,65 @@ impl RunConfig {
                 self.sampling.guidance_scale
             ));
         }
-        if !["ddim", "euler"].contains(&self.sampling.scheduler.as_str()) {
-            return Err(format!("sampling.scheduler is {:?}, expected \"ddim\" or \"euler\"", self.sampling.scheduler));
-        }
-        if !["cpu", "cuda"].contains(&self.model.device.as_str()) {
-            return Err(format!("model.device is {:?}, expected \"cpu\" or \"cuda\"", self.model.device));
-        }
-        if self.model.source != "toy" && !Path::new(&self.model.source).join("model_index.json").is_file() {
+        if !SCHEDULERS.contains(&self.sampling.scheduler.as_str()) {
             return Err(format!(
-                "model.source {:?} is neither \"toy\" nor a diffusers folder (no model_index.json there)",
+                "sampling.scheduler is {:?}, expected one of {}",
+                self.sampling.scheduler,
+                quoted(&SCHEDULERS)
+            ));
+        }
+        for (key, v) in [("sampling.height", self.sampling.height), ("sampling.width", self.sampling.width)] {
+            if let Some(v) = v {
+                if v == 0 || v > 8192 {
+                    return Err(format!("{key} is {v}, expected a size in pixels from 1 to 8192"));
+                }
+            }
+        }
+        if !["cpu", "cuda"].contains(&self.model.device.as_str())
+            && self.model.device.strip_prefix("cuda:").is_none_or(|n| n.parse::<u32>().is_err())
+        {
+            return Err(format!("model.device is {:?}, expected \"cpu\", \"cuda\" or \"cuda:N\"", self.model.device));
+        }
+        for (key, v) in [("model.dtype", &self.model.dtype), ("model.vae_dtype", &self.model.vae_dtype)] {
+            if let Some(v) = v {
+                parse_dtype(v).map_err(|e| format!("{key}: {e}"))?;
+            }
+        }
+        if self.model.source != "toy"
+            && !is_hub_id(&self.model.source)
+            && !Path::new(&self.model.source).join("model_index.json").is_file()
+        {
+            return Err(format!(
+                "model.source {:?} is neither \"toy\", a diffusers folder (no model_index.json there) nor a \
+                     Hugging Face repo id (owner/name)",
                 self.model.source
             ));
         }
-        match self.detector.kind.as_str() {
-            "toy" => {}
-            "owlvit" => {
-                if self.detector.model.as_ref().is_none_or(|m| !m.join("config.json").is_file()) {
-                    return Err(
-                        "detector.model must be an OWL-ViT folder with config.json when detector.kind = \"owlvit\""
-                            .into(),
-                    );
-                }
-            }
-            other => return Err(format!("detector.kind is {other:?}, expected \"toy\" or \"owlvit\"")),
+        if self.prompt_set() == PromptSetName::Toy && self.model.source != "toy" {
+            return Err("prompts.set is \"toy\" but model.source is not the toy model: the toy prompts name shapes \
+                        only the toy model draws (use prompts.set = \"sr2d\")"
+                .into());
         }
-        if !(self.detector.threshold.is_finite() && (0.0..1.0).contains(&self.detector.threshold)) {
-            return Err(format!("detector.threshold is {}, expected a number in [0, 1)", self.detector.threshold));
+        self.prompts
+            .split_rule()
+            .check()
+            .map_err(|e| format!("prompts.validation_fraction / prompts.heldout_fraction: {e}"))?;
+        self.detector.validate("detector")?;
+        if let Some(d) = &self.eval.detector {
+            d.validate("eval.detector")?;
+        }
+        if self.prompt_set() == PromptSetName::Sr2d && self.eval.detector.is_none() && self.detector.kind == "toy" {
+            return Err("prompts.set = \"sr2d\" is evaluated with OWL-ViT (VISOR's protocol): set detector.kind = \
+                        \"owlvit\" with detector.model, or an [eval.detector]"
+                .into());
+        }
+        if let Some(m) = &self.eval.clip_model {
+            if !m.join("config.json").is_file() {
+                return Err(format!(
+                    "eval.clip_model {}: no config.json there (expected a CLIPModel folder)",
+                    m.display()
+                ));
+            }
         }
         self.relabel.weights.validate().map_err(|e| format!("relabel.{e}"))?;
         positive("train.lora_rank", self.train.lora_rank)?;
@@ -333,10 +556,46 @@ mod tests {
             ("[train]\ntimestep_range = [900, 100]", "train.timestep_range is [900, 100]"),
             ("[train]\nlora_targets = []", "train.lora_targets"),
             ("[train]\nmin_snr_gamma = -5.0", "train.min_snr_gamma"),
+            ("[prompts]\nset = \"coco\"", "set"),
+            ("[prompts]\ntrain = \"all\"", "train"),
+            ("[prompts]\nheldout_fraction = 0.95", "prompts.validation_fraction / prompts.heldout_fraction"),
+            ("[model]\ndtype = \"f8\"", "model.dtype: \"f8\" is not a dtype"),
+            ("[model]\nvae_dtype = \"int8\"", "model.vae_dtype"),
+            ("[model]\ndevice = \"tpu\"", "model.device is \"tpu\""),
+            ("[sampling]\nheight = 0", "sampling.height is 0"),
+            ("[sampling]\nscheduler = \"unipc\"", "expected one of \"ddim\", \"euler\", \"dpmsolver++\""),
+            ("[detector]\nkind = \"glip\"", "detector.kind is \"glip\""),
+            ("[detector]\nquery = \"a photo\"", "detector.query"),
+            ("[eval.detector]\nkind = \"owlv2\"", "eval.detector.model must be set"),
+            ("[eval]\nclip_model = \"/nonexistent\"", "eval.clip_model /nonexistent"),
+            ("[prompts]\nset = \"sr2d\"", "prompts.set = \"sr2d\" is evaluated with OWL-ViT"),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.starts_with("run.toml: ") && e.contains(want), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn real_model_settings_resolve() {
+        let c = parse("[model]\nsource = \"stabilityai/stable-diffusion-2-1\"\ndevice = \"cuda\"\n[detector]\nkind = \"owlvit\"\nmodel = \"google/owlvit-base-patch32\"\nthreshold = 0.3\n[sampling]\nheight = 512").unwrap();
+        assert_eq!(c.prompt_set(), PromptSetName::Sr2d, "a real model defaults to SR2D");
+        assert_eq!((c.dtype(), c.vae_dtype()), (candle_core::DType::BF16, candle_core::DType::BF16));
+        assert_eq!(c.image_size(), Some((512, 512)), "an unset side takes the other's value");
+        let e = c.eval_detector();
+        assert_eq!(
+            (e.kind.as_str(), e.threshold, e.query.as_str()),
+            ("owlvit", 0.1, "a photo of a {}"),
+            "VISOR's protocol"
+        );
+        assert_eq!(e.model, c.detector.model);
+        let toy = RunConfig::default();
+        assert_eq!(
+            (toy.prompt_set(), toy.dtype(), toy.eval_detector().kind.as_str()),
+            (PromptSetName::Toy, candle_core::DType::F32, "toy")
+        );
+        let e = parse("[model]\nsource = \"a/b\"\nvae_dtype = \"f32\"\ndtype = \"f16\"\n[prompts]\nset = \"toy\"")
+            .unwrap_err();
+        assert!(e.contains("prompts.set is \"toy\" but model.source is not the toy model"), "{e}");
     }
 
     /// Every config shipped under `examples/` parses and validates (the README runs them).

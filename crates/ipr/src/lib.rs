@@ -8,6 +8,7 @@ pub mod detection;
 pub mod metrics_file;
 pub mod pretrain;
 pub mod progress;
+pub mod prompt_sets;
 pub mod report;
 pub mod run_loop;
 pub mod sampling;

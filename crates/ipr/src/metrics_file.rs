@@ -1,9 +1,10 @@
 //! `metrics.json` of a run: one row per (method, iteration, split) with VISOR's headline
 //! numbers and the strict IPR judge's accuracy.
 //!
-//! Schema: `{"rows": [{"iteration": int, "split": "seen"|"heldout", "OA", "VISOR_uncond",
-//! "VISOR_cond", "VISOR_1", "VISOR_2", "VISOR_3", "VISOR_4", "IPR_strict", "method"}]}`.
-//! Iteration 0 is the base model.
+//! Schema: `{"rows": [{"iteration": int, "split": "seen"|"validation"|"heldout", "OA",
+//! "VISOR_uncond", "VISOR_cond", "VISOR_1", "VISOR_2", "VISOR_3", "VISOR_4", "IPR_strict",
+//! "method", "CLIP_score"?}]}`. Iteration 0 is the base model; `CLIP_score` is present when the
+//! run has `eval.clip_model`.
 
 use ipr_core::metrics::VisorMetrics;
 use serde::{Deserialize, Serialize};
@@ -15,16 +16,19 @@ use std::path::Path;
 pub enum EvalSplit {
     /// Prompts over the training pairs (the ones IPR learns from).
     Seen,
-    /// Prompts over held-out pairs (evaluation only).
+    /// Prompts over validation pairs: never trained on, used to choose settings.
+    Validation,
+    /// Prompts over held-out pairs: never trained on, only reported.
     Heldout,
 }
 
 impl EvalSplit {
-    pub const ALL: [EvalSplit; 2] = [EvalSplit::Seen, EvalSplit::Heldout];
+    pub const ALL: [EvalSplit; 3] = [EvalSplit::Seen, EvalSplit::Validation, EvalSplit::Heldout];
 
     pub fn name(self) -> &'static str {
         match self {
             EvalSplit::Seen => "seen",
+            EvalSplit::Validation => "validation",
             EvalSplit::Heldout => "heldout",
         }
     }
@@ -54,6 +58,9 @@ pub struct MetricsRow {
     pub ipr_strict: f64,
     /// The method that produced the model ("ipr", "pr", "filter", "weighted"; "base" for 0).
     pub method: String,
+    /// CLIP score (torchmetrics' definition) against the original prompts, with `eval.clip_model`.
+    #[serde(rename = "CLIP_score", default, skip_serializing_if = "Option::is_none")]
+    pub clip_score: Option<f64>,
 }
 
 impl MetricsRow {
@@ -70,6 +77,7 @@ impl MetricsRow {
             visor_4: m.visor_4,
             ipr_strict,
             method: method.to_string(),
+            clip_score: None,
         }
     }
 }

@@ -82,15 +82,21 @@ figure.count img{border-color:#d62728}figure.dropped img{border-color:#777}\
 figcaption span{display:block}.new{color:#b35900}.reason{color:#777}pre{background:#f6f6f6;padding:1em;overflow:auto}";
 
 fn table(rows: &[&MetricsRow]) -> String {
+    let clip = rows.iter().any(|r| r.clip_score.is_some());
     let mut h = String::from(
-        "<table><tr><th class=\"l\">method</th><th>round</th><th>OA</th><th>VISOR_uncond</th><th>VISOR_cond</th><th>VISOR_1</th><th>VISOR_2</th><th>VISOR_3</th><th>VISOR_4</th><th>IPR strict</th></tr>\n",
+        "<table><tr><th class=\"l\">method</th><th>round</th><th>OA</th><th>VISOR_uncond</th><th>VISOR_cond</th><th>VISOR_1</th><th>VISOR_2</th><th>VISOR_3</th><th>VISOR_4</th><th>IPR strict</th>",
     );
+    h.push_str(if clip { "<th>CLIP score</th></tr>\n" } else { "</tr>\n" });
     for r in rows {
-        let _ = writeln!(
+        let _ = write!(
             h,
-            "<tr><td class=\"l\">{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+            "<tr><td class=\"l\">{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td>",
             esc(&r.method), r.iteration, r.oa, r.visor_uncond, r.visor_cond, r.visor_1, r.visor_2, r.visor_3, r.visor_4, r.ipr_strict
         );
+        if clip {
+            let _ = write!(h, "<td>{}</td>", r.clip_score.map(|c| format!("{c:.2}")).unwrap_or_default());
+        }
+        h.push_str("</tr>\n");
     }
     h.push_str("</table>\n");
     h
@@ -145,7 +151,11 @@ fn plot(rows: &[MetricsRow]) -> String {
                 continue;
             }
             let color = COLORS[mi % COLORS.len()];
-            let dash = if split == EvalSplit::Heldout { " stroke-dasharray=\"6 4\"" } else { "" };
+            let dash = match split {
+                EvalSplit::Seen => "",
+                EvalSplit::Validation => " stroke-dasharray=\"2 3\"",
+                EvalSplit::Heldout => " stroke-dasharray=\"6 4\"",
+            };
             let path: Vec<String> = pts.iter().map(|&(i, v)| format!("{:.1},{:.1}", x(i as f64), y(v))).collect();
             let _ = writeln!(
                 s,
@@ -239,6 +249,7 @@ mod tests {
             visor_4: v,
             ipr_strict: v,
             method: method.into(),
+            clip_score: None,
         };
         let rows = [
             row("base", 0, EvalSplit::Seen, 30.0),

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! runs/<name>/run.toml                  the resolved config (a resumed run must match it)
+//! runs/<name>/prompts/<set>.json        the prompt tables of the run (train, seen, validation,
+//!                                       heldout) in VISOR's row format, SR2D ids kept
 //! runs/<name>/round-<r>/samples/        training prompts sampled from model r (imagefolder)
 //! runs/<name>/round-<r>/detections.jsonl
 //! runs/<name>/round-<r>/labelled/       judged + relabeled (imagefolder: the round's feedback)
@@ -19,17 +21,16 @@
 
 use crate::config::RunConfig;
 use crate::metrics_file::{EvalSplit, MetricsFile, MetricsRow};
+use crate::prompt_sets::PromptSets;
 use crate::sampling::{sample_images, write_sample_folder, PromptJob, SampleSettings};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use ipr_core::dataset::{read_detections, read_imagefolder, LabelledRow};
+use candle_core::Device;
+use ipr_core::dataset::{read_detections, read_imagefolder, LabelledRow, SampleRow};
 use ipr_core::metrics::visor_metrics;
 use ipr_core::sr2d::PromptRow;
 use ipr_core::stages::{relabel_detections, score_detections, write_labelled_folder, JudgeSummary};
-use ipr_core::Vocabulary;
 use ipr_detect::Detector;
 use ipr_diffusion::pipeline::{Pipeline, SampleParams};
-use ipr_diffusion::scheduler::SamplerKind;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,9 @@ impl RunLayout {
     }
     pub fn config(&self) -> PathBuf {
         self.root.join("run.toml")
+    }
+    pub fn prompts(&self) -> PathBuf {
+        self.root.join("prompts")
     }
     pub fn round(&self, r: u32) -> PathBuf {
         self.root.join(format!("round-{r}"))
@@ -75,57 +79,14 @@ impl RunLayout {
     }
 }
 
-/// The prompts of a run: training prompts (IPR samples these) and the evaluation prompts of
-/// each split, with the vocabulary they are written in.
-pub struct PromptSets {
-    pub vocab: Vocabulary,
-    pub train: Vec<PromptRow>,
-    pub seen: Vec<PromptRow>,
-    pub heldout: Vec<PromptRow>,
-}
-
-impl PromptSets {
-    /// The toy world's fixed split: spatial prompts over training pairs (seen) and held-out pairs.
-    pub fn toy() -> Self {
-        let split = ipr_toy::PairSplit::fixed();
-        let seen = split.spatial_rows(ipr_toy::Split::Train);
-        Self {
-            vocab: ipr_toy::vocabulary(),
-            train: seen.clone(),
-            seen,
-            heldout: split.spatial_rows(ipr_toy::Split::HeldOut),
-        }
-    }
-
-    /// Keep at most `max_train` training and `max_eval` evaluation prompts per split (0: all),
-    /// evenly spaced through each list (prompt `i * len / n` for `i < n`) so that every part of
-    /// it (pairs, relations, word orders) stays represented.
-    pub fn truncated(mut self, max_train: u32, max_eval: u32) -> Self {
-        let cut = |rows: &mut Vec<PromptRow>, n: u32| {
-            let (n, len) = (n as usize, rows.len());
-            if n > 0 && n < len {
-                *rows = (0..n).map(|i| rows[i * len / n].clone()).collect();
-            }
-        };
-        cut(&mut self.train, max_train);
-        cut(&mut self.seen, max_eval);
-        cut(&mut self.heldout, max_eval);
-        self
-    }
-
-    fn eval_rows(&self, split: EvalSplit) -> &[PromptRow] {
-        match split {
-            EvalSplit::Seen => &self.seen,
-            EvalSplit::Heldout => &self.heldout,
-        }
-    }
-}
-
 /// `metrics.json` of one evaluation (also the stage's completion marker).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalRecord {
     pub metrics: ipr_core::metrics::VisorMetrics,
     pub strict: JudgeSummary,
+    /// CLIP score of the split's images against their prompts, with `eval.clip_model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_score: Option<f64>,
 }
 
 /// Everything the stages share.
@@ -134,7 +95,13 @@ pub struct Run<'a> {
     pub layout: RunLayout,
     pub prompts: PromptSets,
     pub model: PathBuf,
+    /// Judges the training samples (the feedback IPR learns from).
     pub detector: &'a dyn Detector,
+    /// Scores the evaluation: kept apart from `detector`, so that a loop cannot learn its own
+    /// judge's blind spots and report them as progress.
+    pub eval_detector: &'a dyn Detector,
+    /// CLIP scorer for the evaluation images (`eval.clip_model`).
+    pub clip: Option<&'a ipr_detect::ClipScorer>,
     pub device: Device,
     pub quiet: bool,
 }
@@ -151,22 +118,18 @@ impl Run<'_> {
     }
 
     fn sample_params(&self) -> Result<SampleParams> {
-        let sampler = match self.config.sampling.scheduler.as_str() {
-            "ddim" => SamplerKind::Ddim,
-            "euler" => SamplerKind::Euler,
-            other => bail!("sampling.scheduler {other:?}"),
-        };
         Ok(SampleParams {
             num_inference_steps: self.config.sampling.steps as usize,
             guidance_scale: self.config.sampling.guidance_scale,
-            sampler,
+            sampler: ipr_diffusion::sample::sampler_from_name(&self.config.sampling.scheduler)?,
         })
     }
 
     /// The base model, with the adapter of model `i` merged in when `i > 0`.
     fn pipeline(&self, i: u32) -> Result<Pipeline> {
-        let mut pipe = Pipeline::load(&self.model, DType::F32, &self.device)
-            .with_context(|| format!("loading {}", self.model.display()))?;
+        let mut pipe =
+            Pipeline::load_with_vae_dtype(&self.model, self.config.dtype(), self.config.vae_dtype(), &self.device)
+                .with_context(|| format!("loading {}", self.model.display()))?;
         if i > 0 {
             let lora = self.layout.lora(i);
             ipr_diffusion::train::load_lora(&mut pipe, &lora).with_context(|| format!("loading {}", lora.display()))?;
@@ -188,6 +151,8 @@ impl Run<'_> {
             params: self.sample_params()?,
             seed,
             batch_size: self.config.sampling.batch_size as usize,
+            size: self.config.image_size(),
+            negative_prompt: self.config.sampling.negative_prompt.clone(),
         };
         let jobs = jobs(rows);
         let pb = crate::progress::bar(jobs.len() as u64 * u64::from(images_per_prompt), "sample", self.quiet);
@@ -196,12 +161,12 @@ impl Run<'_> {
         write_sample_folder(out, &samples)
     }
 
-    /// Detect every image of `samples` into `out` (skipped when `out` exists).
-    fn detect_stage(&self, samples: &Path, out: &Path) -> Result<()> {
+    /// Detect every image of `samples` with `detector` into `out` (skipped when `out` exists).
+    fn detect_stage(&self, detector: &dyn Detector, samples: &Path, out: &Path) -> Result<()> {
         if out.exists() {
             return Ok(());
         }
-        let rows = crate::detection::detect_folder(self.detector, samples, None, &self.prompts.vocab, self.quiet)?;
+        let rows = crate::detection::detect_folder(detector, samples, None, &self.prompts.vocab, self.quiet)?;
         ipr_core::fs::write_jsonl(out, &rows)?;
         Ok(())
     }
@@ -217,23 +182,42 @@ impl Run<'_> {
         let (samples, detections) = (dir.join("samples"), dir.join("detections.jsonl"));
         let rows = self.prompts.eval_rows(split);
         self.sample_stage(i, rows, self.config.eval.images_per_prompt, self.config.eval.seed, &samples)?;
-        self.detect_stage(&samples, &detections)?;
+        self.detect_stage(self.eval_detector, &samples, &detections)?;
         let found = read_detections(&detections)?;
         let scored = score_detections(&found, &self.prompts.vocab).map_err(anyhow::Error::msg)?;
         ipr_core::visor_format::write_results(&dir.join("visor_results.json"), &scored.entries)?;
         let metrics = visor_metrics(&scored.scores).map_err(anyhow::Error::msg)?;
         let strict = scored.strict;
-        let out = EvalRecord { metrics, strict };
+        let clip_score = match self.clip {
+            Some(scorer) => Some(self.clip_stage(scorer, &samples, &dir.join("clip_scores.json"))?),
+            None => None,
+        };
+        let out = EvalRecord { metrics, strict, clip_score };
         ipr_core::fs::write_json(&record, &out)?;
         self.log(format!(
-            "model {i} {:<7}: OA {:6.2}  VISOR_uncond {:6.2}  VISOR_cond {:6.2}  strict {:6.2}",
+            "model {i} {:<10}: OA {:6.2}  VISOR_uncond {:6.2}  VISOR_cond {:6.2}  strict {:6.2}{}",
             split.name(),
             metrics.oa,
             metrics.visor_uncond,
             metrics.visor_cond,
-            strict.strict_accuracy()
+            strict.strict_accuracy(),
+            clip_score.map(|c| format!("  CLIP {c:6.2}")).unwrap_or_default()
         ));
         Ok(out)
+    }
+
+    /// CLIP score of every image of `samples` against the prompt it was sampled from (the
+    /// original prompt, never a relabeled one); per-image scores go to `out`.
+    fn clip_stage(&self, scorer: &ipr_detect::ClipScorer, samples: &Path, out: &Path) -> Result<f64> {
+        let rows: Vec<SampleRow> = read_imagefolder(samples)?;
+        let pb = crate::progress::bar(rows.len() as u64, "clip", self.quiet);
+        let (per_image, score) =
+            ipr_detect::folder::clip_score_rows(scorer, samples, &rows, 16, &mut |n, _| pb.set_position(n as u64))?;
+        pb.finish_and_clear();
+        let per_image: serde_json::Map<String, serde_json::Value> =
+            per_image.into_iter().map(|(f, s)| (f, serde_json::Value::from(f64::from(s)))).collect();
+        ipr_core::fs::write_json(out, &serde_json::json!({"clip_score": score, "images": per_image}))?;
+        Ok(score)
     }
 
     /// Judge and relabel round `r`'s detections (skipped when the labelled folder exists).
@@ -333,19 +317,23 @@ pub fn run(run: &Run) -> Result<MetricsFile> {
     let mut metrics = MetricsFile::default();
     let mut push = |i: u32, split: EvalSplit, rec: &EvalRecord| {
         let name = if i == 0 { "base" } else { method.name() };
-        metrics.rows.push(MetricsRow::new(name, i, split, &rec.metrics, rec.strict.strict_accuracy()));
+        let mut row = MetricsRow::new(name, i, split, &rec.metrics, rec.strict.strict_accuracy());
+        row.clip_score = rec.clip_score;
+        metrics.rows.push(row);
     };
-    for split in EvalSplit::ALL {
+    run.prompts.write_tables(&run.layout.prompts())?;
+    let splits = run.prompts.splits();
+    for &split in &splits {
         push(0, split, &run.eval_stage(0, split)?);
     }
     for r in 0..rounds {
         run.log(format!("== round {} of {rounds} ({method})", r + 1));
         let seed = round_seed(c.seed, r, 1);
         run.sample_stage(r, &run.prompts.train, c.sampling.images_per_prompt, seed, &run.layout.samples(r))?;
-        run.detect_stage(&run.layout.samples(r), &run.layout.detections(r))?;
+        run.detect_stage(run.detector, &run.layout.samples(r), &run.layout.detections(r))?;
         run.relabel_stage(r)?;
         run.train_stage(r)?;
-        for split in EvalSplit::ALL {
+        for &split in &splits {
             push(r + 1, split, &run.eval_stage(r + 1, split)?);
         }
     }
@@ -357,15 +345,24 @@ pub fn run(run: &Run) -> Result<MetricsFile> {
 pub fn metrics_table(m: &MetricsFile) -> String {
     use crate::metrics_file::VALUE_NAMES;
     let widths = VALUE_NAMES.map(|n| n.len().max(7));
-    let mut s = format!("{:<9} {:>5} {:<8}", "method", "round", "split");
+    // "validation" is wider than the toy table's split column; the toy table keeps its layout.
+    let split_w = m.rows.iter().map(|r| r.split.name().len()).max().unwrap_or(0).max(8);
+    let clip = m.rows.iter().any(|r| r.clip_score.is_some());
+    let mut s = format!("{:<9} {:>5} {:<split_w$}", "method", "round", "split");
     for (name, w) in VALUE_NAMES.iter().zip(widths) {
         s.push_str(&format!(" {name:>w$}"));
     }
+    if clip {
+        s.push_str(" CLIP_score");
+    }
     s.push('\n');
     for r in &m.rows {
-        s.push_str(&format!("{:<9} {:>5} {:<8}", r.method, r.iteration, r.split.name()));
+        s.push_str(&format!("{:<9} {:>5} {:<split_w$}", r.method, r.iteration, r.split.name()));
         for (v, w) in r.values().iter().zip(widths) {
             s.push_str(&format!(" {v:>w$.2}"));
+        }
+        if let Some(c) = r.clip_score {
+            s.push_str(&format!(" {c:>10.2}"));
         }
         s.push('\n');
     }
@@ -405,7 +402,12 @@ pub fn write_report(run: &Run, metrics: &MetricsFile) -> Result<()> {
         config_toml: &config,
         rows: &metrics.rows,
         galleries: &galleries,
-        notes: &metrics_table(metrics),
+        notes: &format!(
+            "{}\ntraining samples judged by: {}\nevaluation scored by: {}\n",
+            metrics_table(metrics),
+            run.config.detector.describe(),
+            run.config.eval_detector().describe()
+        ),
     });
     ipr_core::fs::write_atomic(&run.layout.report(), html.as_bytes())?;
     Ok(())

@@ -28,6 +28,20 @@ pub struct SampleSettings {
     pub seed: u64,
     /// Images per UNet call (classifier-free guidance doubles the UNet batch).
     pub batch_size: usize,
+    /// `(height, width)` in pixels; `None`: the model's native size.
+    pub size: Option<(usize, usize)>,
+    /// The negative prompt of every image; `None`: the pipeline's default.
+    pub negative_prompt: Option<String>,
+}
+
+impl SampleSettings {
+    /// Checks the settings against the model before any image is made (a size that is not a
+    /// multiple of the model's factor is an error naming the side).
+    pub fn check(&self, pipe: &Pipeline) -> Result<()> {
+        let (h, w) = self.size.unwrap_or_else(|| pipe.native_size());
+        pipe.latent_shape_for(1, h, w)?;
+        Ok(())
+    }
 }
 
 /// The noise seed of image `k` of prompt `prompt_id` (SplitMix64 finaliser over the three).
@@ -71,6 +85,7 @@ pub fn sample_images(
 ) -> Result<Vec<(SampleRow, RgbImage)>> {
     let items: Vec<(&PromptJob, u32)> =
         jobs.iter().flat_map(|j| (0..s.images_per_prompt).map(move |k| (j, k))).collect();
+    s.check(pipe)?;
     let batches: Vec<&[(&PromptJob, u32)]> = items.chunks(s.batch_size.max(1)).collect();
     let parallel = if pipe.device.is_cpu() { rayon::current_num_threads().max(1) } else { 1 };
     let mut out = Vec::with_capacity(items.len());
@@ -92,10 +107,14 @@ fn sample_batch(
     s: &SampleSettings,
 ) -> Result<Vec<(SampleRow, RgbImage)>> {
     let seeds: Vec<u64> = batch.iter().map(|(j, k)| image_seed(s.seed, j.prompt_id, *k)).collect();
-    let (_, c, h, w) = pipe.latent_shape(batch.len());
+    let (_, c, h, w) = match s.size {
+        Some((height, width)) => pipe.latent_shape_for(batch.len(), height, width)?,
+        None => pipe.latent_shape(batch.len()),
+    };
     let latents = ipr_diffusion::noise::randn_per_sample(&seeds, &[c, h, w], DType::F32, &pipe.device)?;
     let prompts: Vec<&str> = batch.iter().map(|(j, _)| j.text.as_str()).collect();
-    let final_latents = pipe.generate(&prompts, None, &latents, &s.params)?;
+    let negative: Option<Vec<&str>> = s.negative_prompt.as_deref().map(|n| vec![n]);
+    let final_latents = pipe.generate(&prompts, negative.as_deref(), &latents, &s.params)?;
     let images = to_rgb_images(&pipe.to_images(&final_latents)?)?;
     Ok(batch
         .iter()
@@ -126,6 +145,66 @@ pub fn write_sample_folder(out: &Path, samples: &[(SampleRow, RgbImage)]) -> Res
         let rows: Vec<&SampleRow> = samples.iter().map(|(r, _)| r).collect();
         Ok(ipr_core::fs::write_jsonl(&tmp.join(METADATA), &rows)?)
     })
+}
+
+/// Samples every (prompt, k < `images_per_prompt`) into `out` in VISOR's layout,
+/// `<unique_id>_<k>.png` and nothing else, skipping images already there: a stopped call
+/// resumes and a repeated one rewrites nothing. Each PNG is written under a temporary name and
+/// renamed, so a file that exists is complete. Returns `(made, skipped)`.
+pub fn sample_visor_layout(
+    pipe: &Pipeline,
+    jobs: &[PromptJob],
+    s: &SampleSettings,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(usize, usize)> {
+    s.check(pipe)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    remove_stale_temporaries(out)?;
+    let name = |id: u64, k: u32| format!("{id}_{k}.png");
+    let total = jobs.len() * s.images_per_prompt as usize;
+    let todo: Vec<PromptJob> = jobs
+        .iter()
+        .filter(|j| (0..s.images_per_prompt).any(|k| !out.join(name(j.prompt_id, k)).exists()))
+        .cloned()
+        .collect();
+    let mut skipped = total - todo.len() * s.images_per_prompt as usize;
+    let mut made = 0;
+    // One prompt's images at a time keeps the skip rule per image exact: `sample_images` makes
+    // every k of a prompt, and the ones already on disk are not written again.
+    let per_call =
+        (s.batch_size.max(1) * rayon::current_num_threads().max(1)).div_ceil(s.images_per_prompt as usize).max(1);
+    for chunk in todo.chunks(per_call) {
+        let samples = sample_images(pipe, chunk, s, &mut |_| {})?;
+        for (row, image) in samples {
+            let path = out.join(name(row.prompt_id, row.image_index));
+            if path.exists() {
+                skipped += 1;
+                continue;
+            }
+            let tmp = out.join(format!(".{}.tmp-{}", row.file_name, std::process::id()));
+            image
+                .save_with_format(&tmp, image::ImageFormat::Png)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+            made += 1;
+        }
+        progress(made + skipped, total);
+    }
+    Ok((made, skipped))
+}
+
+/// Removes `.<name>.tmp-<pid>` files a killed call left behind.
+fn remove_stale_temporaries(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".png.tmp-") {
+            std::fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

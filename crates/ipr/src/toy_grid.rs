@@ -3,7 +3,8 @@
 //! from fixed seeds, each pixel drawn as a `scale` x `scale` block, rows and columns separated by
 //! white gutters. The row prompts are returned (and written next to the PNG by the CLI).
 
-use crate::run_loop::PromptSets;
+use crate::metrics_file::EvalSplit;
+use crate::prompt_sets::PromptSets;
 use crate::sampling::{sample_images, PromptJob, SampleSettings};
 use anyhow::Result;
 use candle_core::{DType, Device};
@@ -48,14 +49,20 @@ fn spread<T: Clone>(rows: &[T], n: usize) -> Vec<T> {
 pub fn write_grid(model: &Path, out: &Path, s: &GridSettings) -> Result<Vec<(String, &'static str)>> {
     let prompts = PromptSets::toy();
     let mut rows: Vec<(String, &'static str)> = Vec::new();
-    for (split, set) in [("seen", &prompts.seen), ("heldout", &prompts.heldout)] {
-        rows.extend(spread(set, s.rows_per_split).into_iter().map(|r| (r.text, split)));
+    for split in [EvalSplit::Seen, EvalSplit::Heldout] {
+        rows.extend(spread(prompts.eval_rows(split), s.rows_per_split).into_iter().map(|r| (r.text, split.name())));
     }
     let pipe = Pipeline::load(model, DType::F32, &Device::Cpu)?;
     let jobs: Vec<PromptJob> =
         rows.iter().enumerate().map(|(i, (text, _))| PromptJob { prompt_id: i as u64, text: text.clone() }).collect();
-    let settings =
-        SampleSettings { images_per_prompt: s.columns, params: s.params.clone(), seed: s.seed, batch_size: 32 };
+    let settings = SampleSettings {
+        images_per_prompt: s.columns,
+        params: s.params.clone(),
+        seed: s.seed,
+        batch_size: 32,
+        size: None,
+        negative_prompt: None,
+    };
     let samples = sample_images(&pipe, &jobs, &settings, &mut |_| {})?;
     // Samples come prompt by prompt, `columns` images each: one grid row per prompt.
     let images: Vec<RgbImage> = samples.into_iter().map(|(_, image)| image).collect();

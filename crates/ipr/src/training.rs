@@ -57,6 +57,10 @@ pub fn request(
         flip_vocab: Some(vocab.clone()),
         checkpoint_every: 0,
         device: c.model.device.clone(),
+        dtype: Some(c.dtype()),
+        vae_dtype: Some(c.vae_dtype()),
+        // Trained at the size it samples at: the images are that size already.
+        resolution: c.image_size(),
     }
 }
 
@@ -74,6 +78,18 @@ pub fn lora_configs(c: &RunConfig) -> (LoraConfig, Option<LoraConfig>) {
 /// `train.timestep_range` lies inside its scheduler's timesteps. Run before any work starts; loads
 /// only the UNet, in half precision (the text-encoder targets are fixed and match every CLIP).
 pub fn preflight(c: &RunConfig, model: &Path) -> Result<()> {
+    if let Some((h, w)) = c.image_size() {
+        let f = ipr_diffusion::pipeline::folder_size_factor(model)?;
+        for (key, v) in [("sampling.height", h), ("sampling.width", w)] {
+            if v % f != 0 {
+                anyhow::bail!(
+                    "{key} is {v}, not a multiple of {f}: {} needs image sides divisible by {f} \
+                     (its VAE's factor times its UNet's downsampling)",
+                    model.display()
+                );
+            }
+        }
+    }
     let mut unet = UNet2DConditionModel::load(&model.join("unet"), DType::F16, &Device::Cpu)?;
     let (lora, _) = lora_configs(c);
     attach_unet(&mut unet, &lora, 0).map_err(|e| anyhow!("train.lora_targets: {e}"))?;

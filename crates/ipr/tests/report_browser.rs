@@ -40,6 +40,7 @@ fn report_renders_in_headless_chromium() {
         visor_4: v,
         ipr_strict: v,
         method: method.into(),
+        clip_score: None,
     };
     let rows = [
         row("base", 0, EvalSplit::Seen, 30.0),

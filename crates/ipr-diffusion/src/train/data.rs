@@ -34,19 +34,40 @@ pub struct Example {
     pub size_cond: Option<SizeCond>,
 }
 
-/// Pixels in [-1, 1], `(3, size, size)`, from an image file (resized with a triangle filter when
-/// its size differs).
-pub fn load_image(path: &Path, size: usize) -> Result<Tensor> {
+/// A training image size in pixels; a single number is a square.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSize {
+    pub height: usize,
+    pub width: usize,
+}
+
+impl From<usize> for ImageSize {
+    fn from(size: usize) -> Self {
+        Self { height: size, width: size }
+    }
+}
+
+impl From<(usize, usize)> for ImageSize {
+    /// `(height, width)`.
+    fn from((height, width): (usize, usize)) -> Self {
+        Self { height, width }
+    }
+}
+
+/// Pixels in [-1, 1], `(3, height, width)`, from an image file (resized with a triangle filter
+/// when its size differs).
+pub fn load_image(path: &Path, size: impl Into<ImageSize>) -> Result<Tensor> {
+    let ImageSize { height, width } = size.into();
     let img = image::open(path)
         .map_err(|e| Error::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?
         .to_rgb8();
-    let img = if img.width() as usize != size || img.height() as usize != size {
-        image::imageops::resize(&img, size as u32, size as u32, image::imageops::FilterType::Triangle)
+    let img = if img.width() as usize != width || img.height() as usize != height {
+        image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::Triangle)
     } else {
         img
     };
     let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 127.5 - 1.0).collect();
-    Ok(Tensor::from_vec(data, (size, size, 3), &Device::Cpu)?.permute((2, 0, 1))?.contiguous()?)
+    Ok(Tensor::from_vec(data, (height, width, 3), &Device::Cpu)?.permute((2, 0, 1))?.contiguous()?)
 }
 
 /// Encodes `(3, H, W)` pixels to UNet inputs (through the VAE when there is one).
@@ -69,10 +90,11 @@ pub struct Dataset {
 }
 
 /// Reads `dir` for a model of image `resolution`; with `flip_vocab`, examples whose caption parses
-/// in that vocabulary also get a mirrored copy (image and caption).
+/// in that vocabulary also get a mirrored copy (image and caption). Each image (and its mirror)
+/// goes through the VAE once here, in `dtype` (the VAE's), not at every step.
 pub fn load_dataset(
     dir: &Path,
-    resolution: usize,
+    resolution: impl Into<ImageSize>,
     vae: Option<&AutoencoderKL>,
     flip_vocab: Option<&Vocabulary>,
     dtype: DType,
@@ -80,6 +102,7 @@ pub fn load_dataset(
 ) -> Result<Dataset> {
     let rows: Vec<TrainingRow> = read_imagefolder(dir).map_err(|e| Error::Input(e.to_string()))?;
     check_weights(&dir.join("metadata.jsonl"), &rows).map_err(|e| Error::Input(e.to_string()))?;
+    let resolution = resolution.into();
     let mut examples = Vec::new();
     let mut dropped = 0;
     for row in rows {

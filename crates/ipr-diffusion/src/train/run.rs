@@ -36,6 +36,14 @@ pub struct TrainRequest {
     /// Save every this many steps (and at the end); 0 = only at the end.
     pub checkpoint_every: usize,
     pub device: String,
+    /// The frozen models' dtype; `None`: f32 on the CPU, bf16 on CUDA. Adapters, gradients and
+    /// optimiser state are f32 whatever it is.
+    pub dtype: Option<DType>,
+    /// The VAE's dtype (`None`: `dtype`).
+    pub vae_dtype: Option<DType>,
+    /// Training image size `(height, width)`; `None`: the model's native size. Images of another
+    /// size are resized to it.
+    pub resolution: Option<(usize, usize)>,
 }
 
 /// What a run did.
@@ -56,15 +64,17 @@ pub fn train(req: &TrainRequest, on_step: &mut dyn FnMut(usize, &StepStats)) -> 
         super::cpu_runtime();
     }
     let device = crate::sample::device_from_name(&req.device)?;
-    let dtype = DType::F32;
+    let dtype = req.dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
+    let vae_dtype = req.vae_dtype.unwrap_or(dtype);
     let folder = crate::source::resolve_model(&req.model)?;
-    let mut pipe = Pipeline::load(&folder, dtype, &device)?;
-    let resolution = pipe.unet.config.sample_size.unwrap_or(64) * pipe.vae_scale_factor();
+    let mut pipe = Pipeline::load_with_vae_dtype(&folder, dtype, vae_dtype, &device)?;
+    let (height, width) = req.resolution.unwrap_or_else(|| pipe.native_size());
+    pipe.latent_shape_for(1, height, width)?;
     let vocab = if req.config.flip { req.flip_vocab.as_ref() } else { None };
     if req.config.flip && vocab.is_none() {
         return Err(Error::Input("flipping needs a vocabulary to mirror captions in".into()));
     }
-    let ds = data::load_dataset(&req.data, resolution, pipe.vae.as_ref(), vocab, dtype, &device)?;
+    let ds = data::load_dataset(&req.data, (height, width), pipe.vae.as_ref(), vocab, vae_dtype, &device)?;
     let state = req.out.join(checkpoint::TRAINING_STATE);
     let resuming = req.resume && state.is_file();
     let loaded_from = if resuming { Some(req.out.clone()) } else { req.init_adapter.clone() };

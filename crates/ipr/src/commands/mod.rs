@@ -31,10 +31,5 @@ pub fn load_vocab(spec: &str) -> Result<Vocabulary> {
 
 /// `--dtype` values.
 pub(crate) fn parse_dtype(s: &str) -> Result<candle_core::DType, String> {
-    match s {
-        "f32" => Ok(candle_core::DType::F32),
-        "bf16" => Ok(candle_core::DType::BF16),
-        "f16" => Ok(candle_core::DType::F16),
-        other => Err(format!("{other:?}: expected f32, bf16 or f16")),
-    }
+    ipr::config::parse_dtype(s)
 }

@@ -1,7 +1,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use ipr::config::{Method, RunConfig};
-use ipr::run_loop::{PromptSets, Run, RunLayout};
+use ipr::prompt_sets::PromptSets;
+use ipr::run_loop::{Run, RunLayout};
 use std::path::PathBuf;
 
 #[derive(ClapArgs)]
@@ -47,8 +48,25 @@ pub fn run(a: Args) -> Result<()> {
     }
     config.validate().map_err(anyhow::Error::msg)?;
     let toy = config.model.source == "toy";
-    let model = if toy { PathBuf::new() } else { PathBuf::from(&config.model.source) };
-    let prompts = PromptSets::toy().truncated(config.prompts.max_train, config.prompts.max_eval);
+    let model = if toy { PathBuf::new() } else { ipr_diffusion::source::resolve_model(&config.model.source)? };
+    let prompts = PromptSets::from_config(&config)?;
+    let device = ipr_diffusion::sample::device_from_name(&config.model.device)?;
+    // Everything that can be checked without sampling is checked before the run folder exists:
+    // the device's dtype, both detectors' folders, the CLIP folder.
+    check_dtype(&config, &device)?;
+    let detector = ipr::detection::load_detector(&config.detector, &device).context("[detector]")?;
+    let eval_config = config.eval_detector();
+    let eval_detector = if eval_config == config.detector {
+        None
+    } else {
+        Some(ipr::detection::load_detector(&eval_config, &device).context("[eval.detector]")?)
+    };
+    let clip = match &config.eval.clip_model {
+        Some(m) => {
+            Some(ipr_detect::ClipScorer::load(m, &device).with_context(|| format!("eval.clip_model {}", m.display()))?)
+        }
+        None => None,
+    };
     let layout = RunLayout::new(config.runs_dir.join(&config.name));
     let resolved = config.to_toml();
     let fresh = !layout.root.exists();
@@ -88,20 +106,33 @@ pub fn run(a: Args) -> Result<()> {
         }
         return Err(e);
     }
-    let detector: Box<dyn ipr_detect::Detector> = match config.detector.kind.as_str() {
-        "toy" => Box::new(ipr_detect::ToyDetector::default()),
-        _ => {
-            let folder = config.detector.model.as_ref().context("detector.model")?;
-            let device = ipr_diffusion::sample::device_from_name(&config.model.device)?;
-            let mut d = ipr_detect::OwlVitDetector::load(folder, &device)?;
-            d.threshold = config.detector.threshold;
-            Box::new(d)
-        }
+    let run = Run {
+        config,
+        layout,
+        prompts,
+        model,
+        detector: detector.as_ref(),
+        eval_detector: eval_detector.as_deref().unwrap_or(detector.as_ref()),
+        clip: clip.as_ref(),
+        device,
+        quiet: a.quiet,
     };
-    let device = ipr_diffusion::sample::device_from_name(&config.model.device)?;
-    let run = Run { config, layout, prompts, model, detector: detector.as_ref(), device, quiet: a.quiet };
     let metrics = ipr::run_loop::run(&run)?;
     ipr::run_loop::write_report(&run, &metrics)?;
     print!("{}", ipr::run_loop::metrics_table(&metrics));
+    Ok(())
+}
+
+/// Half precision needs a device with half-precision kernels: candle's CPU backend computes
+/// f16/bf16 convolutions and matrix products so slowly that a run would not finish, and the
+/// training path is not built for it there.
+fn check_dtype(config: &RunConfig, device: &candle_core::Device) -> Result<()> {
+    for (key, dtype) in [("model.dtype", config.dtype()), ("model.vae_dtype", config.vae_dtype())] {
+        if device.is_cpu() && dtype != candle_core::DType::F32 {
+            bail!(
+                "{key} is {dtype:?} on the CPU: the CPU runs f32 only (half precision is for model.device = \"cuda\")"
+            );
+        }
+    }
     Ok(())
 }

@@ -242,14 +242,16 @@ pub fn run(cmd: Command) -> Result<()> {
             let run = ipr::run_loop::Run {
                 config,
                 layout: ipr::run_loop::RunLayout::new(&root),
-                prompts: ipr::run_loop::PromptSets::toy(),
+                prompts: ipr::prompt_sets::PromptSets::toy(),
                 model,
                 detector: &detector,
+                eval_detector: &detector,
+                clip: None,
                 device: candle_core::Device::Cpu,
                 quiet,
             };
             let mut result = serde_json::Map::new();
-            for split in ipr::metrics_file::EvalSplit::ALL {
+            for split in run.prompts.splits() {
                 let rec = run.eval_stage(0, split)?;
                 let mut m = rec.metrics.headline();
                 m["IPR_strict"] = rec.strict.strict_accuracy().into();

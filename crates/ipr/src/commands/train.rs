@@ -79,6 +79,18 @@ pub struct Args {
     pub checkpoint_every: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Frozen weights' dtype: f32, bf16 or f16 (default: f32 on the CPU, bf16 on CUDA); the
+    /// adapters and optimiser state stay f32.
+    #[arg(long, value_parser = super::parse_dtype)]
+    pub dtype: Option<candle_core::DType>,
+    /// The VAE's dtype (default: --dtype).
+    #[arg(long, value_parser = super::parse_dtype)]
+    pub vae_dtype: Option<candle_core::DType>,
+    /// Training image height and width in pixels (default: the model's native size).
+    #[arg(long, requires = "width")]
+    pub height: Option<usize>,
+    #[arg(long, requires = "height")]
+    pub width: Option<usize>,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -118,6 +130,9 @@ pub fn run(a: Args) -> Result<()> {
         flip_vocab,
         checkpoint_every: a.checkpoint_every,
         device: a.device,
+        dtype: a.dtype,
+        vae_dtype: a.vae_dtype,
+        resolution: a.height.zip(a.width),
     };
     let pb = ipr::progress::bar(a.steps as u64, "train", a.quiet);
     let mut first = true;
