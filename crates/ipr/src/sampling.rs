@@ -38,8 +38,9 @@ impl SampleSettings {
     /// Checks the settings against the model before any image is made (a size that is not a
     /// multiple of the model's factor is an error naming the side).
     pub fn check(&self, pipe: &Pipeline) -> Result<()> {
-        let (h, w) = self.size.unwrap_or_else(|| pipe.native_size());
-        pipe.latent_shape_for(1, h, w)?;
+        if let Some((h, w)) = self.size {
+            pipe.latent_shape_for(1, h, w)?;
+        }
         Ok(())
     }
 }

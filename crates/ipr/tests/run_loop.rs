@@ -18,6 +18,8 @@ name = "ci"
 rounds = 2
 seed = 11
 [prompts]
+# The model is a toy model in a folder: a folder alone would mean SR2D.
+set = "toy"
 max_train = 3
 max_eval = 2
 [sampling]

@@ -68,8 +68,10 @@ pub fn train(req: &TrainRequest, on_step: &mut dyn FnMut(usize, &StepStats)) -> 
     let vae_dtype = req.vae_dtype.unwrap_or(dtype);
     let folder = crate::source::resolve_model(&req.model)?;
     let mut pipe = Pipeline::load_with_vae_dtype(&folder, dtype, vae_dtype, &device)?;
+    if let Some((h, w)) = req.resolution {
+        pipe.latent_shape_for(1, h, w)?;
+    }
     let (height, width) = req.resolution.unwrap_or_else(|| pipe.native_size());
-    pipe.latent_shape_for(1, height, width)?;
     let vocab = if req.config.flip { req.flip_vocab.as_ref() } else { None };
     if req.config.flip && vocab.is_none() {
         return Err(Error::Input("flipping needs a vocabulary to mirror captions in".into()));

@@ -53,7 +53,7 @@ pub fn run(a: Args) -> Result<()> {
     let detector: Box<dyn Detector> = match a.detector {
         DetectorKind::Owlvit => {
             let folder = a.model.as_ref().expect("clap requires --model for owlvit");
-            let mut d = OwlVitDetector::load(folder, &device)?;
+            let mut d = OwlVitDetector::load(&super::resolve_folder(folder)?, &device)?;
             d.threshold = a.threshold;
             if let Some(image) = &a.image {
                 if a.query.is_empty() {

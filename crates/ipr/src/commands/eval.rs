@@ -102,7 +102,7 @@ pub fn run(cmd: Command) -> Result<()> {
         } else if let Some(dir) = &a.images {
             let Some(model) = &a.model else { bail!("--images needs --model OWLVIT_FOLDER") };
             let device = ipr_diffusion::sample::device_from_name(&a.device)?;
-            let mut det = ipr_detect::OwlVitDetector::load(model, &device)?;
+            let mut det = ipr_detect::OwlVitDetector::load(&super::resolve_folder(model)?, &device)?;
             det.threshold = a.threshold;
             let rows = ipr::detection::detect_folder(&det, dir, a.prompts.as_ref(), &vocab, a.quiet)?;
             if let Some(out) = &a.detections_out {
@@ -154,7 +154,7 @@ fn compare(runs: &[PathBuf]) -> Result<()> {
 
 fn clip(a: ClipArgs) -> Result<()> {
     let device = ipr_diffusion::sample::device_from_name(&a.device)?;
-    let scorer = ipr_detect::ClipScorer::load(&a.model, &device)?;
+    let scorer = ipr_detect::ClipScorer::load(&super::resolve_folder(&a.model)?, &device)?;
     let table = ipr::detection::prompt_table(a.prompts.as_ref())?;
     let rows = ipr_detect::folder::read_samples(&a.images, &table)?;
     let pb = ipr::progress::bar(rows.len() as u64, "clip", a.quiet);

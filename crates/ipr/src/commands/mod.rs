@@ -33,3 +33,8 @@ pub fn load_vocab(spec: &str) -> Result<Vocabulary> {
 pub(crate) fn parse_dtype(s: &str) -> Result<candle_core::DType, String> {
     ipr::config::parse_dtype(s)
 }
+
+/// A model folder, or a Hugging Face repo id (`owner/name`) found in the local cache.
+pub(crate) fn resolve_folder(spec: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    Ok(ipr_diffusion::source::resolve_model(&spec.to_string_lossy())?)
+}

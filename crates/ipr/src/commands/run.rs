@@ -62,9 +62,10 @@ pub fn run(a: Args) -> Result<()> {
         Some(ipr::detection::load_detector(&eval_config, &device).context("[eval.detector]")?)
     };
     let clip = match &config.eval.clip_model {
-        Some(m) => {
-            Some(ipr_detect::ClipScorer::load(m, &device).with_context(|| format!("eval.clip_model {}", m.display()))?)
-        }
+        Some(m) => Some(
+            ipr_detect::ClipScorer::load(&super::resolve_folder(m)?, &device)
+                .with_context(|| format!("eval.clip_model {}", m.display()))?,
+        ),
         None => None,
     };
     let layout = RunLayout::new(config.runs_dir.join(&config.name));
