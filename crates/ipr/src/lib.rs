@@ -12,6 +12,7 @@ pub mod prompt_sets;
 pub mod report;
 pub mod run_loop;
 pub mod sampling;
+pub mod shard;
 pub mod toy_base;
 pub mod toy_grid;
 pub mod toy_model;

@@ -7,7 +7,7 @@
 //!   are the spatial prompts of the training pairs, or exactly the public code's 100 prompts
 //!   (`prompts.train = "ipr-paper"`, whose pairs are then kept out of validation and held-out).
 //!
-//! Evaluation splits: `seen` (spatial prompts of the training pairs), `validation` and
+//! Evaluation splits: `seen` (spatial prompts of the pairs sampled in training), `validation` and
 //! `heldout` (pairs never sampled in training). Rows keep their SR2D `unique_id`s, so every
 //! image is named as VISOR names it (`<unique_id>_<k>.png`).
 
@@ -53,13 +53,19 @@ impl PromptSets {
             TrainPrompts::IprPaper => paper.iter().filter_map(|r| row_pair(r, &vocab)).collect(),
         };
         let split = PairSplit::new(vocab.len(), c.split_rule(), &forced).map_err(anyhow::Error::msg)?;
-        let seen = split.spatial_rows(&rows, &vocab, PairSide::Train);
-        let train = match c.train {
-            TrainPrompts::Pairs => seen.clone(),
+        let training_pairs = split.spatial_rows(&rows, &vocab, PairSide::Train);
+        // `seen` is the pairs actually sampled in training: with the paper's 100 prompts, the
+        // spatial prompts of their pairs (not every pair left out of validation and held-out).
+        let (train, seen) = match c.train {
+            TrainPrompts::Pairs => (training_pairs.clone(), training_pairs),
             TrainPrompts::IprPaper => {
                 let mut p = paper;
                 p.sort_by_key(|r| r.unique_id);
-                p
+                let seen = training_pairs
+                    .into_iter()
+                    .filter(|r| row_pair(r, &vocab).is_some_and(|q| forced.contains(&q)))
+                    .collect();
+                (p, seen)
             }
         };
         let eval = vec![
@@ -163,6 +169,10 @@ mod tests {
         }
         let seen: BTreeSet<u64> = sets.eval_rows(EvalSplit::Seen).iter().map(|r| r.unique_id).collect();
         assert!(ids.iter().all(|id| seen.contains(id)), "the training prompts are among the seen prompts");
+        let seen_pairs: BTreeSet<_> =
+            sets.eval_rows(EvalSplit::Seen).iter().map(|r| row_pair(r, &sets.vocab).unwrap()).collect();
+        assert_eq!(seen_pairs, paper_pairs, "seen = the spatial prompts of the pairs sampled in training");
+        assert_eq!(seen.len(), paper_pairs.len() * 8);
     }
 
     #[test]

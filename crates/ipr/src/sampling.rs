@@ -151,45 +151,52 @@ pub fn write_sample_folder(out: &Path, samples: &[(SampleRow, RgbImage)]) -> Res
 /// Samples every (prompt, k < `images_per_prompt`) into `out` in VISOR's layout,
 /// `<unique_id>_<k>.png` and nothing else, skipping images already there: a stopped call
 /// resumes and a repeated one rewrites nothing. Each PNG is written under a temporary name and
-/// renamed, so a file that exists is complete. Returns `(made, skipped)`.
+/// renamed, so a file that exists is complete. Returns `(made, skipped)` for this shard.
+///
+/// Batches are cut from the whole list, always the same way (batch `j` = images
+/// `[jB, (j+1)B)` in prompt order), and `shard` does the batches it owns (`j % n == i`); a batch
+/// with any image missing is computed whole. So which images share a UNet call, and therefore
+/// every image's bytes, are the same whatever the shard count and however often a call was
+/// stopped and resumed.
 pub fn sample_visor_layout(
     pipe: &Pipeline,
     jobs: &[PromptJob],
     s: &SampleSettings,
+    shard: crate::shard::Shard,
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(usize, usize)> {
     s.check(pipe)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     remove_stale_temporaries(out)?;
-    let name = |id: u64, k: u32| format!("{id}_{k}.png");
-    let total = jobs.len() * s.images_per_prompt as usize;
-    let todo: Vec<PromptJob> = jobs
-        .iter()
-        .filter(|j| (0..s.images_per_prompt).any(|k| !out.join(name(j.prompt_id, k)).exists()))
-        .cloned()
-        .collect();
-    let mut skipped = total - todo.len() * s.images_per_prompt as usize;
+    let path = |job: &PromptJob, k: u32| out.join(format!("{}_{k}.png", job.prompt_id));
+    let items: Vec<(&PromptJob, u32)> =
+        jobs.iter().flat_map(|j| (0..s.images_per_prompt).map(move |k| (j, k))).collect();
+    let mine: Vec<&[(&PromptJob, u32)]> =
+        items.chunks(s.batch_size.max(1)).enumerate().filter(|(j, _)| shard.owns(*j)).map(|(_, b)| b).collect();
+    let total: usize = mine.iter().map(|b| b.len()).sum();
+    let (todo, done): (Vec<_>, Vec<_>) = mine.into_iter().partition(|b| b.iter().any(|(j, k)| !path(j, *k).exists()));
+    let mut skipped: usize = done.iter().map(|b| b.len()).sum();
     let mut made = 0;
-    // One prompt's images at a time keeps the skip rule per image exact: `sample_images` makes
-    // every k of a prompt, and the ones already on disk are not written again.
-    let per_call =
-        (s.batch_size.max(1) * rayon::current_num_threads().max(1)).div_ceil(s.images_per_prompt as usize).max(1);
-    for chunk in todo.chunks(per_call) {
-        let samples = sample_images(pipe, chunk, s, &mut |_| {})?;
-        for (row, image) in samples {
-            let path = out.join(name(row.prompt_id, row.image_index));
-            if path.exists() {
-                skipped += 1;
-                continue;
+    let parallel = if pipe.device.is_cpu() { rayon::current_num_threads().max(1) } else { 1 };
+    for group in todo.chunks(parallel) {
+        let results: Vec<Result<Vec<(SampleRow, RgbImage)>>> =
+            group.par_iter().map(|batch| sample_batch(pipe, batch, s)).collect();
+        for r in results {
+            for (row, image) in r? {
+                let target = out.join(&row.file_name);
+                if target.exists() {
+                    skipped += 1;
+                    continue;
+                }
+                let tmp = out.join(format!(".{}.tmp-{}", row.file_name, std::process::id()));
+                image
+                    .save_with_format(&tmp, image::ImageFormat::Png)
+                    .with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, &target)
+                    .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
+                made += 1;
             }
-            let tmp = out.join(format!(".{}.tmp-{}", row.file_name, std::process::id()));
-            image
-                .save_with_format(&tmp, image::ImageFormat::Png)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-            made += 1;
         }
         progress(made + skipped, total);
     }

@@ -267,6 +267,44 @@ fn sample_prompts_writes_visors_layout_and_resumes() {
         first.iter().map(|(n, _, b)| (n, b)).collect::<Vec<_>>()
     );
 
+    // Sharded into one folder, by flag or by Slurm's array variables: the unsharded call's files,
+    // byte for byte.
+    for (n, by_env) in [(2usize, false), (3, true)] {
+        let sharded = format!("bench-{n}");
+        for i in 0..n {
+            let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            let pos = a.iter().position(|x| x == "bench").unwrap();
+            a[pos] = sharded.clone();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipr"));
+            cmd.current_dir(dir);
+            if by_env {
+                cmd.env("SLURM_ARRAY_TASK_ID", i.to_string()).env("SLURM_ARRAY_TASK_COUNT", n.to_string());
+            } else {
+                a.extend(["--shard".to_string(), format!("{i}/{n}")]);
+            }
+            ok(&cmd.args(&a).output().unwrap());
+        }
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir.join(&sharded))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+            })
+            .collect();
+        files.sort();
+        let want: Vec<(String, Vec<u8>)> = first.iter().map(|(n, _, b)| (n.clone(), b.clone())).collect();
+        assert!(files == want, "{n} shards give the unsharded call's files, byte for byte");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_ipr"))
+        .current_dir(dir)
+        .args(args)
+        .args(["--shard", "0/2"])
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("SLURM_ARRAY_TASK_COUNT", "2")
+        .output()
+        .unwrap();
+    assert!(fails(&o).contains("the shard sources disagree"));
+
     // VISOR's protocol scores the folder with the prompt table.
     let owlvit = owl("tiny-owlvit");
     let o = ipr(

@@ -33,9 +33,19 @@ pub struct Args {
     pub height: Option<usize>,
     #[arg(long)]
     pub width: Option<usize>,
-    /// Images per UNet call (with --prompts).
+    /// Images per UNet call (with --prompts). Part of what the images' bytes depend on: keep it
+    /// the same across the shards of one benchmark.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// With --prompts: do shard I of N (batch j of the whole table goes to shard j % N), into
+    /// the same --out as the other shards. Without it, Slurm's SLURM_ARRAY_TASK_ID /
+    /// SLURM_ARRAY_TASK_COUNT, or Kubernetes' JOB_COMPLETION_INDEX with --shards, say it.
+    #[arg(long, value_parser = ipr::shard::Shard::parse, requires = "prompts")]
+    pub shard: Option<ipr::shard::Shard>,
+    /// With --prompts under a Kubernetes Indexed Job: the Job's completions (JOB_COMPLETION_INDEX
+    /// gives only the index).
+    #[arg(long, requires = "prompts")]
+    pub shards: Option<usize>,
     /// One negative prompt for all, or one per prompt.
     #[arg(long)]
     pub negative_prompt: Vec<String>,
@@ -110,6 +120,7 @@ fn sample_table(a: Args) -> Result<()> {
     let rows = ipr_core::sr2d::read_rows(table)?;
     let vocab = super::load_vocab(&a.vocab)?;
     ipr_core::sr2d::check_rows(table, &rows, &vocab)?;
+    let shard = ipr::shard::Shard::resolve(a.shard, a.shards, &|k| std::env::var(k).ok())?;
     let device = ipr_diffusion::sample::device_from_name(&a.device)?;
     let dtype = a.dtype.unwrap_or(if device.is_cpu() { candle_core::DType::F32 } else { candle_core::DType::BF16 });
     let folder = ipr_diffusion::source::resolve_model(&a.model)?;
@@ -139,9 +150,12 @@ fn sample_table(a: Args) -> Result<()> {
     let jobs: Vec<ipr::sampling::PromptJob> =
         rows.iter().map(|r| ipr::sampling::PromptJob { prompt_id: r.unique_id, text: r.text.clone() }).collect();
     let pb = ipr::progress::bar(jobs.len() as u64 * u64::from(a.images_per_prompt), "sample", false);
-    let (made, skipped) =
-        ipr::sampling::sample_visor_layout(&pipe, &jobs, &settings, out, &mut |n, _| pb.set_position(n as u64))?;
+    let (made, skipped) = ipr::sampling::sample_visor_layout(&pipe, &jobs, &settings, shard, out, &mut |n, total| {
+        pb.set_length(total as u64);
+        pb.set_position(n as u64)
+    })?;
     pb.finish_and_clear();
-    eprintln!("{}: {made} images made, {skipped} already there", out.display());
+    let of = if shard.count > 1 { format!(" (shard {}/{})", shard.index, shard.count) } else { String::new() };
+    eprintln!("{}{of}: {made} images made, {skipped} already there", out.display());
     Ok(())
 }
