@@ -36,6 +36,7 @@
 
 pub mod attention;
 pub mod clip_text;
+pub mod collective;
 pub mod config;
 pub mod conv;
 pub mod error;

@@ -130,6 +130,11 @@ pub struct TrainConfig {
     pub min_snr_gamma: f64,
     /// Train only on timesteps in `[lo, hi)`; unset = every timestep of the scheduler.
     pub timestep_range: Option<[u32; 2]>,
+    /// CPU: each micro-batch is cut into this many pieces whose passes run in parallel, their
+    /// gradients summed in order. Under `mpirun` the pieces are spread over the ranks (a multiple
+    /// of the number of ranks), so the numbers do not depend on how many processes computed them.
+    /// On GPUs each rank computes its slice of the micro-batch whole.
+    pub shards: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,6 +259,7 @@ impl Default for TrainConfig {
                 .collect(),
             min_snr_gamma: 0.0,
             timestep_range: None,
+            shards: ipr_diffusion::train::DEFAULT_SHARDS as u32,
         }
     }
 }
@@ -491,6 +497,7 @@ impl RunConfig {
         positive("train.lora_rank", self.train.lora_rank)?;
         positive("train.steps", self.train.steps)?;
         positive("train.batch_size", self.train.batch_size)?;
+        positive("train.shards", self.train.shards)?;
         finite_pos("train.lora_alpha", self.train.lora_alpha)?;
         finite_pos("train.learning_rate", self.train.learning_rate)?;
         finite_pos("train.max_grad_norm", self.train.max_grad_norm)?;

@@ -1,7 +1,14 @@
-//! The detect stage: every image of a folder, with its prompt's objects as the queries.
+//! The detect stage: every image of a folder, with its prompt's objects as the queries; or one
+//! shard's part of them, and the merge of the parts.
 
+use crate::shard::Shard;
 use anyhow::Result;
-use std::path::PathBuf;
+use ipr_core::dataset::{DetectionRow, SampleRow};
+use std::path::{Path, PathBuf};
+
+/// Images per batch when detection is cut into shards (batch `j` goes to shard `j % n`). Each
+/// image is detected alone, so the rows do not depend on it; it only sets the grain of the cut.
+pub const SHARD_BATCH: usize = 16;
 
 /// Detect every sample of `dir` (manifest or VISOR's layout) with a progress bar.
 pub fn detect_folder(
@@ -17,6 +24,42 @@ pub fn detect_folder(
     let out = ipr_detect::folder::detect_rows(detector, dir, &rows, vocab, &mut |i, _| pb.set_position(i as u64))?;
     pb.finish_and_clear();
     Ok(out)
+}
+
+/// Detects the images of `rows` (from `dir`) that `shard` owns into its part of `out`
+/// (`<out>.shards/<i>-of-<n>.jsonl`, written atomically). A part already there is kept: returns
+/// `(images detected, part path, whether it was there already)`.
+pub fn detect_shard(
+    detector: &dyn ipr_detect::Detector,
+    dir: &Path,
+    rows: &[SampleRow],
+    vocab: &ipr_core::Vocabulary,
+    shard: Shard,
+    out: &Path,
+    quiet: bool,
+) -> Result<(usize, PathBuf, bool)> {
+    let part = crate::shard::part_path(out, shard, ".jsonl");
+    let mine: Vec<SampleRow> = shard.items(rows.len(), SHARD_BATCH).into_iter().map(|i| rows[i].clone()).collect();
+    if part.exists() {
+        return Ok((mine.len(), part, true));
+    }
+    let pb = crate::progress::bar(mine.len() as u64, "detect", quiet);
+    let found = ipr_detect::folder::detect_rows(detector, dir, &mine, vocab, &mut |i, _| pb.set_position(i as u64))?;
+    pb.finish_and_clear();
+    ipr_core::fs::write_jsonl(&part, &found)?;
+    Ok((mine.len(), part, false))
+}
+
+/// The detections of every image of `rows`, merged from the complete, disjoint parts of `out`
+/// in `rows`' order: the rows one process detecting the whole folder would write.
+pub fn merge_detection_parts(rows: &[SampleRow], out: &Path) -> Result<Vec<DetectionRow>> {
+    let parts = crate::shard::complete_parts(&crate::shard::parts_dir(out), ".jsonl")?;
+    let parts = parts
+        .into_iter()
+        .map(|p| Ok((p.clone(), ipr_core::dataset::read_detections(&p)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let expected: Vec<String> = rows.iter().map(|r| r.file_name.clone()).collect();
+    crate::shard::merge_rows(parts, |r: &DetectionRow| r.file_name.clone(), &expected)
 }
 
 /// The prompt table: a VISOR-format JSON file, or SR2D over COCO-80 generated in memory.

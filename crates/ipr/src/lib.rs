@@ -6,6 +6,10 @@
 pub mod config;
 pub mod detection;
 pub mod metrics_file;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod pretrain;
 pub mod progress;
 pub mod prompt_sets;
@@ -17,3 +21,20 @@ pub mod toy_base;
 pub mod toy_grid;
 pub mod toy_model;
 pub mod training;
+pub mod world;
+
+/// An error and its causes on one line, each cause only where it adds to what was already said
+/// (several library errors already print their source inline).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
+}

@@ -36,6 +36,8 @@ enum Command {
     Relabel(commands::relabel::Args),
     /// Detect objects: one image, or every sample of a folder into detections.jsonl.
     Detect(commands::detect::Args),
+    /// Merge the detections of shards (`--shard I/N` parts) into one detections.jsonl.
+    Merge(commands::merge::Args),
     /// The toy shapes world: tokenizer, base model, evaluation, grids.
     #[command(subcommand)]
     Toy(commands::toy::Command),
@@ -79,29 +81,14 @@ fn main() {
         Command::Eval(c) => commands::eval::run(c),
         Command::Relabel(a) => commands::relabel::run(a),
         Command::Detect(a) => commands::detect::run(a),
+        Command::Merge(a) => commands::merge::run(a),
         Command::Bench(c) => commands::bench::run(c),
         Command::Toy(c) => commands::toy::run(c),
         Command::Train(a) => commands::train::run(a),
         Command::Sample(a) => commands::sample::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {}", error_chain(&e));
+        eprintln!("error: {}", ipr::error_chain(&e));
         std::process::exit(1);
     }
-}
-
-/// The error and its causes, each cause only where it adds to what was already said (several
-/// library errors already print their source inline).
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !msg.contains(&text) {
-            if !msg.is_empty() {
-                msg.push_str(": ");
-            }
-            msg.push_str(&text);
-        }
-    }
-    msg
 }

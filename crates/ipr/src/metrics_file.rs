@@ -106,6 +106,22 @@ impl MetricsRow {
 #[serde(deny_unknown_fields)]
 pub struct MetricsFile {
     pub rows: Vec<MetricsRow>,
+    /// How the run was spread over processes (absent in files of older runs). The rows do not
+    /// depend on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<Launch>,
+}
+
+/// The processes a run ran on: every independent stage cut by global batch index (batch `j` to
+/// rank `j % world_size`), training data-parallel with `train_shards_per_rank` pieces of each
+/// micro-batch per rank on the CPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Launch {
+    pub world_size: usize,
+    /// "single process", or the MPI library.
+    pub collective: String,
+    pub train_shards_per_rank: usize,
 }
 
 impl MetricsFile {
@@ -170,7 +186,7 @@ mod tests {
             num_images: 8,
             num_prompts: 2,
         };
-        let file = MetricsFile { rows: vec![MetricsRow::new("base", 0, EvalSplit::Heldout, &m, 35.0)] };
+        let file = MetricsFile { rows: vec![MetricsRow::new("base", 0, EvalSplit::Heldout, &m, 35.0)], launch: None };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.json");
         file.write(&path).unwrap();
@@ -207,6 +223,7 @@ mod tests {
                 MetricsRow::new(method, 2, EvalSplit::Seen, &m(last), 0.0),
                 MetricsRow::new(method, 2, EvalSplit::Heldout, &m(last + 1.0), 0.0),
             ],
+            launch: None,
         };
         let t = comparison_table(&[("a".into(), run("ipr", 60.0)), ("b".into(), run("filter", 50.0))]);
         let lines: Vec<&str> = t.lines().collect();

@@ -18,11 +18,19 @@
 //! when its artifact exists (every artifact is written aside and renamed into place), so a
 //! killed run restarted with `--resume` redoes only unfinished work and, all seeds being fixed
 //! per stage, ends with the same results as an uninterrupted run.
+//!
+//! Under `mpirun` (a [`Collective`] of several ranks) every rank runs this loop: the sample,
+//! detect and CLIP stages cut their work by global batch index (batch `j` to rank `j % n`), each
+//! rank writes its part beside the artifact (`<artifact>.shards/<rank>-of-<n>`), and rank 0
+//! merges the parts into the artifact one process would have written; training is data-parallel
+//! over the ranks; rank 0 alone writes everything else. Every artifact is in place on every rank
+//! before the next stage starts, so the skip rules above hold for all ranks alike.
 
 use crate::config::RunConfig;
 use crate::metrics_file::{EvalSplit, MetricsFile, MetricsRow};
 use crate::prompt_sets::PromptSets;
-use crate::sampling::{sample_images, write_sample_folder, PromptJob, SampleSettings};
+use crate::sampling::{sample_images_shard, write_sample_folder, PromptJob, SampleSettings};
+use crate::shard::Shard;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use ipr_core::dataset::{read_detections, read_imagefolder, LabelledRow, SampleRow};
@@ -30,6 +38,7 @@ use ipr_core::metrics::visor_metrics;
 use ipr_core::sr2d::PromptRow;
 use ipr_core::stages::{relabel_detections, score_detections, write_labelled_folder, JudgeSummary};
 use ipr_detect::Detector;
+use ipr_diffusion::collective::Collective;
 use ipr_diffusion::pipeline::{Pipeline, SampleParams};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -103,6 +112,10 @@ pub struct Run<'a> {
     /// CLIP scorer for the evaluation images (`eval.clip_model`).
     pub clip: Option<&'a ipr_detect::ClipScorer>,
     pub device: Device,
+    /// The device as named to the training request (`cuda:<local rank>` under a launcher).
+    pub device_name: String,
+    /// The ranks running this loop together (a process alone: `SingleProcess`).
+    pub world: &'a dyn Collective,
     pub quiet: bool,
 }
 
@@ -111,10 +124,30 @@ fn jobs(rows: &[PromptRow]) -> Vec<PromptJob> {
 }
 
 impl Run<'_> {
+    /// Rank 0 reports for all ranks.
+    fn quiet(&self) -> bool {
+        self.quiet || self.world.rank() != 0
+    }
+
     fn log(&self, msg: impl AsRef<str>) {
-        if !self.quiet {
+        if !self.quiet() {
             eprintln!("{}", msg.as_ref());
         }
+    }
+
+    /// This rank's share of the independent stages.
+    fn shard(&self) -> Shard {
+        Shard { index: self.world.rank(), count: self.world.size() }
+    }
+
+    /// Runs `write` on rank 0 alone; every rank returns once it is done. (An error on rank 0
+    /// ends every rank: see `World::run`.)
+    fn on_root(&self, write: impl FnOnce() -> Result<()>) -> Result<()> {
+        if self.world.rank() == 0 {
+            write()?;
+        }
+        self.world.barrier()?;
+        Ok(())
     }
 
     fn sample_params(&self) -> Result<SampleParams> {
@@ -140,35 +173,63 @@ impl Run<'_> {
         Ok(pipe)
     }
 
-    /// Sample `rows` with model `i` into `out` (skipped when `out` exists).
+    /// Sample `rows` with model `i` into `out` (skipped when `out` exists); with several ranks,
+    /// each samples its batches into its part and rank 0 merges them.
     fn sample_stage(&self, i: u32, rows: &[PromptRow], images_per_prompt: u32, seed: u64, out: &Path) -> Result<()> {
         if out.exists() {
             return Ok(());
         }
-        let pipe = self.pipeline(i)?;
-        let settings = SampleSettings {
-            images_per_prompt,
-            params: self.sample_params()?,
-            seed,
-            batch_size: self.config.sampling.batch_size as usize,
-            size: self.config.image_size(),
-            negative_prompt: self.config.sampling.negative_prompt.clone(),
-        };
+        let shard = self.shard();
         let jobs = jobs(rows);
-        let pb = crate::progress::bar(jobs.len() as u64 * u64::from(images_per_prompt), "sample", self.quiet);
-        let samples = sample_images(&pipe, &jobs, &settings, &mut |n| pb.set_position(n as u64))?;
-        pb.finish_and_clear();
-        write_sample_folder(out, &samples)
+        let part =
+            if shard.count > 1 { crate::shard::parts_dir(out).join(shard.part_name()) } else { out.to_path_buf() };
+        if !part.exists() {
+            let pipe = self.pipeline(i)?;
+            let settings = SampleSettings {
+                images_per_prompt,
+                params: self.sample_params()?,
+                seed,
+                batch_size: self.config.sampling.batch_size as usize,
+                size: self.config.image_size(),
+                negative_prompt: self.config.sampling.negative_prompt.clone(),
+            };
+            let total = jobs.len() * images_per_prompt as usize;
+            let mine = shard.items(total, settings.batch_size).len();
+            let pb = crate::progress::bar(mine as u64, "sample", self.quiet());
+            let samples = sample_images_shard(&pipe, &jobs, &settings, shard, &mut |n| pb.set_position(n as u64))?;
+            pb.finish_and_clear();
+            write_sample_folder(&part, &samples)?;
+        }
+        if shard.count > 1 {
+            self.world.barrier()?;
+            self.on_root(|| {
+                crate::sampling::merge_sample_parts(out, &crate::sampling::file_names(&jobs, images_per_prompt))
+            })?;
+        }
+        Ok(())
     }
 
-    /// Detect every image of `samples` with `detector` into `out` (skipped when `out` exists).
+    /// Detect every image of `samples` with `detector` into `out` (skipped when `out` exists);
+    /// with several ranks, each detects its batches into its part and rank 0 merges them.
     fn detect_stage(&self, detector: &dyn Detector, samples: &Path, out: &Path) -> Result<()> {
         if out.exists() {
             return Ok(());
         }
-        let rows = crate::detection::detect_folder(detector, samples, None, &self.prompts.vocab, self.quiet)?;
-        ipr_core::fs::write_jsonl(out, &rows)?;
-        Ok(())
+        let shard = self.shard();
+        if shard.count == 1 {
+            let rows = crate::detection::detect_folder(detector, samples, None, &self.prompts.vocab, self.quiet())?;
+            ipr_core::fs::write_jsonl(out, &rows)?;
+            return Ok(());
+        }
+        let rows: Vec<SampleRow> = read_imagefolder(samples)?;
+        crate::detection::detect_shard(detector, samples, &rows, &self.prompts.vocab, shard, out, self.quiet())?;
+        self.world.barrier()?;
+        self.on_root(|| {
+            let merged = crate::detection::merge_detection_parts(&rows, out)?;
+            ipr_core::fs::write_jsonl(out, &merged)?;
+            let parts = crate::shard::parts_dir(out);
+            std::fs::remove_dir_all(&parts).with_context(|| format!("removing {}", parts.display()))
+        })
     }
 
     /// Evaluate model `i` on `split` (skipped when its metrics exist).
@@ -183,41 +244,89 @@ impl Run<'_> {
         let rows = self.prompts.eval_rows(split);
         self.sample_stage(i, rows, self.config.eval.images_per_prompt, self.config.eval.seed, &samples)?;
         self.detect_stage(self.eval_detector, &samples, &detections)?;
-        let found = read_detections(&detections)?;
-        let scored = score_detections(&found, &self.prompts.vocab).map_err(anyhow::Error::msg)?;
-        ipr_core::visor_format::write_results(&dir.join("visor_results.json"), &scored.entries)?;
-        let metrics = visor_metrics(&scored.scores).map_err(anyhow::Error::msg)?;
-        let strict = scored.strict;
         let clip_score = match self.clip {
             Some(scorer) => Some(self.clip_stage(scorer, &samples, &dir.join("clip_scores.json"))?),
             None => None,
         };
-        let out = EvalRecord { metrics, strict, clip_score };
-        ipr_core::fs::write_json(&record, &out)?;
-        self.log(format!(
-            "model {i} {:<10}: OA {:6.2}  VISOR_uncond {:6.2}  VISOR_cond {:6.2}  strict {:6.2}{}",
-            split.name(),
-            metrics.oa,
-            metrics.visor_uncond,
-            metrics.visor_cond,
-            strict.strict_accuracy(),
-            clip_score.map(|c| format!("  CLIP {c:6.2}")).unwrap_or_default()
-        ));
-        Ok(out)
+        self.on_root(|| {
+            let found = read_detections(&detections)?;
+            let scored = score_detections(&found, &self.prompts.vocab).map_err(anyhow::Error::msg)?;
+            ipr_core::visor_format::write_results(&dir.join("visor_results.json"), &scored.entries)?;
+            let metrics = visor_metrics(&scored.scores).map_err(anyhow::Error::msg)?;
+            let out = EvalRecord { metrics, strict: scored.strict, clip_score };
+            ipr_core::fs::write_json(&record, &out)?;
+            self.log(format!(
+                "model {i} {:<10}: OA {:6.2}  VISOR_uncond {:6.2}  VISOR_cond {:6.2}  strict {:6.2}{}",
+                split.name(),
+                metrics.oa,
+                metrics.visor_uncond,
+                metrics.visor_cond,
+                out.strict.strict_accuracy(),
+                clip_score.map(|c| format!("  CLIP {c:6.2}")).unwrap_or_default()
+            ));
+            Ok(())
+        })?;
+        let text = ipr_core::fs::read_to_string(&record)?;
+        ipr_core::fs::from_json_str(&text).map_err(|m| anyhow::anyhow!("{}: {m}", record.display()))
     }
 
     /// CLIP score of every image of `samples` against the prompt it was sampled from (the
-    /// original prompt, never a relabeled one); per-image scores go to `out`.
+    /// original prompt, never a relabeled one); per-image scores go to `out` (skipped when it
+    /// exists). With several ranks, each scores its batches of [`CLIP_BATCH`] images (the same
+    /// batches one process scores, so the same numbers) and rank 0 merges them.
     fn clip_stage(&self, scorer: &ipr_detect::ClipScorer, samples: &Path, out: &Path) -> Result<f64> {
+        #[derive(Serialize, Deserialize)]
+        struct ImageScore {
+            file_name: String,
+            score: f32,
+        }
+        let read = || -> Result<f64> {
+            let text = ipr_core::fs::read_to_string(out)?;
+            let v: serde_json::Value =
+                ipr_core::fs::from_json_str(&text).map_err(|m| anyhow::anyhow!("{}: {m}", out.display()))?;
+            v["clip_score"].as_f64().ok_or_else(|| anyhow::anyhow!("{}: no clip_score", out.display()))
+        };
+        if out.exists() {
+            return read();
+        }
         let rows: Vec<SampleRow> = read_imagefolder(samples)?;
-        let pb = crate::progress::bar(rows.len() as u64, "clip", self.quiet);
-        let (per_image, score) =
-            ipr_detect::folder::clip_score_rows(scorer, samples, &rows, 16, &mut |n, _| pb.set_position(n as u64))?;
-        pb.finish_and_clear();
-        let per_image: serde_json::Map<String, serde_json::Value> =
-            per_image.into_iter().map(|(f, s)| (f, serde_json::Value::from(f64::from(s)))).collect();
-        ipr_core::fs::write_json(out, &serde_json::json!({"clip_score": score, "images": per_image}))?;
-        Ok(score)
+        let shard = self.shard();
+        let part = crate::shard::part_path(out, shard, ".jsonl");
+        if shard.count == 1 || !part.exists() {
+            let mine: Vec<SampleRow> =
+                shard.items(rows.len(), CLIP_BATCH).into_iter().map(|i| rows[i].clone()).collect();
+            let pb = crate::progress::bar(mine.len() as u64, "clip", self.quiet());
+            let scores = if mine.is_empty() {
+                Vec::new() // more ranks than batches
+            } else {
+                ipr_detect::folder::clip_score_rows(scorer, samples, &mine, CLIP_BATCH, &mut |n, _| {
+                    pb.set_position(n as u64)
+                })?
+                .0
+            };
+            pb.finish_and_clear();
+            let scores: Vec<ImageScore> =
+                scores.into_iter().map(|(file_name, score)| ImageScore { file_name, score }).collect();
+            ipr_core::fs::write_jsonl(&part, &scores)?;
+        }
+        self.world.barrier()?;
+        self.on_root(|| {
+            let parts = crate::shard::complete_parts(&crate::shard::parts_dir(out), ".jsonl")?;
+            let parts = parts
+                .into_iter()
+                .map(|p| Ok((p.clone(), ipr_core::fs::read_jsonl(&p)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let expected: Vec<String> = rows.iter().map(|r| r.file_name.clone()).collect();
+            let scores = crate::shard::merge_rows(parts, |s: &ImageScore| s.file_name.clone(), &expected)?;
+            let all: Vec<f32> = scores.iter().map(|s| s.score).collect();
+            let per_image: serde_json::Map<String, serde_json::Value> =
+                scores.into_iter().map(|s| (s.file_name, serde_json::Value::from(f64::from(s.score)))).collect();
+            let score = ipr_detect::clip_score::clip_score(&all);
+            ipr_core::fs::write_json(out, &serde_json::json!({"clip_score": score, "images": per_image}))?;
+            let dir = crate::shard::parts_dir(out);
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
+        })?;
+        read()
     }
 
     /// Judge and relabel round `r`'s detections (skipped when the labelled folder exists).
@@ -226,6 +335,10 @@ impl Run<'_> {
         if out.exists() {
             return Ok(());
         }
+        self.on_root(|| self.relabel(r, &out))
+    }
+
+    fn relabel(&self, r: u32, out: &Path) -> Result<()> {
         let found = read_detections(&self.layout.detections(r))?;
         let (rows, s) = relabel_detections(
             &found,
@@ -239,7 +352,7 @@ impl Run<'_> {
             "round {r}: {} images, {} correct, {} location errors, {} count errors, {} dropped",
             s.images, s.correct, s.location_errors, s.count_errors, s.dropped
         ));
-        write_labelled_folder(&out, &rows, Some(&self.layout.samples(r)))?;
+        write_labelled_folder(out, &rows, Some(&self.layout.samples(r)))?;
         Ok(())
     }
 
@@ -250,10 +363,15 @@ impl Run<'_> {
         if out.exists() {
             return Ok(read_imagefolder::<LabelledRow>(&out)?.len());
         }
+        self.on_root(|| self.build_train_set(r, &out))?;
+        Ok(read_imagefolder::<LabelledRow>(&out)?.len())
+    }
+
+    fn build_train_set(&self, r: u32, out: &Path) -> Result<()> {
         let method = self.config.method;
         let first = if method == ipr_core::method::Method::Pr { r } else { 0 };
         let mut all = Vec::new();
-        ipr_core::fs::build_dir(&out, |tmp| -> Result<()> {
+        ipr_core::fs::build_dir(out, |tmp| -> Result<()> {
             for round in first..=r {
                 let dir = self.layout.labelled(round);
                 let rows: Vec<LabelledRow> = read_imagefolder(&dir)?;
@@ -265,8 +383,7 @@ impl Run<'_> {
                 }
             }
             Ok(ipr_core::fs::write_jsonl(&tmp.join(ipr_core::dataset::METADATA), &all)?)
-        })?;
-        Ok(all.len())
+        })
     }
 
     /// Train the adapter of model `r + 1` on the training set of round `r`, continuing from the
@@ -285,7 +402,7 @@ impl Run<'_> {
             );
         }
         let previous = (r > 0).then(|| self.layout.lora(r));
-        let req = crate::training::request(
+        let mut req = crate::training::request(
             &self.config,
             r,
             &self.prompts.vocab,
@@ -293,9 +410,11 @@ impl Run<'_> {
             previous.as_deref(),
             &self.layout.train(r),
             out,
+            self.world.size(),
         );
-        let pb = crate::progress::bar(u64::from(self.config.train.steps), "train", self.quiet);
-        crate::training::train_atomically(&req, &mut |step, loss| {
+        req.device = self.device_name.clone();
+        let pb = crate::progress::bar(u64::from(self.config.train.steps), "train", self.quiet());
+        crate::training::train_atomically(&req, self.world, &mut |step, loss| {
             pb.set_position(step as u64);
             pb.set_message(format!("loss {loss:.4}"));
         })?;
@@ -303,6 +422,9 @@ impl Run<'_> {
         Ok(())
     }
 }
+
+/// Images per CLIP batch in the evaluation; also the grain of its cut over ranks.
+pub const CLIP_BATCH: usize = 16;
 
 /// Seeds of round `r`'s stages, derived from the run seed.
 fn round_seed(seed: u64, r: u32, stage: u64) -> u64 {
@@ -321,7 +443,7 @@ pub fn run(run: &Run) -> Result<MetricsFile> {
         row.clip_score = rec.clip_score;
         metrics.rows.push(row);
     };
-    run.prompts.write_tables(&run.layout.prompts())?;
+    run.on_root(|| run.prompts.write_tables(&run.layout.prompts()).map(|_| ()))?;
     let splits = run.prompts.splits();
     for &split in &splits {
         push(0, split, &run.eval_stage(0, split)?);
@@ -337,7 +459,12 @@ pub fn run(run: &Run) -> Result<MetricsFile> {
             push(r + 1, split, &run.eval_stage(r + 1, split)?);
         }
     }
-    metrics.write(&run.layout.metrics())?;
+    metrics.launch = Some(crate::metrics_file::Launch {
+        world_size: run.world.size(),
+        collective: run.world.describe(),
+        train_shards_per_rank: (c.train.shards as usize / run.world.size()).max(1),
+    });
+    run.on_root(|| Ok(metrics.write(&run.layout.metrics())?))?;
     Ok(metrics)
 }
 

@@ -6,6 +6,7 @@
 //! batched for speed (`batch_size` images per UNet call). The folder is built under a
 //! temporary name and renamed into place: it is either complete or absent.
 
+use crate::shard::Shard;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -84,10 +85,23 @@ pub fn sample_images(
     s: &SampleSettings,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<(SampleRow, RgbImage)>> {
-    let items: Vec<(&PromptJob, u32)> =
-        jobs.iter().flat_map(|j| (0..s.images_per_prompt).map(move |k| (j, k))).collect();
+    sample_images_shard(pipe, jobs, s, Shard::ALL, progress)
+}
+
+/// [`sample_images`] for the batches `shard` owns: the (prompt, k) items are cut into batches of
+/// `batch_size` over the whole list (batch `j` = items `[jB, (j+1)B)`) and batch `j` goes to shard
+/// `j % n`, so an image's bytes do not depend on the shard count.
+pub fn sample_images_shard(
+    pipe: &Pipeline,
+    jobs: &[PromptJob],
+    s: &SampleSettings,
+    shard: Shard,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<(SampleRow, RgbImage)>> {
+    let items = items(jobs, s.images_per_prompt);
     s.check(pipe)?;
-    let batches: Vec<&[(&PromptJob, u32)]> = items.chunks(s.batch_size.max(1)).collect();
+    let batches: Vec<&[(&PromptJob, u32)]> =
+        items.chunks(s.batch_size.max(1)).enumerate().filter(|(j, _)| shard.owns(*j)).map(|(_, b)| b).collect();
     let parallel = if pipe.device.is_cpu() { rayon::current_num_threads().max(1) } else { 1 };
     let mut out = Vec::with_capacity(items.len());
     for group in batches.chunks(parallel) {
@@ -99,6 +113,21 @@ pub fn sample_images(
         progress(out.len());
     }
     Ok(out)
+}
+
+/// Every (prompt, k < `images_per_prompt`) in sampling order.
+fn items(jobs: &[PromptJob], images_per_prompt: u32) -> Vec<(&PromptJob, u32)> {
+    jobs.iter().flat_map(|j| (0..images_per_prompt).map(move |k| (j, k))).collect()
+}
+
+/// The file name of image `k` of `prompt_id` (VISOR's `<unique_id>_<k>.png`).
+pub fn file_name(prompt_id: u64, k: u32) -> String {
+    format!("{prompt_id}_{k}.png")
+}
+
+/// The file names of every (prompt, k) in sampling order: the order of a sample folder's manifest.
+pub fn file_names(jobs: &[PromptJob], images_per_prompt: u32) -> Vec<String> {
+    items(jobs, images_per_prompt).into_iter().map(|(j, k)| file_name(j.prompt_id, k)).collect()
 }
 
 /// One UNet batch of (prompt, k) items.
@@ -123,7 +152,7 @@ fn sample_batch(
         .zip(images)
         .map(|(((job, k), seed), image)| {
             let row = SampleRow {
-                file_name: format!("{}_{k}.png", job.prompt_id),
+                file_name: file_name(job.prompt_id, *k),
                 prompt_id: job.prompt_id,
                 prompt: job.text.clone(),
                 image_index: *k,
@@ -132,6 +161,30 @@ fn sample_batch(
             (row, image)
         })
         .collect())
+}
+
+/// Merges the shards' sample folders (`<out>.shards/<i>-of-<n>/`, complete and disjoint) into the
+/// imagefolder `out` that one process sampling every job would write (the same images, the
+/// manifest in `expected` order), built aside and renamed into place; the parts are then removed.
+pub fn merge_sample_parts(out: &Path, expected: &[String]) -> Result<()> {
+    let dir = crate::shard::parts_dir(out);
+    let parts = crate::shard::complete_parts(&dir, "")?;
+    let parts = parts
+        .into_iter()
+        .map(|p| Ok((p.clone(), ipr_core::dataset::read_imagefolder::<SampleRow>(&p)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let from: std::collections::HashMap<String, std::path::PathBuf> = parts
+        .iter()
+        .flat_map(|(p, rows)| rows.iter().map(move |r| (r.file_name.clone(), p.join(&r.file_name))))
+        .collect();
+    let rows = crate::shard::merge_rows(parts, |r: &SampleRow| r.file_name.clone(), expected)?;
+    ipr_core::fs::build_dir(out, |tmp| -> Result<()> {
+        for row in &rows {
+            ipr_core::stages::link_or_copy(&from[&row.file_name], &tmp.join(&row.file_name))?;
+        }
+        Ok(ipr_core::fs::write_jsonl(&tmp.join(METADATA), &rows)?)
+    })?;
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {} (merged into {})", dir.display(), out.display()))
 }
 
 /// Write sampled images as an imagefolder at `out` (built aside, renamed into place).
@@ -168,12 +221,14 @@ pub fn sample_visor_layout(
 ) -> Result<(usize, usize)> {
     s.check(pipe)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    remove_stale_temporaries(out)?;
-    let path = |job: &PromptJob, k: u32| out.join(format!("{}_{k}.png", job.prompt_id));
-    let items: Vec<(&PromptJob, u32)> =
-        jobs.iter().flat_map(|j| (0..s.images_per_prompt).map(move |k| (j, k))).collect();
+    let path = |job: &PromptJob, k: u32| out.join(file_name(job.prompt_id, k));
+    let items = items(jobs, s.images_per_prompt);
     let mine: Vec<&[(&PromptJob, u32)]> =
         items.chunks(s.batch_size.max(1)).enumerate().filter(|(j, _)| shard.owns(*j)).map(|(_, b)| b).collect();
+    // Only this shard's files: other shards writing into the same folder keep their temporaries.
+    let own: std::collections::HashSet<String> =
+        mine.iter().flat_map(|b| b.iter().map(|(j, k)| file_name(j.prompt_id, *k))).collect();
+    remove_stale_temporaries(out, &own)?;
     let total: usize = mine.iter().map(|b| b.len()).sum();
     let (todo, done): (Vec<_>, Vec<_>) = mine.into_iter().partition(|b| b.iter().any(|(j, k)| !path(j, *k).exists()));
     let mut skipped: usize = done.iter().map(|b| b.len()).sum();
@@ -203,12 +258,13 @@ pub fn sample_visor_layout(
     Ok((made, skipped))
 }
 
-/// Removes `.<name>.tmp-<pid>` files a killed call left behind.
-fn remove_stale_temporaries(dir: &Path) -> Result<()> {
+/// Removes the `.<name>.tmp-<pid>` files a killed call left behind for the images named in `own`.
+fn remove_stale_temporaries(dir: &Path, own: &std::collections::HashSet<String>) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".png.tmp-") {
+        let image = name.strip_prefix('.').and_then(|n| n.split_once(".tmp-")).map(|(image, _)| image);
+        if image.is_some_and(|image| own.contains(image)) {
             std::fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
         }
     }

@@ -5,7 +5,9 @@
 //! or in `--shard i/n`. Work is cut by global batch index (batch `j` goes to shard `j % n`), so
 //! which images share a batch, and so every image's bytes, do not depend on `n`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 /// Shard `index` of `count` (`index < count`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +32,23 @@ impl Shard {
     /// Whether batch `j` of the global batch list is this shard's.
     pub fn owns(&self, batch: usize) -> bool {
         batch % self.count == self.index
+    }
+
+    /// The item indices this shard does out of `len` items cut into global batches of `batch`
+    /// (batch `j` = items `[j * batch, (j + 1) * batch)`), in order.
+    pub fn items(&self, len: usize, batch: usize) -> Vec<usize> {
+        let batch = batch.max(1);
+        (0..len).filter(|i| self.owns(i / batch)).collect()
+    }
+
+    /// The name of this shard's part of an artifact: `<index>-of-<count>`.
+    pub fn part_name(&self) -> String {
+        format!("{}-of-{}", self.index, self.count)
+    }
+
+    /// `--shard i/n` as it would be written.
+    pub fn describe(&self) -> String {
+        format!("{}/{}", self.index, self.count)
     }
 
     /// The shard from `--shard` (`flag`), Slurm's array variables, or Kubernetes'
@@ -60,6 +79,10 @@ impl Shard {
                 bail!("SLURM_ARRAY_TASK_ID={id} with SLURM_ARRAY_TASK_MIN={min} is outside the {count} tasks of the array");
             };
             found.push((format!("SLURM_ARRAY_TASK_ID={id} of {count}"), Shard { index, count }));
+        }
+        // Under mpirun / srun without data-parallel work to do, each rank takes its shard.
+        if let Some((seen, index, count)) = crate::world::launcher_world(env) {
+            found.push((seen, Shard { index, count }));
         }
         if let Some(index) = var("JOB_COMPLETION_INDEX")? {
             match shards {
@@ -93,6 +116,100 @@ impl Shard {
             }
         }
     }
+}
+
+/// Where the shards of `artifact` put their parts: `<artifact>.shards/`, beside it.
+pub fn parts_dir(artifact: &Path) -> PathBuf {
+    let name = artifact.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    artifact.with_file_name(format!("{name}.shards"))
+}
+
+/// The path of `shard`'s part of `artifact` (`<artifact>.shards/<i>-of-<n><ext>`).
+pub fn part_path(artifact: &Path, shard: Shard, ext: &str) -> PathBuf {
+    parts_dir(artifact).join(format!("{}{ext}", shard.part_name()))
+}
+
+/// The parts in `dir` (`<i>-of-<n><ext>`), checked to be the `n` parts of one shard count, every
+/// one present; returned in shard order. Missing parts are named (with the `--shard` that makes
+/// each), and so are parts of two different counts (two shardings of one artifact overlap).
+pub fn complete_parts(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<(Shard, PathBuf)> = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| {
+        format!("{}: no shard parts here (run the shards first, each with --shard I/N)", dir.display())
+    })?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue; // a part being written (atomic temporaries start with a dot)
+        }
+        let Some(stem) = name.strip_suffix(ext) else { continue };
+        let parsed = stem.split_once("-of-").and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => found.push((Shard { index, count }, entry.path())),
+            _ => bail!("{}: not a shard part (expected <i>-of-<n>{ext})", entry.path().display()),
+        }
+    }
+    let Some(count) = found.first().map(|(s, _)| s.count) else {
+        bail!("{}: no shard parts here (run the shards first, each with --shard I/N)", dir.display());
+    };
+    let counts: std::collections::BTreeSet<usize> = found.iter().map(|(s, _)| s.count).collect();
+    if counts.len() > 1 {
+        let names: Vec<String> = counts.iter().map(|n| format!("of {n}")).collect();
+        bail!(
+            "{}: parts of {} different shard counts ({}) overlap: keep the parts of one count and remove the others",
+            dir.display(),
+            counts.len(),
+            names.join(", ")
+        );
+    }
+    found.sort_by_key(|(s, _)| s.index);
+    let missing: Vec<String> =
+        (0..count).filter(|i| !found.iter().any(|(s, _)| s.index == *i)).map(|i| format!("{i}/{count}")).collect();
+    if !missing.is_empty() {
+        bail!(
+            "{}: {} of {count} shards missing: run --shard {} and merge again",
+            dir.display(),
+            missing.len(),
+            missing.join(", --shard ")
+        );
+    }
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Merges rows from shard parts into the order of `expected` (the item keys of the whole job, in
+/// the order one process writes them): every expected key exactly once. A key in two parts (the
+/// parts overlap), a key in no part (a part is incomplete) or a key not expected (the parts come
+/// from other inputs) is an error naming the part and the key.
+pub fn merge_rows<T>(parts: Vec<(PathBuf, Vec<T>)>, key: impl Fn(&T) -> String, expected: &[String]) -> Result<Vec<T>> {
+    let place: HashMap<&str, usize> = expected.iter().enumerate().map(|(i, k)| (k.as_str(), i)).collect();
+    let mut slots: Vec<Option<(T, usize)>> = (0..expected.len()).map(|_| None).collect();
+    let names: Vec<PathBuf> = parts.iter().map(|(p, _)| p.clone()).collect();
+    for (p, (path, rows)) in parts.into_iter().enumerate() {
+        for row in rows {
+            let k = key(&row);
+            let Some(&i) = place.get(k.as_str()) else {
+                bail!(
+                    "{}: {k} is not one of the {} items of the job (a part of other inputs?)",
+                    path.display(),
+                    expected.len()
+                );
+            };
+            if let Some((_, other)) = &slots[i] {
+                bail!("{k} is in two parts, {} and {}: the shards overlap", names[*other].display(), path.display());
+            }
+            slots[i] = Some((row, p));
+        }
+    }
+    let missing: Vec<&str> = slots.iter().zip(expected).filter(|(s, _)| s.is_none()).map(|(_, k)| k.as_str()).collect();
+    if let Some(first) = missing.first() {
+        bail!(
+            "{} of the {} items are in no part (the first: {first}): a shard did not finish, or ran on other inputs",
+            missing.len(),
+            expected.len()
+        );
+    }
+    Ok(slots.into_iter().map(|s| s.expect("checked above").0).collect())
 }
 
 #[cfg(test)]

@@ -6,20 +6,23 @@
 use crate::config::RunConfig;
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device};
+use ipr_diffusion::collective::Collective;
 use ipr_diffusion::config::SchedulerConfig;
 use ipr_diffusion::lora::{attach_unet, LoraConfig};
 use ipr_diffusion::scheduler::Ddpm;
 use ipr_diffusion::train::check_timestep_range;
 use ipr_diffusion::train::optim::AdamWConfig;
-use ipr_diffusion::train::run::{train, TrainRequest};
+use ipr_diffusion::train::run::{train_in, TrainRequest};
 use ipr_diffusion::train::schedule::LrSchedule;
 use ipr_diffusion::train::TrainConfig;
 use ipr_diffusion::unet::UNet2DConditionModel;
 use std::path::{Path, PathBuf};
 
 /// The training request of round `round`: train on `data`, starting from `previous` (the last
-/// round's adapter) when given, into `out`. Captions that parse in `vocab` get a mirrored copy
-/// with left/right swapped: never the public code's silent flip.
+/// round's adapter) when given, into `out`, on a world of `ranks` processes (each computes
+/// `train.shards / ranks` pieces of every micro-batch). Captions that parse in `vocab` get a
+/// mirrored copy with left/right swapped: never the public code's silent flip.
+#[allow(clippy::too_many_arguments)]
 pub fn request(
     c: &RunConfig,
     round: u32,
@@ -28,6 +31,7 @@ pub fn request(
     previous: Option<&Path>,
     data: &Path,
     out: PathBuf,
+    ranks: usize,
 ) -> TrainRequest {
     let t = &c.train;
     let (lora, text_encoder_lora) = lora_configs(c);
@@ -43,7 +47,7 @@ pub fn request(
         timestep_range: t.timestep_range.map(|[lo, hi]| (lo as usize, hi as usize)),
         seed: crate::sampling::image_seed(c.seed, 0x7261_696e, round),
         flip: true,
-        shards: ipr_diffusion::train::DEFAULT_SHARDS,
+        shards: (t.shards as usize / ranks.max(1)).max(1),
     };
     TrainRequest {
         model: model.to_string_lossy().into_owned(),
@@ -102,12 +106,36 @@ pub fn preflight(c: &RunConfig, model: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Run `req` into a folder built aside and renamed to `req.out`; `progress(step, loss)` after
-/// every optimiser step.
-pub fn train_atomically(req: &TrainRequest, progress: &mut dyn FnMut(usize, f64)) -> Result<()> {
-    ipr_core::fs::build_dir(&req.out, |tmp| -> Result<()> {
-        let aside = TrainRequest { out: tmp.to_path_buf(), ..req.clone() };
-        train(&aside, &mut |step, stats| progress(step, stats.loss))?;
-        Ok(())
-    })
+/// Checks `train.shards` against a world of `ranks` processes on the CPU: the pieces must spread
+/// evenly, or the numbers would depend on how many processes computed them.
+pub fn check_shards(c: &RunConfig, ranks: usize) -> Result<()> {
+    let shards = c.train.shards as usize;
+    if c.model.device == "cpu" && !shards.is_multiple_of(ranks) {
+        anyhow::bail!(
+            "train.shards is {shards}, which {ranks} ranks cannot share evenly: set train.shards to a multiple of \
+             {ranks} (the same value on one process gives the same numbers)"
+        );
+    }
+    Ok(())
+}
+
+/// Run `req` data-parallel over `world` into a folder that rank 0 builds aside and renames to
+/// `req.out` (the other ranks train beside it and write nothing); `progress(step, loss)` after
+/// every optimiser step. Every rank returns once the folder is in place.
+pub fn train_atomically(
+    req: &TrainRequest,
+    world: &dyn Collective,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<()> {
+    if world.rank() == 0 {
+        ipr_core::fs::build_dir(&req.out, |tmp| -> Result<()> {
+            let aside = TrainRequest { out: tmp.to_path_buf(), ..req.clone() };
+            train_in(&aside, world, &mut |step, stats| progress(step, stats.loss))?;
+            Ok(())
+        })?;
+    } else {
+        train_in(req, world, &mut |step, stats| progress(step, stats.loss))?;
+    }
+    world.barrier()?;
+    Ok(())
 }

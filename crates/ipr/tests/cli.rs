@@ -27,6 +27,16 @@ fn prompts_sr2d_writes_visors_rows() {
     assert_eq!(rows[11036]["text"], "a cat below a bottle");
     let keys: Vec<_> = rows[0].as_object().unwrap().keys().cloned().collect();
     assert_eq!(keys, ["unique_id", "num_objects", "obj_1_attributes", "obj_2_attributes", "rel_type", "text"]);
+
+    // The spatial prompts alone, the rows VISOR scores, ids kept.
+    let spatial = dir.path().join("spatial.json");
+    let o = ipr(&["prompts", "sr2d", "--spatial-only", "--out", spatial.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let some: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&spatial).unwrap()).unwrap();
+    let want: Vec<&serde_json::Value> =
+        rows.iter().filter(|r| r["rel_type"] != "and" && r["rel_type"] != "single").collect();
+    assert_eq!(some.len(), 25_280);
+    assert!(some.iter().zip(want).all(|(a, b)| a == b));
 }
 
 #[test]
@@ -183,6 +193,60 @@ fn eval_visor_from_images_matches_the_detections_path() {
     let clip: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(clip["images"], 3);
     assert!(clip["clip_score"].as_f64().unwrap() >= 0.0);
+
+    // Sharded (a Kubernetes Indexed Job's index with --shards, and --shard): each shard writes
+    // its part and no metrics; `ipr merge` then gives the unsharded call's detections, byte for
+    // byte. 40 images: three batches of 16.
+    let many = dir.path().join("many");
+    std::fs::create_dir(&many).unwrap();
+    let srcs = ["wide.png", "gray.png", "small.png"];
+    for i in 0..40u64 {
+        let name = format!("{}_{}.png", 10801 + i / 4, i % 4);
+        std::fs::copy(owlvit_fixtures().join("images").join(srcs[i as usize % 3]), many.join(name)).unwrap();
+    }
+    let eval_many = |out: &Path, extra: &[&str], index: Option<usize>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipr"));
+        cmd.args(["eval", "visor", "--images", many.to_str().unwrap(), "--model", model.to_str().unwrap()])
+            .args(["--detections-out", out.to_str().unwrap(), "--json", "--quiet"])
+            .args(extra)
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .env_remove("JOB_COMPLETION_INDEX");
+        if let Some(i) = index {
+            cmd.env("JOB_COMPLETION_INDEX", i.to_string());
+        }
+        cmd.output().unwrap()
+    };
+    let one = dir.path().join("one.jsonl");
+    let o = eval_many(&one, &[], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = o.stdout;
+    let merged = dir.path().join("merged.jsonl");
+    for i in 0..3 {
+        let o = if i == 1 {
+            eval_many(&merged, &["--shard", "1/3"], None)
+        } else {
+            eval_many(&merged, &["--shards", "3"], Some(i))
+        };
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(o.stdout.is_empty(), "a shard prints no metrics");
+    }
+    assert!(!merged.exists());
+    let o = ipr(&["merge", "--samples", many.to_str().unwrap(), "--detections", merged.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&merged).unwrap() == std::fs::read(&one).unwrap(), "merged shards: the unsharded detections");
+    let o = ipr(&["eval", "visor", "--detections", merged.to_str().unwrap(), "--json"]);
+    assert_eq!(o.stdout, want, "and the unsharded metrics");
+    let o = ipr(&[
+        "eval",
+        "visor",
+        "--images",
+        many.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--shard",
+        "0/2",
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("--detections-out"), "{}", stderr(&o));
 
     let o = ipr(&["eval", "visor", "--images", images.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("--model"));

@@ -32,6 +32,7 @@ pub mod augment;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 pub mod ema;
 pub mod loss;
 pub mod optim;
@@ -45,6 +46,7 @@ use candle_nn::VarMap;
 use rayon::prelude::*;
 
 use crate::clip_text::ClipTextModel;
+use crate::collective::{Collective, SingleProcess};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, LoraSet};
 use crate::noise::SplitMix64;
@@ -509,8 +511,16 @@ impl Trainer {
         Ok(Batch { x0, noise, timesteps, weights, context, added })
     }
 
-    /// One optimiser step over `grad_accum` micro-batches.
+    /// One optimiser step over `grad_accum` micro-batches, in this process alone.
     pub fn train_step(&mut self) -> Result<StepStats> {
+        self.train_step_in(&SingleProcess)
+    }
+
+    /// One optimiser step over `grad_accum` micro-batches, data-parallel over the ranks of
+    /// `world`: every rank draws the same micro-batch, computes its pieces of it
+    /// ([`data_parallel_loss_and_grads`]) and gets every rank's gradients, so every rank takes
+    /// the same AdamW step and holds the same adapter bits.
+    pub fn train_step_in(&mut self, world: &dyn Collective) -> Result<StepStats> {
         let step = self.step;
         let accum = self.config.grad_accum;
         let mut grads: HashMap<String, Tensor> = HashMap::new();
@@ -518,7 +528,7 @@ impl Trainer {
         let shards = if self.pipe.device.is_cpu() { self.config.shards.max(1) } else { 1 };
         for micro in 0..accum {
             let batch = self.make_batch(step, micro)?;
-            let (loss, g) = sharded_loss_and_grads(
+            let (loss, g) = data_parallel_loss_and_grads(
                 &self.pipe.unet,
                 &self.ddpm,
                 &batch,
@@ -526,6 +536,7 @@ impl Trainer {
                 shards,
                 1.0 / accum as f64,
                 &self.params,
+                world,
             )?;
             loss_sum += loss;
             optim::accumulate(&mut grads, g)?;
@@ -565,23 +576,53 @@ pub fn sharded_loss_and_grads(
     scale: f64,
     params: &[(String, Var)],
 ) -> Result<(f64, HashMap<String, Tensor>)> {
-    let b = batch.x0.dim(0)? as f64;
-    let results: Vec<Result<(f64, candle_core::backprop::GradStore)>> = batch
-        .split(shards)?
+    data_parallel_loss_and_grads(unet, ddpm, batch, min_snr_gamma, shards, scale, params, &SingleProcess)
+}
+
+/// [`sharded_loss_and_grads`] over the ranks of `world`: the batch is cut into
+/// `shards_per_rank * world.size()` pieces (fewer when the batch is smaller), rank `r` computes
+/// pieces `[r * shards_per_rank, (r + 1) * shards_per_rank)`, every rank gets every piece's loss
+/// and gradients ([`distributed::gather_pieces`]) and sums them in piece order, exactly as one
+/// process with `shards_per_rank * world.size()` shards does. So `mpirun -n 2` with one shard
+/// per rank gives the bits of one process with two shards, and no number depends on how the
+/// pieces were spread over processes (each piece is computed the same way whatever the thread
+/// count: tested).
+#[allow(clippy::too_many_arguments)]
+pub fn data_parallel_loss_and_grads(
+    unet: &crate::unet::UNet2DConditionModel,
+    ddpm: &Ddpm,
+    batch: &Batch,
+    min_snr_gamma: Option<f64>,
+    shards_per_rank: usize,
+    scale: f64,
+    params: &[(String, Var)],
+    world: &dyn Collective,
+) -> Result<(f64, HashMap<String, Tensor>)> {
+    let b = batch.x0.dim(0)?;
+    let per_rank = shards_per_rank.max(1);
+    let pieces = batch.split(per_rank * world.size())?;
+    let lo = (world.rank() * per_rank).min(pieces.len());
+    let hi = ((world.rank() + 1) * per_rank).min(pieces.len());
+    let results: Vec<Result<(f64, candle_core::backprop::GradStore)>> = pieces[lo..hi]
         .par_iter()
         .map(|part| {
             let (loss, _) = weighted_loss(unet, ddpm, part, min_snr_gamma)?;
-            let k = scale * part.x0.dim(0)? as f64 / b;
+            let k = scale * part.x0.dim(0)? as f64 / b as f64;
             let loss = if k != 1.0 { (loss * k)? } else { loss };
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             Ok((value, loss.backward()?))
         })
         .collect();
+    let mine = results
+        .into_iter()
+        .map(|r| r.map(|(value, store)| (value, optim::named_grads(params, &store))))
+        .collect::<Result<Vec<_>>>()?;
+    let alone = world.size() == 1 && !world.on_device();
+    let all = if alone { mine } else { distributed::gather_pieces(world, mine, per_rank, params)? };
     let (mut total, mut grads) = (0.0, HashMap::new());
-    for r in results {
-        let (value, store) = r?;
+    for (value, g) in all {
         total += value;
-        optim::accumulate(&mut grads, optim::named_grads(params, &store))?;
+        optim::accumulate(&mut grads, g)?;
     }
     Ok((total, grads))
 }

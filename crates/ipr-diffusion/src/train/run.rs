@@ -8,6 +8,7 @@ use candle_core::DType;
 use ipr_core::Vocabulary;
 
 use super::{checkpoint, data, StepStats, TrainConfig, Trainable, Trainer};
+use crate::collective::{Collective, SingleProcess};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
 use crate::pipeline::Pipeline;
@@ -60,6 +61,18 @@ pub struct TrainSummary {
 
 /// Runs a LoRA training request; `on_step` sees every step's statistics (for a progress bar).
 pub fn train(req: &TrainRequest, on_step: &mut dyn FnMut(usize, &StepStats)) -> Result<TrainSummary> {
+    train_in(req, &SingleProcess, on_step)
+}
+
+/// [`train`], data-parallel over the ranks of `world` (every rank runs the same request):
+/// each micro-batch is cut into `config.shards` pieces per rank ([`Trainer::train_step_in`]),
+/// every rank takes the same steps, and rank 0 alone writes checkpoints and the adapter. Every
+/// rank returns once the last save is on disk.
+pub fn train_in(
+    req: &TrainRequest,
+    world: &dyn Collective,
+    on_step: &mut dyn FnMut(usize, &StepStats),
+) -> Result<TrainSummary> {
     if req.device == "cpu" {
         super::cpu_runtime();
     }
@@ -109,18 +122,26 @@ pub fn train(req: &TrainRequest, on_step: &mut dyn FnMut(usize, &StepStats)) -> 
     }
     let start_step = trainer.step;
     let mut losses = Vec::new();
+    let root = world.rank() == 0;
     while trainer.step < req.config.steps {
-        let stats = trainer.train_step()?;
+        let stats = trainer.train_step_in(world)?;
         if !stats.loss.is_finite() {
             return Err(Error::Input(format!("loss is {} at step {}", stats.loss, trainer.step)));
         }
         losses.push(stats.loss);
         on_step(trainer.step, &stats);
-        if req.checkpoint_every > 0 && trainer.step % req.checkpoint_every == 0 && trainer.step < req.config.steps {
+        if root
+            && req.checkpoint_every > 0
+            && trainer.step % req.checkpoint_every == 0
+            && trainer.step < req.config.steps
+        {
             checkpoint::save(&trainer, &req.out, None)?;
         }
     }
-    checkpoint::save(&trainer, &req.out, None)?;
+    if root {
+        checkpoint::save(&trainer, &req.out, None)?;
+    }
+    world.barrier()?;
     Ok(TrainSummary {
         examples: ds.examples.len(),
         dropped_zero_weight: ds.dropped_zero_weight,

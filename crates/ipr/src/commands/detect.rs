@@ -39,6 +39,15 @@ pub struct Args {
     /// Score threshold (strictly greater is kept), VISOR's 0.1 by default.
     #[arg(long, default_value_t = ipr_detect::owlvit::detector::VISOR_THRESHOLD)]
     threshold: f64,
+    /// With --samples: detect shard I of N (batches of 16 images, batch j to shard j % N) into
+    /// <out>.shards/I-of-N.jsonl; `ipr merge` then writes --out. Without it, Slurm's
+    /// SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, an MPI launcher's rank, or Kubernetes'
+    /// JOB_COMPLETION_INDEX with --shards say it.
+    #[arg(long, value_parser = ipr::shard::Shard::parse, requires = "samples")]
+    shard: Option<ipr::shard::Shard>,
+    /// With --samples under a Kubernetes Indexed Job: the Job's completions.
+    #[arg(long, requires = "samples")]
+    shards: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Print JSON (single-image mode always prints JSON).
@@ -91,10 +100,43 @@ pub fn run(a: Args) -> Result<()> {
     let out = a.out.as_ref().context("--out detections.jsonl is required with --samples")?;
     let default_vocab = if matches!(a.detector, DetectorKind::Toy) { "toy" } else { "coco80" };
     let vocab = super::load_vocab(a.vocab.as_deref().unwrap_or(default_vocab))?;
+    let shard = ipr::shard::Shard::resolve(a.shard, a.shards, &|k| std::env::var(k).ok())?;
+    if shard.count > 1 {
+        return detect_shard(detector.as_ref(), samples, a.prompts.as_ref(), &vocab, shard, out, a.quiet);
+    }
     let rows = ipr::detection::detect_folder(detector.as_ref(), samples, a.prompts.as_ref(), &vocab, a.quiet)?;
     ipr_core::fs::write_jsonl(out, &rows)?;
     if !a.quiet {
         eprintln!("wrote {} records to {}", rows.len(), out.display());
+    }
+    Ok(())
+}
+
+/// One shard of `ipr detect --samples` (also `ipr eval visor --images` under a shard): its part
+/// of `out`, and what to run once every shard is done.
+pub fn detect_shard(
+    detector: &dyn Detector,
+    samples: &std::path::Path,
+    prompts: Option<&PathBuf>,
+    vocab: &ipr_core::Vocabulary,
+    shard: ipr::shard::Shard,
+    out: &std::path::Path,
+    quiet: bool,
+) -> Result<()> {
+    let table = ipr::detection::prompt_table(prompts)?;
+    let rows = ipr_detect::folder::read_samples(samples, &table)?;
+    let (n, part, kept) = ipr::detection::detect_shard(detector, samples, &rows, vocab, shard, out, quiet)?;
+    if !quiet {
+        let what = if kept { "already there, kept" } else { "written" };
+        eprintln!(
+            "shard {}: {n} of {} images, {} {what}; once every shard is done: ipr merge --samples {}{} --detections {}",
+            shard.describe(),
+            rows.len(),
+            part.display(),
+            samples.display(),
+            prompts.map(|p| format!(" --prompts {}", p.display())).unwrap_or_default(),
+            out.display()
+        );
     }
     Ok(())
 }

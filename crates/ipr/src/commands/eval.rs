@@ -66,6 +66,14 @@ pub struct VisorArgs {
     /// With --images: also write the detections here.
     #[arg(long, requires = "images")]
     detections_out: Option<PathBuf>,
+    /// With --images: detect shard I of N only, into <detections-out>.shards/I-of-N.jsonl (no
+    /// metrics yet); then `ipr merge` and `ipr eval visor --detections`. Without it, Slurm's array
+    /// variables, an MPI launcher's rank, or JOB_COMPLETION_INDEX with --shards say it.
+    #[arg(long, value_parser = ipr::shard::Shard::parse, requires = "images")]
+    shard: Option<ipr::shard::Shard>,
+    /// With --images under a Kubernetes Indexed Job: the Job's completions.
+    #[arg(long, requires = "images")]
+    shards: Option<usize>,
     /// Prompt table for --results and --images (default: SR2D generated in memory, as VISOR's file).
     #[arg(long)]
     prompts: Option<PathBuf>,
@@ -102,8 +110,18 @@ pub fn run(cmd: Command) -> Result<()> {
         } else if let Some(dir) = &a.images {
             let Some(model) = &a.model else { bail!("--images needs --model OWLVIT_FOLDER") };
             let device = ipr_diffusion::sample::device_from_name(&a.device)?;
+            let shard = ipr::shard::Shard::resolve(a.shard, a.shards, &|k| std::env::var(k).ok())?;
             let mut det = ipr_detect::OwlVitDetector::load(&super::resolve_folder(model)?, &device)?;
             det.threshold = a.threshold;
+            if shard.count > 1 {
+                let Some(out) = &a.detections_out else {
+                    bail!(
+                        "shard {}: give --detections-out FILE (the shards' parts go beside it, for ipr merge)",
+                        shard.describe()
+                    )
+                };
+                return super::detect::detect_shard(&det, dir, a.prompts.as_ref(), &vocab, shard, out, a.quiet);
+            }
             let rows = ipr::detection::detect_folder(&det, dir, a.prompts.as_ref(), &vocab, a.quiet)?;
             if let Some(out) = &a.detections_out {
                 ipr_core::fs::write_jsonl(out, &rows)?;

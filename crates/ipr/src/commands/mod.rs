@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod detect;
 pub mod eval;
+pub mod merge;
 pub mod prompts;
 pub mod relabel;
 pub mod run;

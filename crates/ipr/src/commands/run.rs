@@ -30,6 +30,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    ipr::world::World::init()?.run(|w| run_in(a, w))
+}
+
+/// The run on every rank of `world` (one process alone, or the ranks of `mpirun`).
+fn run_in(a: Args, world: &mut ipr::world::World) -> Result<()> {
     let mut config = match &a.config {
         Some(p) => RunConfig::read(p).map_err(anyhow::Error::msg)?,
         None => RunConfig::default(),
@@ -50,10 +55,15 @@ pub fn run(a: Args) -> Result<()> {
     let toy = config.model.source == "toy";
     let model = if toy { PathBuf::new() } else { ipr_diffusion::source::resolve_model(&config.model.source)? };
     let prompts = PromptSets::from_config(&config)?;
-    let device = ipr_diffusion::sample::device_from_name(&config.model.device)?;
+    let device_name = world.device_name(&config.model.device);
+    let device = ipr_diffusion::sample::device_from_name(&device_name)?;
+    world.attach_device(&device)?;
+    let world: &ipr::world::World = world;
     // Everything that can be checked without sampling is checked before the run folder exists:
-    // the device's dtype, both detectors' folders, the CLIP folder.
+    // the device's dtype, the training pieces against the ranks, both detectors' folders, the
+    // CLIP folder.
     check_dtype(&config, &device)?;
+    ipr::training::check_shards(&config, world.size())?;
     let detector = ipr::detection::load_detector(&config.detector, &device).context("[detector]")?;
     let eval_config = config.eval_detector();
     let eval_detector = if eval_config == config.detector {
@@ -70,9 +80,54 @@ pub fn run(a: Args) -> Result<()> {
     };
     let layout = RunLayout::new(config.runs_dir.join(&config.name));
     let resolved = config.to_toml();
+    let others = ipr_diffusion::collective::disagreeing_ranks(world.collective(), resolved.as_bytes())?;
+    if !others.is_empty() {
+        bail!(
+            "ranks {others:?} resolved another configuration than rank 0: every rank must run the same command \
+             on the same files"
+        );
+    }
+    // Rank 0 owns the run folder: it checks, creates or resumes it while the others wait.
+    if world.is_root() {
+        prepare_folder(&config, &layout, &resolved, &model, toy, a.resume)?;
+    }
+    world.collective().barrier()?;
+    let model = if toy { layout.root.join("base-model") } else { model };
+    let run = Run {
+        config,
+        layout,
+        prompts,
+        model,
+        detector: detector.as_ref(),
+        eval_detector: eval_detector.as_deref().unwrap_or(detector.as_ref()),
+        clip: clip.as_ref(),
+        device,
+        device_name,
+        world: world.collective(),
+        quiet: a.quiet,
+    };
+    let metrics = ipr::run_loop::run(&run)?;
+    if world.is_root() {
+        ipr::run_loop::write_report(&run, &metrics)?;
+        print!("{}", ipr::run_loop::metrics_table(&metrics));
+    }
+    Ok(())
+}
+
+/// Creates the run folder (`run.toml`, and the toy base model when the run uses it), or checks
+/// that a folder to `--resume` was made with the same configuration; then checks the model
+/// against the training settings, removing a folder it has just created when they do not fit.
+fn prepare_folder(
+    config: &RunConfig,
+    layout: &RunLayout,
+    resolved: &str,
+    model: &std::path::Path,
+    toy: bool,
+    resume: bool,
+) -> Result<()> {
     let fresh = !layout.root.exists();
     if !fresh {
-        if !a.resume {
+        if !resume {
             bail!("{} exists: pass --resume to continue it, or choose another --name", layout.root.display());
         }
         let before = std::fs::read_to_string(layout.config())
@@ -98,29 +153,15 @@ pub fn run(a: Args) -> Result<()> {
         }
         dir
     } else {
-        model
+        model.to_path_buf()
     };
-    if let Err(e) = ipr::training::preflight(&config, &model) {
+    if let Err(e) = ipr::training::preflight(config, &model) {
         if fresh {
             // Nothing but the config and the exported base is there yet: leave no half-made run.
             let _ = std::fs::remove_dir_all(&layout.root);
         }
         return Err(e);
     }
-    let run = Run {
-        config,
-        layout,
-        prompts,
-        model,
-        detector: detector.as_ref(),
-        eval_detector: eval_detector.as_deref().unwrap_or(detector.as_ref()),
-        clip: clip.as_ref(),
-        device,
-        quiet: a.quiet,
-    };
-    let metrics = ipr::run_loop::run(&run)?;
-    ipr::run_loop::write_report(&run, &metrics)?;
-    print!("{}", ipr::run_loop::metrics_table(&metrics));
     Ok(())
 }
 

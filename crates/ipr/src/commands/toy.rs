@@ -248,6 +248,8 @@ pub fn run(cmd: Command) -> Result<()> {
                 eval_detector: &detector,
                 clip: None,
                 device: candle_core::Device::Cpu,
+                device_name: "cpu".into(),
+                world: &ipr_diffusion::collective::SingleProcess,
                 quiet,
             };
             let mut result = serde_json::Map::new();

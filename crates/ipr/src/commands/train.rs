@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args as ClapArgs;
 use ipr_diffusion::lora::LoraConfig;
-use ipr_diffusion::train::run::{train, TrainRequest};
+use ipr_diffusion::train::run::{train_in, TrainRequest};
 use ipr_diffusion::train::schedule::LrSchedule;
 use ipr_diffusion::train::TrainConfig;
 
@@ -65,7 +65,9 @@ pub struct Args {
     #[arg(long)]
     pub flip: bool,
     /// CPU: split each micro-batch into this many shards computed in parallel (1: off). Fixed,
-    /// not the core count, so that results do not depend on the machine.
+    /// not the core count, so that results do not depend on the machine. Under `mpirun -n N`
+    /// (the `mpi` feature) these are shards per rank: the micro-batch is cut into N x shards
+    /// pieces, rank r computes its own, and the adapter equals one process's with N x shards.
     #[arg(long, default_value_t = ipr_diffusion::train::DEFAULT_SHARDS)]
     pub shards: usize,
     /// Vocabulary for --flip: coco80, toy, or a JSON file of class names.
@@ -96,6 +98,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    ipr::world::World::init()?.run(|w| train(a, w))
+}
+
+fn train(a: Args, world: &mut ipr::world::World) -> Result<()> {
+    let device_name = world.device_name(&a.device);
+    world.attach_device(&ipr_diffusion::sample::device_from_name(&device_name)?)?;
     let lora = LoraConfig {
         rank: a.lora_rank,
         alpha: a.lora_alpha.unwrap_or(a.lora_rank as f64),
@@ -129,14 +137,16 @@ pub fn run(a: Args) -> Result<()> {
         init_adapter: None,
         flip_vocab,
         checkpoint_every: a.checkpoint_every,
-        device: a.device,
+        device: device_name,
         dtype: a.dtype,
         vae_dtype: a.vae_dtype,
         resolution: a.height.zip(a.width),
     };
-    let pb = ipr::progress::bar(a.steps as u64, "train", a.quiet);
+    // Rank 0 reports for all: every rank takes the same steps.
+    let quiet = a.quiet || !world.is_root();
+    let pb = ipr::progress::bar(a.steps as u64, "train", quiet);
     let mut first = true;
-    let summary = train(&req, &mut |step, stats| {
+    let summary = train_in(&req, world.collective(), &mut |step, stats| {
         if first {
             pb.set_position(step.saturating_sub(1) as u64);
             pb.reset_eta();
@@ -148,9 +158,13 @@ pub fn run(a: Args) -> Result<()> {
     pb.finish_and_clear();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let k = summary.losses.len().min(10);
-    if !a.quiet {
+    if !quiet {
+        let ranks = match world.size() {
+            1 => String::new(),
+            n => format!(" on {n} ranks ({})", world.collective().describe()),
+        };
         eprintln!(
-            "trained {} LoRA parameters on {} examples ({} rows of weight 0 dropped), steps {}..{}; \
+            "trained {} LoRA parameters{ranks} on {} examples ({} rows of weight 0 dropped), steps {}..{}; \
              loss first {k} {:.4}, last {k} {:.4}; saved {}",
             summary.trainable_parameters,
             summary.examples,
