@@ -21,6 +21,10 @@
 #   IPR_PIP_FIND_LINKS a folder of wheels: install offline from it (pip --no-index --find-links).
 #   CARGO_TARGET_DIR   cargo's target folder (default /root/target-cuda, apart from the CPU build's).
 #   IPR_CUDA_JOBS      cargo -j and nvcc parallelism (default: number of cores).
+#   IPR_CUDA_FEATURES  cargo features (default cuda). `cuda,nccl` adds NCCL's gradient exchange
+#                      (the nccl wheel is then installed for linking; at run time libnccl.so.2
+#                      comes from PyTorch's wheels or the system); `cuda,nccl,mpi` for clusters
+#                      (links the system's MPI: build where mpicc is, run where the same MPI is).
 #   IPR_GIT_COMMIT     commit recorded in the manifest when the tree is not a git checkout (an export).
 set -euo pipefail
 
@@ -64,6 +68,16 @@ case "$IPR_CUDA_VERSION" in
   *) die "IPR_CUDA_VERSION=$IPR_CUDA_VERSION not pinned here (13.0, 12.9, 12.8, 12.4); add a row" ;;
 esac
 CUDA_MAJOR="${IPR_CUDA_VERSION%%.*}"
+IPR_CUDA_FEATURES="${IPR_CUDA_FEATURES:-cuda}"
+case ",$IPR_CUDA_FEATURES," in *,cuda,*|*,nccl,*) ;; *) die "IPR_CUDA_FEATURES=$IPR_CUDA_FEATURES has no cuda";; esac
+if [[ ",$IPR_CUDA_FEATURES," == *,nccl,* ]]; then
+  # The NCCL that PyTorch pins for the same CUDA release (cudarc links -lnccl).
+  case "$IPR_CUDA_VERSION" in
+    13.0) WHEELS+=(nvidia-nccl-cu13==2.27.7) ;;
+    12.9|12.8) WHEELS+=(nvidia-nccl-cu12==2.27.3) ;;
+    12.4) WHEELS+=(nvidia-nccl-cu12==2.21.5) ;;
+  esac
+fi
 
 STAMP="$IPR_CUDA_VENV/.ipr-wheels"
 WANT="${WHEELS[*]}"
@@ -186,9 +200,9 @@ log "toolchain OK: compiled (sm_$CUDA_COMPUTE_CAP, bf16, PTX) and linked (cuda s
 # ---- 5. cargo build ---------------------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found"
 cd "$REPO"
-log "cargo build --release -p ipr --features cuda (CARGO_TARGET_DIR=$CARGO_TARGET_DIR, -j $JOBS); the CUDA kernels take a while"
+log "cargo build --release -p ipr --features $IPR_CUDA_FEATURES (CARGO_TARGET_DIR=$CARGO_TARGET_DIR, -j $JOBS); the CUDA kernels take a while"
 T0=$(date +%s)
-cargo build --release -p ipr --features cuda -j "$JOBS"
+cargo build --release -p ipr --features "$IPR_CUDA_FEATURES" -j "$JOBS"
 T1=$(date +%s)
 log "cargo build took $((T1 - T0)) s"
 
@@ -219,7 +233,7 @@ json.dump({
   "git_commit": os.environ.get("IPR_GIT_COMMIT") or os.popen("git -C '$REPO' rev-parse HEAD 2>/dev/null").read().strip() or None,
   "git_dirty": bool(os.popen("git -C '$REPO' status --porcelain -uno 2>/dev/null").read().strip()),
   "built_utc": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
-  "cargo_features": ["cuda"],
+  "cargo_features": "$IPR_CUDA_FEATURES".split(","),
   "cuda_toolkit": "$NVCC_VER (PyPI wheels: $WANT)",
   "compute_cap": int("$CUDA_COMPUTE_CAP"),
   "kernels": "PTX for sm_$CUDA_COMPUTE_CAP (JIT by the driver) + a static SASS library (libmoe) for sm_$CUDA_COMPUTE_CAP",

@@ -819,6 +819,39 @@ def main():
         elif entry["diffusers"].get("ok"):
             log(f"train {sname}: diffusers {entry['diffusers']['ms_per_step']:.2f} ms/step")
 
+    # ---- (c) the gradient exchange: `ipr train` on the tiny pixel pipeline through the build's
+    # collective (NCCL at world size 1 when the binary has the `nccl` feature) and through the
+    # host (IPR_NCCL=0); the gather copies values, so the adapters must be equal bit for bit.
+    features = results.get("ipr_manifest", {}).get("cargo_features", [])
+    if ipr and ipr.has_command("train") and section_time_ok("collective", 30):
+        entry = S.setdefault("collective", {"nccl_in_binary": "nccl" in features, "device": device})
+        data = os.path.join(workdir, "train-data")
+        os.makedirs(data, exist_ok=True)
+        from PIL import Image
+        with open(os.path.join(data, "metadata.jsonl"), "w") as f:
+            for i, p in enumerate(["a dog to the left of a car", "a car above a dog", "a dog below a car",
+                                   "a car to the right of a dog"]):
+                Image.new("RGB", (16, 16), (40 * i, 200 - 30 * i, 90)).save(os.path.join(data, f"{i}.png"))
+                f.write(json.dumps({"file_name": f"{i}.png", "prompt": p, "weight": 1.0 if i % 2 == 0 else 0.5}) + "\n")
+        outs = {}
+        for name, env in [("collective", {}), ("host", {"IPR_NCCL": "0"})]:
+            out = os.path.join(workdir, f"lora-{name}")
+            cmd = [*ipr.cmd, "train", "--model", os.path.join(args.fixtures, "tiny-pixel"), "--data", data, "--out", out,
+                   "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--seed", "5", "--device", device, "--quiet"]
+            r = run_child(cmd, gpu, budget.child(), env={**os.environ, **env})
+            entry[name] = {"cmd": " ".join(cmd), "env": env, "rc": r["rc"], "wall_s": r["wall_s"]}
+            if r["rc"] != 0:
+                fail(f"collective/{name}", tail(r["stderr"]))
+            else:
+                with open(os.path.join(out, "pytorch_lora_weights.safetensors"), "rb") as f:
+                    outs[name] = f.read()
+        if len(outs) == 2:
+            entry["adapters_equal"] = outs["collective"] == outs["host"]
+            log(f"collective: adapters through {'NCCL' if entry['nccl_in_binary'] and gpu else 'the host (no NCCL here)'} and "
+                f"through the host {'equal' if entry['adapters_equal'] else 'DIFFER'}")
+            if not entry["adapters_equal"]:
+                fail("collective", "the adapter trained through the NCCL exchange differs from the host exchange's")
+
     # ---- summary
     results["elapsed_s"] = round(time.perf_counter() - budget.t0, 1)
     results["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

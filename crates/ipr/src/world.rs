@@ -73,10 +73,11 @@ impl World {
 
     /// Moves the tensor exchange onto `device` when it is a GPU and this binary has NCCL (the
     /// `nccl` feature): a communicator over this world's ranks, its id sent by the host
-    /// collective. Elsewhere nothing changes.
+    /// collective. Elsewhere, or with `IPR_NCCL=0` (gradients then go through the host), nothing
+    /// changes.
     pub fn attach_device(&mut self, device: &candle_core::Device) -> Result<()> {
         #[cfg(feature = "nccl")]
-        if device.is_cuda() {
+        if device.is_cuda() && std::env::var("IPR_NCCL").as_deref() != Ok("0") {
             let host = std::mem::replace(&mut self.collective, Box::new(SingleProcess));
             self.collective = Box::new(crate::nccl::init(host, device)?);
         }

@@ -161,10 +161,10 @@ fn train(a: Args, world: &mut ipr::world::World) -> Result<()> {
     if !quiet {
         let ranks = match world.size() {
             1 => String::new(),
-            n => format!(" on {n} ranks ({})", world.collective().describe()),
+            n => format!(" ({n} ranks, {})", world.collective().describe()),
         };
         eprintln!(
-            "trained {} LoRA parameters{ranks} on {} examples ({} rows of weight 0 dropped), steps {}..{}; \
+            "trained {} LoRA parameters on {} examples ({} rows of weight 0 dropped), steps {}..{}{ranks}; \
              loss first {k} {:.4}, last {k} {:.4}; saved {}",
             summary.trainable_parameters,
             summary.examples,
