@@ -81,6 +81,25 @@ impl Collective for SingleProcess {
     }
 }
 
+/// Rank 0's bytes on every rank, of any length (`data` matters on rank 0 only): how ranks agree
+/// on what rank 0 read or decided, rather than each reading a shared file system that may not
+/// show them the same state at the same moment.
+pub fn broadcast_from_root(c: &dyn Collective, data: Vec<u8>) -> Result<Vec<u8>> {
+    if c.size() == 1 {
+        return Ok(data);
+    }
+    let mut len = (data.len() as u64).to_le_bytes();
+    c.broadcast_bytes(0, &mut len)?;
+    let mut out = if c.rank() == 0 { data } else { vec![0u8; u64::from_le_bytes(len) as usize] };
+    c.broadcast_bytes(0, &mut out)?;
+    Ok(out)
+}
+
+/// Rank 0's `flag` on every rank.
+pub fn root_decides(c: &dyn Collective, flag: bool) -> Result<bool> {
+    Ok(broadcast_from_root(c, vec![u8::from(flag)])?[0] != 0)
+}
+
 /// Checks that `data` is the same on every rank (a config, a file's bytes): its length and a
 /// 64-bit hash are gathered and compared. Returns the ranks that disagree with rank 0.
 pub fn disagreeing_ranks(c: &dyn Collective, data: &[u8]) -> Result<Vec<usize>> {
@@ -108,5 +127,7 @@ mod tests {
         assert_eq!(c.all_gather_tensor(&t).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 2.0, 3.0]);
         assert!(c.broadcast_bytes(1, &mut [0u8; 4]).is_err());
         assert!(disagreeing_ranks(&c, b"run.toml").unwrap().is_empty());
+        assert_eq!(broadcast_from_root(&c, b"abc".to_vec()).unwrap(), b"abc");
+        assert!(root_decides(&c, true).unwrap() && !root_decides(&c, false).unwrap());
     }
 }

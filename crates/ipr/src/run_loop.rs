@@ -23,8 +23,9 @@
 //! detect and CLIP stages cut their work by global batch index (batch `j` to rank `j % n`), each
 //! rank writes its part beside the artifact (`<artifact>.shards/<rank>-of-<n>`), and rank 0
 //! merges the parts into the artifact one process would have written; training is data-parallel
-//! over the ranks; rank 0 alone writes everything else. Every artifact is in place on every rank
-//! before the next stage starts, so the skip rules above hold for all ranks alike.
+//! over the ranks; rank 0 alone writes everything else. Rank 0 decides which stages to skip and
+//! sends the small files it wrote (records, manifests) to the others, so every rank takes the
+//! same branches whatever its view of the shared file system; a barrier ends every stage.
 
 use crate::config::RunConfig;
 use crate::metrics_file::{EvalSplit, MetricsFile, MetricsRow};
@@ -38,7 +39,7 @@ use ipr_core::metrics::visor_metrics;
 use ipr_core::sr2d::PromptRow;
 use ipr_core::stages::{relabel_detections, score_detections, write_labelled_folder, JudgeSummary};
 use ipr_detect::Detector;
-use ipr_diffusion::collective::Collective;
+use ipr_diffusion::collective::{broadcast_from_root, root_decides, Collective};
 use ipr_diffusion::pipeline::{Pipeline, SampleParams};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -135,6 +136,25 @@ impl Run<'_> {
         }
     }
 
+    /// Whether `path` exists as rank 0 sees it: every rank takes the same branch (a stage that
+    /// one rank skips and another runs would leave their collectives out of step), whatever the
+    /// rank's own view of the shared file system.
+    fn exists(&self, path: &Path) -> Result<bool> {
+        Ok(root_decides(self.world, path.exists())?)
+    }
+
+    /// The text of `path` as rank 0 reads it, on every rank (small files rank 0 has just written:
+    /// a record, a manifest).
+    fn read_on_root(&self, path: &Path) -> Result<String> {
+        let bytes = if self.world.rank() == 0 {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        } else {
+            Vec::new()
+        };
+        let bytes = broadcast_from_root(self.world, bytes)?;
+        String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8", path.display()))
+    }
+
     /// This rank's share of the independent stages.
     fn shard(&self) -> Shard {
         Shard { index: self.world.rank(), count: self.world.size() }
@@ -176,7 +196,7 @@ impl Run<'_> {
     /// Sample `rows` with model `i` into `out` (skipped when `out` exists); with several ranks,
     /// each samples its batches into its part and rank 0 merges them.
     fn sample_stage(&self, i: u32, rows: &[PromptRow], images_per_prompt: u32, seed: u64, out: &Path) -> Result<()> {
-        if out.exists() {
+        if self.exists(out)? {
             return Ok(());
         }
         let shard = self.shard();
@@ -212,7 +232,7 @@ impl Run<'_> {
     /// Detect every image of `samples` with `detector` into `out` (skipped when `out` exists);
     /// with several ranks, each detects its batches into its part and rank 0 merges them.
     fn detect_stage(&self, detector: &dyn Detector, samples: &Path, out: &Path) -> Result<()> {
-        if out.exists() {
+        if self.exists(out)? {
             return Ok(());
         }
         let shard = self.shard();
@@ -236,9 +256,12 @@ impl Run<'_> {
     pub fn eval_stage(&self, i: u32, split: EvalSplit) -> Result<EvalRecord> {
         let dir = self.layout.eval(i, split);
         let record = dir.join("metrics.json");
-        if record.exists() {
-            let text = ipr_core::fs::read_to_string(&record)?;
-            return ipr_core::fs::from_json_str(&text).map_err(|m| anyhow::anyhow!("{}: {m}", record.display()));
+        let read = || -> Result<EvalRecord> {
+            let text = self.read_on_root(&record)?;
+            ipr_core::fs::from_json_str(&text).map_err(|m| anyhow::anyhow!("{}: {m}", record.display()))
+        };
+        if self.exists(&record)? {
+            return read();
         }
         let (samples, detections) = (dir.join("samples"), dir.join("detections.jsonl"));
         let rows = self.prompts.eval_rows(split);
@@ -266,8 +289,7 @@ impl Run<'_> {
             ));
             Ok(())
         })?;
-        let text = ipr_core::fs::read_to_string(&record)?;
-        ipr_core::fs::from_json_str(&text).map_err(|m| anyhow::anyhow!("{}: {m}", record.display()))
+        read()
     }
 
     /// CLIP score of every image of `samples` against the prompt it was sampled from (the
@@ -281,12 +303,12 @@ impl Run<'_> {
             score: f32,
         }
         let read = || -> Result<f64> {
-            let text = ipr_core::fs::read_to_string(out)?;
+            let text = self.read_on_root(out)?;
             let v: serde_json::Value =
                 ipr_core::fs::from_json_str(&text).map_err(|m| anyhow::anyhow!("{}: {m}", out.display()))?;
             v["clip_score"].as_f64().ok_or_else(|| anyhow::anyhow!("{}: no clip_score", out.display()))
         };
-        if out.exists() {
+        if self.exists(out)? {
             return read();
         }
         let rows: Vec<SampleRow> = read_imagefolder(samples)?;
@@ -332,7 +354,7 @@ impl Run<'_> {
     /// Judge and relabel round `r`'s detections (skipped when the labelled folder exists).
     fn relabel_stage(&self, r: u32) -> Result<()> {
         let out = self.layout.labelled(r);
-        if out.exists() {
+        if self.exists(&out)? {
             return Ok(());
         }
         self.on_root(|| self.relabel(r, &out))
@@ -360,11 +382,11 @@ impl Run<'_> {
     /// their rounds' folders (file names prefixed by the round to stay unique).
     fn train_set_stage(&self, r: u32) -> Result<usize> {
         let out = self.layout.train(r);
-        if out.exists() {
-            return Ok(read_imagefolder::<LabelledRow>(&out)?.len());
+        if !self.exists(&out)? {
+            self.on_root(|| self.build_train_set(r, &out))?;
         }
-        self.on_root(|| self.build_train_set(r, &out))?;
-        Ok(read_imagefolder::<LabelledRow>(&out)?.len())
+        let manifest = out.join(ipr_core::dataset::METADATA);
+        Ok(ipr_core::fs::parse_jsonl::<LabelledRow>(&manifest, &self.read_on_root(&manifest)?)?.len())
     }
 
     fn build_train_set(&self, r: u32, out: &Path) -> Result<()> {
@@ -390,7 +412,7 @@ impl Run<'_> {
     /// adapter of model `r` (skipped when it exists).
     fn train_stage(&self, r: u32) -> Result<()> {
         let out = self.layout.lora(r + 1);
-        if out.exists() {
+        if self.exists(&out)? {
             return Ok(());
         }
         let n = self.train_set_stage(r)?;
