@@ -89,10 +89,12 @@ pub fn check_file_name(name: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Read `dir/metadata.jsonl`, checking every row's image exists in `dir`.
+/// Read `dir/metadata.jsonl`, checking every row's image exists in `dir` (and is not a symbolic
+/// link leading out of it).
 pub fn read_imagefolder<R: DeserializeOwned + HasFileName>(dir: &Path) -> Result<Vec<R>> {
     let path = dir.join(METADATA);
     let text = crate::fs::read_to_string(&path)?;
+    let root = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -105,6 +107,19 @@ pub fn read_imagefolder<R: DeserializeOwned + HasFileName>(dir: &Path) -> Result
                 &path,
                 i + 1,
                 format!("field file_name: image {:?} does not exist in {}", row.file_name(), dir.display()),
+            ));
+        }
+        let real = dir.join(row.file_name()).canonicalize().map_err(|e| Error::io(&dir.join(row.file_name()), e))?;
+        if !real.starts_with(&root) {
+            return Err(Error::line(
+                &path,
+                i + 1,
+                format!(
+                    "field file_name: {:?} is a symbolic link to {}, outside {}: a folder's images must be inside it",
+                    row.file_name(),
+                    real.display(),
+                    dir.display()
+                ),
             ));
         }
         rows.push(row);

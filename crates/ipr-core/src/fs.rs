@@ -22,17 +22,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
+    write_atomic_with(path, |tmp| {
+        let mut f = fs::File::create(tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
+        f.sync_all()
+    })
+    .map_err(|e| Error::io(path, e))
+}
+
+/// Writes `path` atomically with `write`, which writes the whole file at the temporary path it is
+/// given (beside `path`); then renames it into place. When `write` or the rename fails (a full
+/// disk, a serializer error) the temporary file is removed: `path` keeps its old content or has
+/// the new one, never a part of it, and nothing else is left behind.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
+    let tmp = temp_path(path);
+    let result = write(&tmp).and_then(|()| fs::rename(&tmp, path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map_err(|e| Error::io(path, e))
+    result
 }
 
 /// Build the folder `out` atomically: `fill` writes into a fresh temporary folder beside it,
@@ -47,14 +55,54 @@ pub fn build_dir<E: From<Error>>(
     }
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    remove_stale_temporaries(out);
     let tmp = temp_path(out);
-    let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = fill(&tmp).and_then(|()| fs::rename(&tmp, out).map_err(|e| Error::io(out, e).into()));
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Removes what killed processes left of earlier attempts at `out` (`.<name>.tmp-<pid>`, any pid).
+/// Safe because one process at a time owns an output (the run, training and shard locks of
+/// [`crate::lock`]).
+fn remove_stale_temporaries(out: &Path) {
+    let (Some(parent), Some(name)) = (out.parent(), out.file_name()) else { return };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let p = e.path();
+            let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        }
+    }
+}
+
+/// Removes, under `dir`, every file or folder a writer of this module left half-written when its
+/// process was killed (`.<name>.tmp-<pid>`); returns how many. For the owner of `dir` (a resumed
+/// run holding its lock).
+pub fn remove_temporaries_under(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
+            let e = e.map_err(|e| Error::io(&d, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let p = e.path();
+            let dir = e.file_type().map_err(|e| Error::io(&p, e))?.is_dir();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                let r = if dir { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                r.map_err(|e| Error::io(&p, e))?;
+                removed += 1;
+            } else if dir {
+                stack.push(p);
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Write `rows` as JSON Lines, atomically.

@@ -11,6 +11,7 @@ pub mod detection;
 pub mod error;
 pub mod fs;
 pub mod judge;
+pub mod lock;
 pub mod method;
 pub mod metrics;
 pub mod pair_split;

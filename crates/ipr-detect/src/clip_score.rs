@@ -58,6 +58,7 @@ impl ClipModel {
         if !weights.exists() {
             return Err(ModelError::missing(&weights, "CLIP weights"));
         }
+        ipr_diffusion::source::check_safetensors(&weights)?;
         // SAFETY: the file is mapped read-only and not modified while the model lives.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(std::slice::from_ref(&weights), DType::F32, device) }
             .map_err(|source| ModelError::Weights { path: weights.clone(), source })?;

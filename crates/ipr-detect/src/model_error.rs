@@ -58,5 +58,7 @@ impl ModelError {
 /// Reads and parses a JSON file, naming it in every error.
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
+    let v = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
+    ipr_diffusion::config::check_sizes(path, &v)?;
+    Ok(v)
 }

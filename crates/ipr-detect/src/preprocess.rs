@@ -292,7 +292,10 @@ fn resize_target(size: ResizeTo, h: usize, w: usize) -> (usize, usize) {
 /// Opens an image file and converts it to RGB as transformers' `convert_to_rgb` does: RGB as is,
 /// anything else through RGBA alpha-composited onto white (Pillow's integer `alpha_composite`).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let img = image::open(path).map_err(|e| ModelError::Image { path: path.to_path_buf(), message: e.to_string() })?;
+    let img = ipr_diffusion::image_file::open(path).map_err(|e| match e {
+        ipr_diffusion::Error::Image { path, message } => ModelError::Image { path, message },
+        other => ModelError::Diffusion(other),
+    })?;
     Ok(to_rgb(img))
 }
 

@@ -13,10 +13,77 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Reads and parses a JSON file, naming the file in any error.
+/// Reads and parses a JSON file, naming the file in any error; model sizes are checked against
+/// [`SIZE_LIMITS`] first.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    parse_json(path, &text)
+}
+
+/// [`read_json`] of text already read from `path`.
+pub fn parse_json<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    check_sizes(path, &v)?;
+    serde_json::from_value(v).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+}
+
+/// The largest value a config's size keys may hold: far above any Stable Diffusion, CLIP or
+/// OWL-ViT checkpoint, far below what would make building the model allocate without bound.
+pub const SIZE_LIMITS: [(&str, u64); 22] = [
+    ("in_channels", 1 << 12),
+    ("out_channels", 1 << 12),
+    ("latent_channels", 1 << 12),
+    ("block_out_channels", 1 << 15),
+    ("cross_attention_dim", 1 << 15),
+    ("hidden_size", 1 << 15),
+    ("intermediate_size", 1 << 17),
+    ("projection_dim", 1 << 15),
+    ("addition_time_embed_dim", 1 << 15),
+    ("projection_class_embeddings_input_dim", 1 << 17),
+    ("norm_num_groups", 1 << 15),
+    ("layers_per_block", 1 << 8),
+    ("transformer_layers_per_block", 1 << 8),
+    ("num_hidden_layers", 1 << 8),
+    ("attention_head_dim", 1 << 12),
+    ("num_attention_heads", 1 << 12),
+    ("vocab_size", 1 << 22),
+    ("max_position_embeddings", 1 << 16),
+    ("sample_size", 1 << 14),
+    ("image_size", 1 << 14),
+    ("patch_size", 1 << 10),
+    ("num_train_timesteps", 1 << 20),
+];
+
+/// Checks every size key of `v` (and of its nested objects, e.g. `text_config`) against
+/// [`SIZE_LIMITS`]: an absurd size is an error naming the file and key before any model is built.
+pub fn check_sizes(path: &Path, v: &serde_json::Value) -> Result<()> {
+    fn walk(path: &Path, prefix: &str, v: &serde_json::Value, depth: usize) -> Result<()> {
+        let Some(map) = v.as_object() else { return Ok(()) };
+        for (k, val) in map {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            if let Some((_, limit)) = SIZE_LIMITS.iter().find(|(name, _)| name == k) {
+                let values: Vec<&serde_json::Value> = match val {
+                    serde_json::Value::Array(items) => items.iter().collect(),
+                    other => vec![other],
+                };
+                for x in values {
+                    let too_big = match x {
+                        serde_json::Value::Number(n) => n.as_u64().is_none_or(|n| n > *limit),
+                        _ => false,
+                    };
+                    if too_big {
+                        return Err(Error::config(path, &key, format!("{x} is outside 0..={limit}")));
+                    }
+                }
+            }
+            if depth < 4 && val.is_object() {
+                walk(path, &key, val, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+    walk(path, "", v, 0)
 }
 
 /// Writes `value` as pretty JSON with `"_class_name": class_name` first, atomically (temporary
@@ -31,10 +98,7 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T, class_name: Option<&str>
         *obj = with_class;
     }
     let text = serde_json::to_string_pretty(&v).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text + "\n").map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    ipr_core::fs::write_atomic_with(path, |tmp| std::fs::write(tmp, text + "\n")).map_err(io)
 }
 
 /// A config value that diffusers accepts either as one number for all blocks or as one per block.

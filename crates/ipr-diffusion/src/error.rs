@@ -21,6 +21,9 @@ pub enum Error {
     /// A weights file is missing a tensor or holds one of the wrong shape.
     #[error("{path}: {source}")]
     Weights { path: PathBuf, source: candle_core::Error },
+    /// An image file that cannot be used (corrupt, truncated, too large).
+    #[error("{path}: {message}")]
+    Image { path: PathBuf, message: String },
     /// A tokenizer could not be built from its files.
     #[error("{path}: tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },

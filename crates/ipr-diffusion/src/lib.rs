@@ -43,6 +43,7 @@ pub mod error;
 pub mod fastmath;
 pub mod fused;
 pub mod geglu;
+pub mod image_file;
 pub mod init;
 pub mod lora;
 pub mod lora_io;

@@ -34,12 +34,6 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.to_path_buf(), source }
 }
 
-fn temp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
 /// The PEFT `LoraConfig` kwargs of one component, as diffusers stores them in the metadata.
 fn peft_config(config: &LoraConfig) -> serde_json::Value {
     json!({
@@ -75,15 +69,23 @@ pub fn save(dir: &Path, set: &LoraSet) -> Result<()> {
     // key ("format": "pt", which loaders ignore) would make the file's bytes differ run to run.
     let metadata = HashMap::from([("lora_adapter_metadata".to_string(), serde_json::to_string(&meta).expect("json"))]);
     let path = dir.join(LORA_WEIGHTS);
-    let tmp = temp_name(&path);
-    safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.clone(), v)), Some(metadata), &tmp)
-        .map_err(|e| io_err(&tmp, std::io::Error::other(e.to_string())))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    ipr_core::fs::write_atomic_with(&path, |tmp| {
+        safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.clone(), v)), Some(metadata), tmp)
+            .map_err(safetensors_io_error)
+    })
+    .map_err(|e| io_err(&path, e))?;
     let cpath = dir.join(ADAPTER_CONFIG);
-    let ctmp = temp_name(&cpath);
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(configs)).expect("json");
-    std::fs::write(&ctmp, text + "\n").map_err(|e| io_err(&ctmp, e))?;
-    std::fs::rename(&ctmp, &cpath).map_err(|e| io_err(&cpath, e))
+    ipr_core::fs::write_atomic_with(&cpath, |tmp| std::fs::write(tmp, text + "\n")).map_err(|e| io_err(&cpath, e))
+}
+
+/// A safetensors writer's error as an I/O error, keeping the kind of an underlying one (a full
+/// disk stays a full disk).
+pub(crate) fn safetensors_io_error(e: safetensors::SafeTensorError) -> std::io::Error {
+    match e {
+        safetensors::SafeTensorError::IoError(io) => io,
+        other => std::io::Error::other(other.to_string()),
+    }
 }
 
 /// One adapted layer read from a file.
@@ -196,6 +198,7 @@ pub fn load(path: &Path, default_component: &str) -> Result<LoraWeights> {
     } else {
         path.to_path_buf()
     };
+    crate::source::check_safetensors(&file)?;
     let bytes = std::fs::read(&file).map_err(|e| io_err(&file, e))?;
     let mut comp_alpha = read_metadata_alphas(&bytes);
     // adapter_config.json next to the weights: ours (per component) or PEFT's (one config).

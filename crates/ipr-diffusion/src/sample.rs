@@ -94,12 +94,6 @@ pub fn sampler_from_name(name: &str) -> Result<SamplerKind> {
     }
 }
 
-fn temp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
 fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.to_path_buf(), source }
 }
@@ -118,10 +112,20 @@ pub fn load_latents(path: &Path) -> Result<Tensor> {
 /// Writes `latents` (as f32, tensor `latents`) atomically.
 pub fn save_latents(path: &Path, latents: &Tensor) -> Result<()> {
     let t = latents.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
-    let tmp = temp_name(path);
     let map = HashMap::from([("latents".to_string(), t)]);
-    candle_core::safetensors::save(&map, &tmp).map_err(|source| Error::Weights { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    ipr_core::fs::write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(map.iter().map(|(k, v)| (k.clone(), v)), None, tmp)
+            .map_err(crate::lora_io::safetensors_io_error)
+    })
+    .map_err(|e| io_err(path, e))
+}
+
+/// Writes `img` as a PNG at `path`, keeping the kind of an I/O error (a full disk stays one).
+pub fn save_png(img: &image::RgbImage, path: &Path) -> std::io::Result<()> {
+    img.save_with_format(path, image::ImageFormat::Png).map_err(|e| match e {
+        image::ImageError::IoError(io) => io,
+        other => std::io::Error::other(other.to_string()),
+    })
 }
 
 /// Writes images `(B, 3, H, W)` in [0, 1] as PNGs; returns the paths.
@@ -148,10 +152,7 @@ pub fn save_pngs(path: &Path, images: &Tensor) -> Result<Vec<PathBuf>> {
             .to_vec1()?;
         let img = image::RgbImage::from_raw(w as u32, h as u32, pixels)
             .ok_or_else(|| Error::Input("image buffer has the wrong size".into()))?;
-        let tmp = temp_name(&target);
-        img.save_with_format(&tmp, image::ImageFormat::Png)
-            .map_err(|e| io_err(&tmp, std::io::Error::other(e.to_string())))?;
-        std::fs::rename(&tmp, &target).map_err(|e| io_err(&target, e))?;
+        ipr_core::fs::write_atomic_with(&target, |tmp| save_png(&img, tmp)).map_err(|e| io_err(&target, e))?;
         written.push(target);
     }
     Ok(written)

@@ -166,8 +166,95 @@ pub fn weight_files(folder: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     Err(not_found(folder.join(format!("{stem}.safetensors")), "missing weights (also looked for .fp16 and sharded)"))
 }
 
-/// Memory-maps `files` into a `VarBuilder` (tensors converted to `dtype` on `device`).
+/// The largest safetensors header read (the format's own readers refuse above 100 MB).
+pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Checks a safetensors file before its tensors are mapped, so that a damaged or hostile file
+/// is an error naming the file and the tensor instead of a crash or a silent conversion: the
+/// header's length and JSON; each tensor's dtype (floating point; integers only for
+/// `position_ids` buffers, which transformers saves), shape and byte range (inside the file, as
+/// long as dtype and shape say, no two overlapping). Reads only the header.
+pub fn check_safetensors(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let bad = |msg: String| Error::Input(format!("{}: not a usable safetensors file: {msg}", path.display()));
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut n = [0u8; 8];
+    if len < 8 {
+        return Err(bad(format!("{len} bytes, too short for the header length")));
+    }
+    f.read_exact(&mut n).map_err(io)?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_SAFETENSORS_HEADER || n > len - 8 {
+        return Err(bad(format!("a header of {n} bytes in a file of {len} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("the header is not JSON ({e})")))?;
+    let map = v.as_object().ok_or_else(|| bad("the header is not a JSON object".into()))?;
+    let data_len = len - 8 - n;
+    let mut ranges = Vec::new();
+    for (name, t) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let field = |k: &str| t.get(k).ok_or_else(|| bad(format!("tensor {name}: no {k}")));
+        let dtype = field("dtype")?.as_str().ok_or_else(|| bad(format!("tensor {name}: dtype is not a string")))?;
+        let size: u64 = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            other => return Err(bad(format!("tensor {name}: unknown dtype {other:?}"))),
+        };
+        let float = matches!(dtype, "F64" | "F32" | "F16" | "BF16");
+        if !float && !name.ends_with("position_ids") {
+            return Err(bad(format!(
+                "tensor {name} is {dtype}: model weights must be floating point (F32, F16, BF16 or F64)"
+            )));
+        }
+        let shape = field("shape")?.as_array().ok_or_else(|| bad(format!("tensor {name}: shape is not a list")))?;
+        let mut count: u64 = 1;
+        for d in shape {
+            let d = d.as_u64().ok_or_else(|| bad(format!("tensor {name}: shape {shape:?} is not a list of sizes")))?;
+            count = count.checked_mul(d).ok_or_else(|| bad(format!("tensor {name}: shape {shape:?} overflows")))?;
+        }
+        let offsets = field("data_offsets")?.as_array().filter(|o| o.len() == 2);
+        let (b, e) = match offsets.map(|o| (o[0].as_u64(), o[1].as_u64())) {
+            Some((Some(b), Some(e))) if b <= e => (b, e),
+            _ => return Err(bad(format!("tensor {name}: data_offsets is not [begin, end]"))),
+        };
+        if count.checked_mul(size) != Some(e - b) {
+            return Err(bad(format!(
+                "tensor {name}: {dtype} of shape {shape:?} needs {} bytes, its data_offsets give {}",
+                count.saturating_mul(size),
+                e - b
+            )));
+        }
+        if e > data_len {
+            return Err(bad(format!(
+                "tensor {name}: bytes [{b}, {e}) run past the end of the data ({data_len} bytes)"
+            )));
+        }
+        ranges.push((b, e, name.as_str()));
+    }
+    ranges.sort();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(bad(format!("tensors {} and {} overlap", w[0].2, w[1].2)));
+        }
+    }
+    Ok(())
+}
+
+/// Memory-maps `files` into a `VarBuilder` (tensors converted to `dtype` on `device`), after
+/// [`check_safetensors`] on each.
 pub fn mmap_weights(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    for f in files {
+        check_safetensors(f)?;
+    }
     // SAFETY: the files are mapped read-only and must not be modified while the model lives (as
     // with any memory-mapped checkpoint).
     unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }

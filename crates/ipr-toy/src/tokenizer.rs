@@ -235,9 +235,7 @@ impl WordTokenizer {
         ];
         for (name, text) in files {
             let path = dir.join(name);
-            let tmp = dir.join(format!("{name}.tmp"));
-            std::fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            ipr_core::fs::write_atomic_with(&path, |tmp| std::fs::write(tmp, text + "\n")).map_err(io(&path))?;
         }
         Ok(())
     }

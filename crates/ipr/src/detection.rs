@@ -40,6 +40,8 @@ pub fn detect_shard(
 ) -> Result<(usize, PathBuf, bool)> {
     let part = crate::shard::part_path(out, shard, ".jsonl");
     let mine: Vec<SampleRow> = shard.items(rows.len(), SHARD_BATCH).into_iter().map(|i| rows[i].clone()).collect();
+    let lock = crate::shard::parts_dir(out).join(format!(".lock-{}", shard.part_name()));
+    let _lock = ipr_core::lock::Lock::acquire(&lock, &format!("shard {} of {}", shard.describe(), out.display()))?;
     if part.exists() {
         return Ok((mine.len(), part, true));
     }

@@ -10,6 +10,7 @@ pub mod metrics_file;
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod oom;
 pub mod pretrain;
 pub mod progress;
 pub mod prompt_sets;
@@ -24,7 +25,8 @@ pub mod training;
 pub mod world;
 
 /// An error and its causes on one line, each cause only where it adds to what was already said
-/// (several library errors already print their source inline).
+/// (several library errors already print their source inline); a full disk is said so, with what
+/// to do, whichever layer met it.
 pub fn error_chain(e: &anyhow::Error) -> String {
     let mut msg = String::new();
     for cause in e.chain() {
@@ -35,6 +37,12 @@ pub fn error_chain(e: &anyhow::Error) -> String {
             }
             msg.push_str(&text);
         }
+    }
+    let full = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(ipr_core::error::is_disk_full))
+        || msg.contains("No space left on device")
+        || msg.contains("Disk quota exceeded");
+    if full && !msg.contains(ipr_core::error::DISK_FULL) {
+        msg.push_str(ipr_core::error::DISK_FULL);
     }
     msg
 }

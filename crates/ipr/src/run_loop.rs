@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! runs/<name>/run.toml                  the resolved config (a resumed run must match it)
+//! runs/<name>/.lock                     held by the process that runs it (one at a time)
 //! runs/<name>/prompts/<set>.json        the prompt tables of the run (train, seen, validation,
 //!                                       heldout) in VISOR's row format, SR2D ids kept
 //! runs/<name>/round-<r>/samples/        training prompts sampled from model r (imagefolder)
@@ -56,6 +57,10 @@ impl RunLayout {
     }
     pub fn config(&self) -> PathBuf {
         self.root.join("run.toml")
+    }
+    /// The lock file of the process that owns the run (see `ipr_core::lock`).
+    pub fn lock(&self) -> PathBuf {
+        self.root.join(".lock")
     }
     pub fn prompts(&self) -> PathBuf {
         self.root.join("prompts")
@@ -216,7 +221,11 @@ impl Run<'_> {
             let total = jobs.len() * images_per_prompt as usize;
             let mine = shard.items(total, settings.batch_size).len();
             let pb = crate::progress::bar(mine as u64, "sample", self.quiet());
-            let samples = sample_images_shard(&pipe, &jobs, &settings, shard, &mut |n| pb.set_position(n as u64))?;
+            let samples = sample_images_shard(&pipe, &jobs, &settings, shard, &mut |n| pb.set_position(n as u64))
+                .map_err(|e| {
+                    let stage = format!("sampling {} with model {i}", out.display());
+                    crate::oom::explain(e, &stage, settings.batch_size, "sampling.batch_size in run.toml")
+                })?;
             pb.finish_and_clear();
             write_sample_folder(&part, &samples)?;
         }
@@ -439,6 +448,10 @@ impl Run<'_> {
         crate::training::train_atomically(&req, self.world, &mut |step, loss| {
             pb.set_position(step as u64);
             pb.set_message(format!("loss {loss:.4}"));
+        })
+        .map_err(|e| {
+            let stage = format!("round {r}: training {}", self.layout.lora(r + 1).display());
+            crate::oom::explain(e, &stage, self.config.train.batch_size as usize, "train.batch_size in run.toml")
         })?;
         pb.finish_and_clear();
         Ok(())

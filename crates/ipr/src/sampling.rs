@@ -192,9 +192,7 @@ pub fn write_sample_folder(out: &Path, samples: &[(SampleRow, RgbImage)]) -> Res
     ipr_core::fs::build_dir(out, |tmp| {
         for (row, image) in samples {
             let path = tmp.join(&row.file_name);
-            image
-                .save_with_format(&path, image::ImageFormat::Png)
-                .with_context(|| format!("writing {}", path.display()))?;
+            ipr_diffusion::sample::save_png(image, &path).map_err(|e| ipr_core::Error::io(&path, e))?;
         }
         let rows: Vec<&SampleRow> = samples.iter().map(|(r, _)| r).collect();
         Ok(ipr_core::fs::write_jsonl(&tmp.join(METADATA), &rows)?)
@@ -221,6 +219,9 @@ pub fn sample_visor_layout(
 ) -> Result<(usize, usize)> {
     s.check(pipe)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Shards share the folder; two processes doing the same shard are refused.
+    let lock = out.join(format!(".lock-{}", shard.part_name()));
+    let _lock = ipr_core::lock::Lock::acquire(&lock, &format!("shard {} of {}", shard.describe(), out.display()))?;
     let path = |job: &PromptJob, k: u32| out.join(file_name(job.prompt_id, k));
     let items = items(jobs, s.images_per_prompt);
     let mine: Vec<&[(&PromptJob, u32)]> =
@@ -244,12 +245,8 @@ pub fn sample_visor_layout(
                     skipped += 1;
                     continue;
                 }
-                let tmp = out.join(format!(".{}.tmp-{}", row.file_name, std::process::id()));
-                image
-                    .save_with_format(&tmp, image::ImageFormat::Png)
-                    .with_context(|| format!("writing {}", tmp.display()))?;
-                std::fs::rename(&tmp, &target)
-                    .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
+                ipr_core::fs::write_atomic_with(&target, |tmp| ipr_diffusion::sample::save_png(&image, tmp))
+                    .map_err(|e| ipr_core::Error::io(&target, e))?;
                 made += 1;
             }
         }

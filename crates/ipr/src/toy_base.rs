@@ -31,9 +31,9 @@ pub fn export(dir: &Path) -> Result<()> {
         for (rel, bytes) in FILES {
             let path = tmp.join(rel);
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
+                std::fs::create_dir_all(parent).map_err(|e| ipr_core::Error::io(parent, e))?;
             }
-            std::fs::write(&path, bytes)?;
+            std::fs::write(&path, bytes).map_err(|e| ipr_core::Error::io(&path, e))?;
         }
         Ok(())
     })

@@ -206,7 +206,7 @@ fn a_run_over_two_ranks_ends_with_one_process_results() {
     assert_eq!(two["launch"]["train_shards_per_rank"].as_u64(), Some(1));
     assert!(two["launch"]["collective"].as_str().unwrap().starts_with("MPI"));
     // Every artifact, byte for byte: samples, detections, labelled sets, adapters, evaluations.
-    let skip = ["run.toml", "metrics.json", "report.html"];
+    let skip = ["run.toml", "metrics.json", "report.html", ".lock"];
     let (a, b) = (tree(&dir.join("runs/one"), &skip), tree(&dir.join("runs/two"), &skip));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "the same files, and no part left behind");
     for (path, bytes) in &a {
@@ -268,7 +268,7 @@ clip_model = "{clip}"
     std::fs::write(dir.join("run.toml"), config).unwrap();
     ok(&ipr(dir, &["run", "--config", "run.toml", "--name", "one", "--quiet"]));
     ok(&mpirun(dir, 3, &["run", "--config", "run.toml", "--name", "three", "--quiet"]));
-    let skip = ["run.toml", "metrics.json", "report.html"];
+    let skip = ["run.toml", "metrics.json", "report.html", ".lock"];
     let (a, b) = (tree(&dir.join("runs/one"), &skip), tree(&dir.join("runs/three"), &skip));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     assert!(a.keys().any(|p| p.ends_with("clip_scores.json")));

@@ -6,7 +6,7 @@
 //! same state file. Every file is written to a temporary name and renamed.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
@@ -20,12 +20,6 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.to_path_buf(), source }
 }
 
-fn temp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
 /// Writes `tensors` with string metadata atomically.
 pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>, meta: HashMap<String, String>) -> Result<()> {
     let mut sorted: Vec<(String, Tensor)> = tensors
@@ -33,10 +27,11 @@ pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>, meta: H
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let tmp = temp_name(path);
-    safetensors::serialize_to_file(sorted.iter().map(|(k, v)| (k.clone(), v)), Some(meta), &tmp)
-        .map_err(|e| io_err(&tmp, std::io::Error::other(e.to_string())))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    ipr_core::fs::write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(sorted.iter().map(|(k, v)| (k.clone(), v)), Some(meta), tmp)
+            .map_err(crate::lora_io::safetensors_io_error)
+    })
+    .map_err(|e| io_err(path, e))
 }
 
 fn state_tensors(t: &Trainer) -> HashMap<String, Tensor> {

@@ -58,9 +58,7 @@ impl From<(usize, usize)> for ImageSize {
 /// when its size differs).
 pub fn load_image(path: &Path, size: impl Into<ImageSize>) -> Result<Tensor> {
     let ImageSize { height, width } = size.into();
-    let img = image::open(path)
-        .map_err(|e| Error::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?
-        .to_rgb8();
+    let img = crate::image_file::open_rgb(path)?;
     let img = if img.width() as usize != width || img.height() as usize != height {
         image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::Triangle)
     } else {
@@ -111,8 +109,7 @@ pub fn load_dataset(
             continue;
         }
         let path = dir.join(&row.file_name);
-        let (width, height) = image::image_dimensions(&path)
-            .map_err(|e| Error::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        let (width, height) = crate::image_file::dimensions(&path)?;
         let pixels = load_image(&path, resolution)?;
         let flipped = match flip_vocab.and_then(|v| mirror_caption(&row.prompt, v)) {
             Some(caption) => Some((to_x0(&flip_horizontal(&pixels)?, vae, dtype, device)?, caption)),

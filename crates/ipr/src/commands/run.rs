@@ -88,9 +88,8 @@ fn run_in(a: Args, world: &mut ipr::world::World) -> Result<()> {
         );
     }
     // Rank 0 owns the run folder: it checks, creates or resumes it while the others wait.
-    if world.is_root() {
-        prepare_folder(&config, &layout, &resolved, &model, toy, a.resume)?;
-    }
+    let _lock =
+        if world.is_root() { Some(prepare_folder(&config, &layout, &resolved, &model, toy, a.resume)?) } else { None };
     world.collective().barrier()?;
     let model = if toy { layout.root.join("base-model") } else { model };
     let run = Run {
@@ -124,12 +123,17 @@ fn prepare_folder(
     model: &std::path::Path,
     toy: bool,
     resume: bool,
-) -> Result<()> {
+) -> Result<ipr_core::lock::Lock> {
     let fresh = !layout.root.exists();
+    if !fresh && !resume {
+        bail!("{} exists: pass --resume to continue it, or choose another --name", layout.root.display());
+    }
+    std::fs::create_dir_all(&layout.root).with_context(|| format!("creating {}", layout.root.display()))?;
+    // Held until this process ends: a second `ipr run` on the folder is refused before any work.
+    let lock = ipr_core::lock::Lock::acquire(&layout.lock(), &format!("the run {}", layout.root.display()))?;
     if !fresh {
-        if !resume {
-            bail!("{} exists: pass --resume to continue it, or choose another --name", layout.root.display());
-        }
+        // What a killed process was writing when it died is never read: clear it.
+        ipr_core::fs::remove_temporaries_under(&layout.root)?;
         let before = std::fs::read_to_string(layout.config())
             .with_context(|| format!("reading {}", layout.config().display()))?;
         if before != resolved {
@@ -140,7 +144,6 @@ fn prepare_folder(
             );
         }
     } else {
-        std::fs::create_dir_all(&layout.root)?;
         ipr_core::fs::write_atomic(&layout.config(), resolved.as_bytes())?;
     }
     let model = if toy {
@@ -162,7 +165,7 @@ fn prepare_folder(
         }
         return Err(e);
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// Half precision needs a device with half-precision kernels: candle's CPU backend computes

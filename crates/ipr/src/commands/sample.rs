@@ -153,7 +153,8 @@ fn sample_table(a: Args) -> Result<()> {
     let (made, skipped) = ipr::sampling::sample_visor_layout(&pipe, &jobs, &settings, shard, out, &mut |n, total| {
         pb.set_length(total as u64);
         pb.set_position(n as u64)
-    })?;
+    })
+    .map_err(|e| ipr::oom::explain(e, &format!("sampling into {}", out.display()), a.batch_size, "--batch-size"))?;
     pb.finish_and_clear();
     let of = if shard.count > 1 { format!(" (shard {}/{})", shard.index, shard.count) } else { String::new() };
     eprintln!("{}{of}: {made} images made, {skipped} already there", out.display());

@@ -102,6 +102,13 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn train(a: Args, world: &mut ipr::world::World) -> Result<()> {
+    // One process writes --out (rank 0 under mpirun): a second `ipr train` on it is refused.
+    let _lock = if world.is_root() {
+        let what = format!("the training output {}", a.out.display());
+        Some(ipr_core::lock::Lock::acquire(&a.out.join(".lock"), &what)?)
+    } else {
+        None
+    };
     let device_name = world.device_name(&a.device);
     world.attach_device(&ipr_diffusion::sample::device_from_name(&device_name)?)?;
     let lora = LoraConfig {
@@ -154,7 +161,9 @@ fn train(a: Args, world: &mut ipr::world::World) -> Result<()> {
         }
         pb.set_position(step as u64);
         pb.set_message(format!("loss {:.4} lr {:.2e}", stats.loss, stats.lr));
-    })?;
+    })
+    .map_err(anyhow::Error::from)
+    .map_err(|e| ipr::oom::explain(e, &format!("training {}", a.out.display()), a.batch_size, "--batch-size"))?;
     pb.finish_and_clear();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let k = summary.losses.len().min(10);
