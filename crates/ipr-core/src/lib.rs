@@ -20,6 +20,7 @@ pub mod relabel;
 pub mod relation;
 pub mod sr2d;
 pub mod stages;
+pub mod stats;
 pub mod visor_format;
 pub mod vocab;
 

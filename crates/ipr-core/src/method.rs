@@ -8,7 +8,9 @@
 //! - `filter`: only the correct pairs, original prompts, weight 1 (rejection-sampling
 //!   fine-tuning);
 //! - `weighted`: every pair with its original prompt and its feedback weight, no relabeling
-//!   (reward-weighted regression).
+//!   (reward-weighted regression);
+//! - `ddpo`: no supervised set at all: the judge's verdict is the reward of a policy-gradient
+//!   update of the sampling chain (Black et al. 2023), from the same samples ([`Reward`]).
 
 use crate::dataset::LabelledRow;
 use serde::{Deserialize, Serialize};
@@ -23,10 +25,11 @@ pub enum Method {
     Pr,
     Filter,
     Weighted,
+    Ddpo,
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [Method::Ipr, Method::Pr, Method::Filter, Method::Weighted];
+    pub const ALL: [Method; 5] = [Method::Ipr, Method::Pr, Method::Filter, Method::Weighted, Method::Ddpo];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -34,7 +37,13 @@ impl Method {
             Method::Pr => "pr",
             Method::Filter => "filter",
             Method::Weighted => "weighted",
+            Method::Ddpo => "ddpo",
         }
+    }
+
+    /// Whether the method learns by policy gradient from rewards (not from a labelled set).
+    pub fn is_reinforcement(self) -> bool {
+        self == Method::Ddpo
     }
 
     /// Rounds of sampling and training the method runs when `rounds` are asked for.
@@ -45,10 +54,11 @@ impl Method {
         }
     }
 
-    /// The rows trained on, from a round's labelled rows.
+    /// The rows trained on, from a round's labelled rows (`ddpo` trains on none: see [`Reward`]).
     pub fn training_rows(self, rows: &[LabelledRow]) -> Vec<LabelledRow> {
         match self {
             Method::Ipr | Method::Pr => rows.to_vec(),
+            Method::Ddpo => Vec::new(),
             Method::Filter => {
                 rows.iter().filter(|r| r.correct).map(|r| LabelledRow { weight: 1.0, ..r.clone() }).collect()
             }
@@ -71,8 +81,41 @@ impl FromStr for Method {
         Method::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown method {s:?}: expected one of ipr, pr, filter, weighted"))
+            .ok_or_else(|| format!("unknown method {s:?}: expected one of ipr, pr, filter, weighted, ddpo"))
     }
+}
+
+/// DDPO's reward of an image, from the judge's verdict on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reward {
+    /// VISOR's test: both objects found and the relation holds for some pair of boxes (what the
+    /// evaluation measures).
+    #[default]
+    Visor,
+    /// IPR's strict judge: exactly one box of each object, and the relation holds.
+    Strict,
+}
+
+/// The reward (1 or 0) of each detected image of a spatial prompt, in order.
+pub fn rewards(
+    rows: &[crate::dataset::DetectionRow],
+    vocab: &crate::Vocabulary,
+    kind: Reward,
+) -> Result<Vec<f64>, String> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let prompt = crate::Prompt::parse(&row.prompt, vocab).map_err(|m| format!("record {}: {m}", i + 1))?;
+            let v =
+                crate::judge::judge(&prompt, &row.detections, vocab).map_err(|m| format!("record {}: {m}", i + 1))?;
+            let right = match kind {
+                Reward::Visor => v.all_found() && v.visor_sra,
+                Reward::Strict => v.outcome() == crate::judge::Outcome::Correct,
+            };
+            Ok(f64::from(u8::from(right)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -110,5 +153,7 @@ mod tests {
         assert_eq!((Method::Pr.rounds(3), Method::Ipr.rounds(3)), (1, 3));
         assert_eq!("filter".parse::<Method>(), Ok(Method::Filter));
         assert!("dpo".parse::<Method>().unwrap_err().contains("dpo"));
+        assert_eq!("ddpo".parse::<Method>(), Ok(Method::Ddpo));
+        assert!(Method::Ddpo.training_rows(&rows).is_empty() && Method::Ddpo.is_reinforcement());
     }
 }

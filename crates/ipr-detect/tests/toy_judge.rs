@@ -83,7 +83,7 @@ fn toy_eval_of_the_oracle() {
         let s = m.get(side).unwrap();
         assert_eq!([s.oa, s.visor_cond, s.visor_uncond, s.visor_1, s.visor_4], [100.0; 5], "{side:?}");
     }
-    assert_eq!(m.get(Split::Train).unwrap().num_images, 21 * 8 * 4);
+    assert_eq!(m.get(Split::Train).unwrap().num_images, 14 * 8 * 4);
     assert_eq!(m.get(Split::HeldOut).unwrap().num_prompts, 7 * 8);
     let json = serde_json::to_value(&m).unwrap();
     assert_eq!(json["held_out"]["VISOR_cond"], 100.0);

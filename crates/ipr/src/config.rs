@@ -27,6 +27,44 @@ pub struct RunConfig {
     pub relabel: RelabelConfig,
     pub train: TrainConfig,
     pub eval: EvalConfig,
+    /// The `ddpo` method's settings (unused by the others).
+    pub ddpo: DdpoConfig,
+}
+
+/// DDPO (Black et al. 2023) in the same harness: the same samples per round as the other methods,
+/// drawn with DDIM at `eta > 0`; LoRA rank, targets, weight decay and clipping from `[train]`.
+/// Defaults are ddpo-pytorch's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DdpoConfig {
+    /// DDIM noise of the sampled chains (1.0: DDPM-like).
+    pub eta: f64,
+    /// PPO's importance-ratio clip.
+    pub clip_range: f64,
+    /// Advantages are clipped to `[-adv_clip_max, adv_clip_max]`.
+    pub adv_clip_max: f64,
+    /// Trajectories per optimiser step.
+    pub batch_size: u32,
+    /// Passes over each round's trajectories.
+    pub epochs: u32,
+    pub learning_rate: f64,
+    /// "visor" (both objects found and the relation holds, as the evaluation counts) or "strict"
+    /// (IPR's judge: exactly one box of each).
+    pub reward: ipr_core::method::Reward,
+}
+
+impl Default for DdpoConfig {
+    fn default() -> Self {
+        DdpoConfig {
+            eta: 1.0,
+            clip_range: 1e-4,
+            adv_clip_max: 5.0,
+            batch_size: 8,
+            epochs: 1,
+            learning_rate: 3e-4,
+            reward: ipr_core::method::Reward::Visor,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +223,7 @@ impl Default for RunConfig {
             relabel: RelabelConfig::default(),
             train: TrainConfig::default(),
             eval: EvalConfig::default(),
+            ddpo: DdpoConfig::default(),
         }
     }
 }
@@ -498,6 +537,18 @@ impl RunConfig {
         positive("train.steps", self.train.steps)?;
         positive("train.batch_size", self.train.batch_size)?;
         positive("train.shards", self.train.shards)?;
+        positive("ddpo.batch_size", self.ddpo.batch_size)?;
+        positive("ddpo.epochs", self.ddpo.epochs)?;
+        finite_pos("ddpo.eta", self.ddpo.eta)?;
+        finite_pos("ddpo.clip_range", self.ddpo.clip_range)?;
+        finite_pos("ddpo.adv_clip_max", self.ddpo.adv_clip_max)?;
+        finite_pos("ddpo.learning_rate", self.ddpo.learning_rate)?;
+        if self.method == Method::Ddpo && self.sampling.scheduler != "ddim" {
+            return Err(format!(
+                "sampling.scheduler is {:?}: the ddpo method samples its chains with DDIM (set \"ddim\")",
+                self.sampling.scheduler
+            ));
+        }
         finite_pos("train.lora_alpha", self.train.lora_alpha)?;
         finite_pos("train.learning_rate", self.train.learning_rate)?;
         finite_pos("train.max_grad_norm", self.train.max_grad_norm)?;

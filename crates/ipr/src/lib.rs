@@ -4,6 +4,7 @@
 //! method/engine crates. See ARCHITECTURE.md.
 
 pub mod config;
+pub mod ddpo;
 pub mod detection;
 pub mod metrics_file;
 #[cfg(feature = "mpi")]
@@ -18,6 +19,7 @@ pub mod report;
 pub mod run_loop;
 pub mod sampling;
 pub mod shard;
+pub mod study;
 pub mod toy_base;
 pub mod toy_grid;
 pub mod toy_model;

@@ -1,7 +1,7 @@
 //! The prompts a run receives: the vocabulary, the training prompts IPR samples, and the
 //! evaluation splits. The loop does not know which world it is in; two sets exist:
 //!
-//! - `toy`: the shapes world's fixed split of pairs (seen / held-out);
+//! - `toy`: the shapes world's fixed split of pairs (training / validation / held-out);
 //! - `sr2d`: VISOR's SR2D over COCO-80, its 3,160 unordered pairs split by a seeded rule
 //!   ([`ipr_core::pair_split`]) into training, validation and held-out pairs. Training prompts
 //!   are the spatial prompts of the training pairs, or exactly the public code's 100 prompts
@@ -31,7 +31,8 @@ pub struct PromptSets {
 }
 
 impl PromptSets {
-    /// The toy world's fixed split: spatial prompts over training pairs (seen) and held-out pairs.
+    /// The toy world's fixed split: spatial prompts over training pairs (seen), validation
+    /// pairs and held-out pairs.
     pub fn toy() -> Self {
         let split = ipr_toy::PairSplit::fixed();
         let seen = split.spatial_rows(ipr_toy::Split::Train);
@@ -39,7 +40,11 @@ impl PromptSets {
             name: PromptSetName::Toy,
             vocab: ipr_toy::vocabulary(),
             train: seen.clone(),
-            eval: vec![(EvalSplit::Seen, seen), (EvalSplit::Heldout, split.spatial_rows(ipr_toy::Split::HeldOut))],
+            eval: vec![
+                (EvalSplit::Seen, seen),
+                (EvalSplit::Validation, split.spatial_rows(ipr_toy::Split::Validation)),
+                (EvalSplit::Heldout, split.spatial_rows(ipr_toy::Split::HeldOut)),
+            ],
         }
     }
 
@@ -186,6 +191,7 @@ mod tests {
         assert_eq!(names, ["train.json", "seen.json", "validation.json", "heldout.json"]);
         assert_eq!(ipr_core::sr2d::read_rows(&paths[3]).unwrap(), sets.eval_rows(EvalSplit::Heldout));
         let toy = PromptSets::toy();
-        assert_eq!(toy.splits(), [EvalSplit::Seen, EvalSplit::Heldout], "the toy world has no validation split yet");
+        assert_eq!(toy.splits(), [EvalSplit::Seen, EvalSplit::Validation, EvalSplit::Heldout]);
+        assert_eq!((toy.train.len(), toy.eval_rows(EvalSplit::Validation).len(), toy.eval_rows(EvalSplit::Heldout).len()), (112, 56, 56));
     }
 }

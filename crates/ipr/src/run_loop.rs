@@ -131,11 +131,11 @@ fn jobs(rows: &[PromptRow]) -> Vec<PromptJob> {
 
 impl Run<'_> {
     /// Rank 0 reports for all ranks.
-    fn quiet(&self) -> bool {
+    pub(crate) fn quiet(&self) -> bool {
         self.quiet || self.world.rank() != 0
     }
 
-    fn log(&self, msg: impl AsRef<str>) {
+    pub(crate) fn log(&self, msg: impl AsRef<str>) {
         if !self.quiet() {
             eprintln!("{}", msg.as_ref());
         }
@@ -144,7 +144,7 @@ impl Run<'_> {
     /// Whether `path` exists as rank 0 sees it: every rank takes the same branch (a stage that
     /// one rank skips and another runs would leave their collectives out of step), whatever the
     /// rank's own view of the shared file system.
-    fn exists(&self, path: &Path) -> Result<bool> {
+    pub(crate) fn exists(&self, path: &Path) -> Result<bool> {
         Ok(root_decides(self.world, path.exists())?)
     }
 
@@ -167,7 +167,7 @@ impl Run<'_> {
 
     /// Runs `write` on rank 0 alone; every rank returns once it is done. (An error on rank 0
     /// ends every rank: see `World::run`.)
-    fn on_root(&self, write: impl FnOnce() -> Result<()>) -> Result<()> {
+    pub(crate) fn on_root(&self, write: impl FnOnce() -> Result<()>) -> Result<()> {
         if self.world.rank() == 0 {
             write()?;
         }
@@ -175,7 +175,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn sample_params(&self) -> Result<SampleParams> {
+    pub(crate) fn sample_params(&self) -> Result<SampleParams> {
         Ok(SampleParams {
             num_inference_steps: self.config.sampling.steps as usize,
             guidance_scale: self.config.sampling.guidance_scale,
@@ -184,7 +184,7 @@ impl Run<'_> {
     }
 
     /// The base model, with the adapter of model `i` merged in when `i > 0`.
-    fn pipeline(&self, i: u32) -> Result<Pipeline> {
+    pub(crate) fn pipeline(&self, i: u32) -> Result<Pipeline> {
         let mut pipe =
             Pipeline::load_with_vae_dtype(&self.model, self.config.dtype(), self.config.vae_dtype(), &self.device)
                 .with_context(|| format!("loading {}", self.model.display()))?;
@@ -486,10 +486,19 @@ pub fn run(run: &Run) -> Result<MetricsFile> {
     for r in 0..rounds {
         run.log(format!("== round {} of {rounds} ({method})", r + 1));
         let seed = round_seed(c.seed, r, 1);
-        run.sample_stage(r, &run.prompts.train, c.sampling.images_per_prompt, seed, &run.layout.samples(r))?;
+        if method.is_reinforcement() {
+            run.ddpo_sample_stage(r, &run.prompts.train, seed, &run.layout.samples(r))?;
+        } else {
+            run.sample_stage(r, &run.prompts.train, c.sampling.images_per_prompt, seed, &run.layout.samples(r))?;
+        }
         run.detect_stage(run.detector, &run.layout.samples(r), &run.layout.detections(r))?;
+        // The judged set: what the supervised methods train on, and the report's gallery.
         run.relabel_stage(r)?;
-        run.train_stage(r)?;
+        if method.is_reinforcement() {
+            run.ddpo_train_stage(r)?;
+        } else {
+            run.train_stage(r)?;
+        }
         for &split in &splits {
             push(r + 1, split, &run.eval_stage(r + 1, split)?);
         }

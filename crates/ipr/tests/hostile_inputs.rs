@@ -54,8 +54,10 @@ fn some_matrix(h: &serde_json::Map<String, serde_json::Value>) -> String {
 fn damaged_models_are_errors_naming_the_file_and_the_problem() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let sample = |model: &str| ipr(dir, &["sample", "--model", model, "--prompt", "a dog", "--steps", "1", "--out", "x.png"]);
-    let cases: [(&str, &str, fn(&Path)); 5] = [
+    let sample =
+        |model: &str| ipr(dir, &["sample", "--model", model, "--prompt", "a dog", "--steps", "1", "--out", "x.png"]);
+    type Damage = fn(&Path);
+    let cases: [(&str, &str, Damage); 5] = [
         ("channels 10^9", "block_out_channels", |m| {
             let p = m.join("unet/config.json");
             let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
@@ -116,7 +118,10 @@ fn damaged_training_images_are_errors_naming_the_file() {
     let dir = tmp.path();
     let model = tiny_pixel();
     let train = |data: &str| {
-        ipr(dir, &["train", "--model", model.to_str().unwrap(), "--data", data, "--out", "lora", "--steps", "1", "--quiet"])
+        ipr(
+            dir,
+            &["train", "--model", model.to_str().unwrap(), "--data", data, "--out", "lora", "--steps", "1", "--quiet"],
+        )
     };
     let folder = |name: &str, image: &dyn Fn(&Path)| {
         let d = dir.join(name);

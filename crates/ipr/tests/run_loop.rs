@@ -74,10 +74,10 @@ fn two_rounds_artifacts_metrics_report_and_resume() {
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("metrics.json")).unwrap()).unwrap();
     let rows = metrics["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 6, "models 0, 1, 2 on seen and heldout");
+    assert_eq!(rows.len(), 9, "models 0, 1, 2 on seen, validation and heldout");
     for (i, row) in rows.iter().enumerate() {
-        assert_eq!(row["iteration"].as_u64().unwrap(), i as u64 / 2);
-        assert_eq!(row["split"], if i % 2 == 0 { "seen" } else { "heldout" });
+        assert_eq!(row["iteration"].as_u64().unwrap(), i as u64 / 3);
+        assert_eq!(row["split"], ["seen", "validation", "heldout"][i % 3]);
         for k in ["OA", "VISOR_uncond", "VISOR_cond", "VISOR_1", "VISOR_2", "VISOR_3", "VISOR_4"] {
             let v = row[k].as_f64().unwrap();
             assert!((0.0..=100.0).contains(&v), "{k} = {v}");
@@ -86,7 +86,7 @@ fn two_rounds_artifacts_metrics_report_and_resume() {
     let html = std::fs::read_to_string(root.join("report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("data:image/png;base64,") && !html.contains("<script"));
     let table = String::from_utf8_lossy(&first.stdout);
-    assert!(table.contains("VISOR_uncond") && table.lines().count() == 7, "{table}");
+    assert!(table.contains("VISOR_uncond") && table.lines().count() == 10, "{table}");
 
     // Interrupted between stages: round 1's training and everything after it are gone.
     let sample_time = std::fs::metadata(root.join("round-0/samples/metadata.jsonl")).unwrap().modified().unwrap();

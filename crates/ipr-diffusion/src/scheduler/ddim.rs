@@ -1,6 +1,8 @@
-//! DDIM sampling with eta = 0 (Song et al. 2021, eq. 12), as diffusers' `DDIMScheduler.step`:
-//! predict x0 and the noise from the model output, optionally clip x0, then move to the previous
-//! timestep `t - num_train_timesteps / num_inference_steps` deterministically.
+//! DDIM sampling (Song et al. 2021, eq. 12), as diffusers' `DDIMScheduler.step`: predict x0 and
+//! the noise from the model output, optionally clip x0, then move to the previous timestep
+//! `t - num_train_timesteps / num_inference_steps`: deterministically with eta = 0 ([`Ddim::step`]),
+//! or as a Gaussian of standard deviation `eta * sigma_t` ([`Ddim::step_distribution`]), the
+//! policy DDPO trains.
 
 use std::path::Path;
 
@@ -70,6 +72,21 @@ impl Ddim {
 
     /// One DDIM step (eta = 0) from step index `i` to the previous timestep.
     pub fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor) -> Result<Tensor> {
+        Ok(self.step_distribution(model_output, i, sample, 0.0)?.0)
+    }
+
+    /// The distribution of the previous sample at step index `i` with noise level `eta`: its mean
+    /// and its standard deviation `eta * sigma_t`, `sigma_t^2 = (1 - a_prev) / (1 - a_t) *
+    /// (1 - a_t / a_prev)` (diffusers' `_get_variance`); `x_prev = mean + std * z`, z ~ N(0, I).
+    /// With eta = 0 the mean is [`Ddim::step`]. The last step of a schedule whose final alpha is 1
+    /// has std 0 whatever eta: it is deterministic.
+    pub fn step_distribution(
+        &self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        eta: f64,
+    ) -> Result<(Tensor, f64)> {
         let t = *self
             .timesteps
             .get(i)
@@ -97,6 +114,9 @@ impl Ddim {
             let r = self.config.clip_sample_range;
             x0 = x0.clamp(-r, r)?;
         }
-        Ok(((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?)
+        let variance = (1.0 - a_prev) / b_t * (1.0 - a_t / a_prev);
+        let std = eta * variance.max(0.0).sqrt();
+        let mean = ((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev - std * std).sqrt())?)?;
+        Ok((mean, std))
     }
 }

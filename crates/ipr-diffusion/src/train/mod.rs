@@ -32,6 +32,7 @@ pub mod augment;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod ddpo;
 pub mod distributed;
 pub mod ema;
 pub mod loss;

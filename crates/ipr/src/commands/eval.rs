@@ -12,11 +12,16 @@ pub enum Command {
     /// CLIP score (torchmetrics' definition) of images against their own prompts.
     Clip(ClipArgs),
     /// A Markdown table comparing runs (their metrics.json): the base model and each run's last
-    /// round, per split. Give runs made with the same config but the method.
+    /// round, per split. Give runs made with the same config but the method. Studies (`ipr run
+    /// --seeds`) are compared with every metric's 95% interval, and the first study's held-out,
+    /// validation and seen VISOR_uncond against each other's with a paired interval.
     Compare {
-        /// Run folders (or their metrics.json), labelled by method and folder.
+        /// Run folders (or their metrics.json), labelled by method and folder; or study folders.
         #[arg(required = true)]
         runs: Vec<PathBuf>,
+        /// With studies: also write the comparison as a page with the intervals plotted.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
 }
 
@@ -97,7 +102,7 @@ pub fn run(cmd: Command) -> Result<()> {
     let a = match cmd {
         Command::Visor(a) => a,
         Command::Clip(a) => return clip(a),
-        Command::Compare { runs } => return compare(&runs),
+        Command::Compare { runs, report } => return compare(&runs, report.as_deref()),
     };
     let scores = if let Some(path) = &a.results {
         let rows = ipr::detection::prompt_table(a.prompts.as_ref())?;
@@ -152,7 +157,13 @@ pub fn run(cmd: Command) -> Result<()> {
     Ok(())
 }
 
-fn compare(runs: &[PathBuf]) -> Result<()> {
+fn compare(runs: &[PathBuf], report: Option<&std::path::Path>) -> Result<()> {
+    if runs.iter().all(|r| ipr::study::is_study(r)) {
+        return compare_studies(runs, report);
+    }
+    if report.is_some() {
+        bail!("--report needs study folders (ipr run --seeds): these runs have no intervals");
+    }
     let mut files = Vec::new();
     for run in runs {
         let path = if run.is_dir() { run.join("metrics.json") } else { run.clone() };
@@ -167,6 +178,30 @@ fn compare(runs: &[PathBuf]) -> Result<()> {
         files.push((label, metrics));
     }
     print!("{}", ipr::metrics_file::comparison_table(&files));
+    Ok(())
+}
+
+fn compare_studies(studies: &[PathBuf], report: Option<&std::path::Path>) -> Result<()> {
+    let mut summaries = Vec::new();
+    for s in studies {
+        let label = s.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        summaries.push((label, ipr::study::summarize(s)?));
+    }
+    print!("{}", ipr::study::comparison_table(&summaries));
+    let diffs = ipr::study::paired_differences(studies)?;
+    if !diffs.is_empty() {
+        println!("\n| {} minus | split | VISOR_uncond difference |\n| --- | --- | ---: |", summaries[0].0);
+        for (label, split, d) in &diffs {
+            println!("| {label} | {} | {} |", split.name(), ipr::study::cell(d));
+        }
+    }
+    if let Some((_, s)) = summaries.first() {
+        println!("\nSeeds {:?}; {}; differences paired over prompts, seeds and evaluation noise.", s.seeds, s.interval);
+    }
+    if let Some(path) = report {
+        let refs: Vec<(String, &ipr::study::Summary)> = summaries.iter().map(|(l, s)| (l.clone(), s)).collect();
+        ipr_core::fs::write_atomic(path, ipr::study::interval_report(&refs, &diffs).as_bytes())?;
+    }
     Ok(())
 }
 

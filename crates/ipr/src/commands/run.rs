@@ -25,40 +25,74 @@ pub struct Args {
     /// Continue a run that was stopped: finished stages are kept, the rest is done.
     #[arg(long)]
     resume: bool,
+    /// Run the config once per seed (comma-separated, e.g. 0,1,2), each into
+    /// <runs_dir>/<name>/seed-<s>/, then summarise them there: every metric's mean over the seeds
+    /// and its 95% interval (summary.json, summary.md, report.html).
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<u64>,
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    ipr::world::World::init()?.run(|w| run_in(a, w))
+    ipr::world::World::init()?.run(|w| {
+        let config = config_from_args(&a)?;
+        let device_name = w.device_name(&config.model.device);
+        let device = ipr_diffusion::sample::device_from_name(&device_name)?;
+        w.attach_device(&device)?;
+        let world: &ipr::world::World = w;
+        if a.seeds.is_empty() {
+            return run_config(config, &a, world, device, device_name);
+        }
+        let study = config.runs_dir.join(&config.name);
+        for &seed in &a.seeds {
+            let c = ipr::study::seed_config(&config, seed);
+            if !a.quiet && world.is_root() {
+                eprintln!("== seed {seed}: {}", study.join(&c.name).display());
+            }
+            run_config(c, &a, world, device.clone(), device_name.clone())?;
+        }
+        if world.is_root() {
+            let summary = ipr::study::write_summary(&study)?;
+            print!("{}", ipr::study::summary_table(&summary));
+        }
+        Ok(())
+    })
 }
 
-/// The run on every rank of `world` (one process alone, or the ranks of `mpirun`).
-fn run_in(a: Args, world: &mut ipr::world::World) -> Result<()> {
+/// The config the arguments describe.
+fn config_from_args(a: &Args) -> Result<RunConfig> {
     let mut config = match &a.config {
         Some(p) => RunConfig::read(p).map_err(anyhow::Error::msg)?,
         None => RunConfig::default(),
     };
-    if let Some(n) = a.name {
-        config.name = n;
+    if let Some(n) = &a.name {
+        config.name = n.clone();
     }
-    if let Some(d) = a.runs_dir {
-        config.runs_dir = d;
+    if let Some(d) = &a.runs_dir {
+        config.runs_dir = d.clone();
     }
     if let Some(m) = a.method {
         config.method = m;
     }
-    if let Some(m) = a.model {
-        config.model.source = m;
+    if let Some(m) = &a.model {
+        config.model.source = m.clone();
     }
     config.validate().map_err(anyhow::Error::msg)?;
+    Ok(config)
+}
+
+/// One run of `config` on every rank of `world` (one process alone, or the ranks of `mpirun`).
+fn run_config(
+    config: RunConfig,
+    a: &Args,
+    world: &ipr::world::World,
+    device: candle_core::Device,
+    device_name: String,
+) -> Result<()> {
     let toy = config.model.source == "toy";
     let model = if toy { PathBuf::new() } else { ipr_diffusion::source::resolve_model(&config.model.source)? };
     let prompts = PromptSets::from_config(&config)?;
-    let device_name = world.device_name(&config.model.device);
-    let device = ipr_diffusion::sample::device_from_name(&device_name)?;
-    world.attach_device(&device)?;
-    let world: &ipr::world::World = world;
     // Everything that can be checked without sampling is checked before the run folder exists:
     // the device's dtype, the training pieces against the ranks, both detectors' folders, the
     // CLIP folder.
