@@ -51,6 +51,10 @@ pub struct LabelledRow {
     pub reason: Reason,
     pub weight: f64,
     pub round: u32,
+    /// Whether VISOR's test counts the image right (both objects found, the relation holds for
+    /// some pair of boxes): true for some count errors (an extra object beside the right pair).
+    #[serde(default)]
+    pub visor_correct: bool,
 }
 
 /// What training needs of any imagefolder: the image, its caption and its loss weight
@@ -162,6 +166,7 @@ mod tests {
             reason: Reason::Location,
             weight: 0.5,
             round: 1,
+            visor_correct: false,
         }];
         crate::fs::write_jsonl(&dir.path().join(METADATA), &rows).unwrap();
         assert_eq!(read_imagefolder::<LabelledRow>(dir.path()).unwrap(), rows);

@@ -54,10 +54,11 @@ impl Method {
         }
     }
 
-    /// The rows trained on, from a round's labelled rows (`ddpo` trains on none: see [`Reward`]).
-    pub fn training_rows(self, rows: &[LabelledRow]) -> Vec<LabelledRow> {
+    /// The rows trained on, from a round's labelled rows (`ddpo` trains on none: see [`Reward`]);
+    /// `ipr` and `pr` treat each kind of error as `treatments` says (the paper: both relabeled).
+    pub fn training_rows(self, rows: &[LabelledRow], treatments: &Treatments) -> Vec<LabelledRow> {
         match self {
-            Method::Ipr | Method::Pr => rows.to_vec(),
+            Method::Ipr | Method::Pr => rows.iter().filter_map(|r| treatments.apply(r)).collect(),
             Method::Ddpo => Vec::new(),
             Method::Filter => {
                 rows.iter().filter(|r| r.correct).map(|r| LabelledRow { weight: 1.0, ..r.clone() }).collect()
@@ -82,6 +83,60 @@ impl FromStr for Method {
             .into_iter()
             .find(|m| m.name() == s)
             .ok_or_else(|| format!("unknown method {s:?}: expected one of ipr, pr, filter, weighted, ddpo"))
+    }
+}
+
+/// What `ipr` trains on for a pair the judge found wrong.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Treatment {
+    /// The relabeled caption (what the image shows), with the feedback weight: the paper's.
+    #[default]
+    Relabel,
+    /// The original prompt with the feedback weight (as `weighted` trains every pair).
+    Original,
+    /// The original prompt when VISOR counts the image right (the right pair in the right
+    /// relation, beside an extra object), else the relabeled caption. Count errors only.
+    OriginalIfVisor,
+    /// Not trained on.
+    Drop,
+}
+
+/// `ipr`'s treatment of location errors and of count errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Treatments {
+    pub location: Treatment,
+    pub count: Treatment,
+}
+
+impl Treatments {
+    /// The row as trained on, or `None` when it is dropped. Correct pairs are kept as they are.
+    pub fn apply(&self, r: &LabelledRow) -> Option<LabelledRow> {
+        let t = match r.reason {
+            crate::relabel::Reason::Correct => return Some(r.clone()),
+            crate::relabel::Reason::Location => self.location,
+            crate::relabel::Reason::Count => self.count,
+        };
+        let original = LabelledRow { prompt: r.original_prompt.clone(), ..r.clone() };
+        match t {
+            Treatment::Relabel => Some(r.clone()),
+            Treatment::Original => Some(original),
+            Treatment::OriginalIfVisor if r.visor_correct => Some(original),
+            Treatment::OriginalIfVisor => Some(r.clone()),
+            Treatment::Drop => None,
+        }
+    }
+
+    /// Checks the combination (`original-if-visor` concerns count errors: a location error is
+    /// never right by VISOR's test).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.location == Treatment::OriginalIfVisor {
+            return Err(
+                "relabel.location cannot be \"original-if-visor\": a location error is never right by VISOR's test"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -132,6 +187,7 @@ mod tests {
             reason,
             weight,
             round: 0,
+            visor_correct: false,
         }
     }
 
@@ -142,18 +198,69 @@ mod tests {
             row("a cat below a dog", "a cat above a dog", false, Reason::Location, 0.5),
             row("2 cats", "a cat to the left of a dog", false, Reason::Count, 0.5),
         ];
-        assert_eq!(Method::Ipr.training_rows(&rows), rows.to_vec());
-        assert_eq!(Method::Pr.training_rows(&rows), rows.to_vec());
-        let f = Method::Filter.training_rows(&rows);
+        assert_eq!(Method::Ipr.training_rows(&rows, &Treatments::default()), rows.to_vec());
+        assert_eq!(Method::Pr.training_rows(&rows, &Treatments::default()), rows.to_vec());
+        let f = Method::Filter.training_rows(&rows, &Treatments::default());
         assert_eq!(f.len(), 1);
         assert_eq!((f[0].prompt.as_str(), f[0].weight), ("a cat above a dog", 1.0));
-        let w = Method::Weighted.training_rows(&rows);
+        let w = Method::Weighted.training_rows(&rows, &Treatments::default());
         let got: Vec<_> = w.iter().map(|r| (r.prompt.as_str(), r.weight)).collect();
         assert_eq!(got, [("a cat above a dog", 1.0), ("a cat above a dog", 0.5), ("a cat to the left of a dog", 0.5)]);
         assert_eq!((Method::Pr.rounds(3), Method::Ipr.rounds(3)), (1, 3));
         assert_eq!("filter".parse::<Method>(), Ok(Method::Filter));
         assert!("dpo".parse::<Method>().unwrap_err().contains("dpo"));
         assert_eq!("ddpo".parse::<Method>(), Ok(Method::Ddpo));
-        assert!(Method::Ddpo.training_rows(&rows).is_empty() && Method::Ddpo.is_reinforcement());
+        assert!(
+            Method::Ddpo.training_rows(&rows, &Treatments::default()).is_empty() && Method::Ddpo.is_reinforcement()
+        );
+    }
+
+    #[test]
+    fn treatments_choose_what_ipr_trains_on_for_each_error() {
+        let mut extra = row("an apple and 2 dogs", "an apple to the left of a dog", false, Reason::Count, 0.5);
+        extra.visor_correct = true;
+        let rows = [
+            row("a cat above a dog", "a cat above a dog", true, Reason::Correct, 1.0),
+            row("a cat below a dog", "a cat above a dog", false, Reason::Location, 0.5),
+            row("2 cats", "a cat to the left of a dog", false, Reason::Count, 0.5),
+            extra,
+        ];
+        let t = |location, count| Method::Ipr.training_rows(&rows, &Treatments { location, count });
+        let prompts = |v: Vec<LabelledRow>| v.into_iter().map(|r| r.prompt).collect::<Vec<_>>();
+        assert_eq!(prompts(t(Treatment::Relabel, Treatment::Relabel)).len(), 4);
+        assert_eq!(
+            prompts(t(Treatment::Relabel, Treatment::Original)),
+            ["a cat above a dog", "a cat below a dog", "a cat to the left of a dog", "an apple to the left of a dog"]
+        );
+        assert_eq!(
+            prompts(t(Treatment::Relabel, Treatment::OriginalIfVisor)),
+            ["a cat above a dog", "a cat below a dog", "2 cats", "an apple to the left of a dog"]
+        );
+        assert_eq!(prompts(t(Treatment::Drop, Treatment::Drop)), ["a cat above a dog"]);
+        assert!(t(Treatment::Original, Treatment::Drop).iter().all(|r| r.weight == 1.0 || r.weight == 0.5));
+        assert!(Treatments { location: Treatment::OriginalIfVisor, count: Treatment::Relabel }.validate().is_err());
+    }
+
+    #[test]
+    fn rewards_follow_the_judge() {
+        use crate::dataset::DetectionRow;
+        use crate::detection::{BBox, Detection};
+        let det = |l: &str, x: f64| Detection::new(l, 0.9, BBox::new(x, 0.0, x + 2.0, 2.0).unwrap()).unwrap();
+        let row = |d: Vec<Detection>| DetectionRow {
+            file_name: "x.png".into(),
+            prompt_id: 0,
+            prompt: "a cat to the left of a dog".into(),
+            image_index: 0,
+            detections: d,
+        };
+        let rows = [
+            row(vec![det("cat", 0.0), det("dog", 10.0)]),                   // right
+            row(vec![det("cat", 0.0), det("dog", 10.0), det("dog", 20.0)]), // right by VISOR, an extra dog
+            row(vec![det("cat", 10.0), det("dog", 0.0)]),                   // relation wrong
+            row(vec![det("cat", 0.0)]),                                     // dog missing
+        ];
+        let v = crate::Vocabulary::coco80();
+        assert_eq!(rewards(&rows, &v, Reward::Visor).unwrap(), [1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(rewards(&rows, &v, Reward::Strict).unwrap(), [1.0, 0.0, 0.0, 0.0]);
     }
 }

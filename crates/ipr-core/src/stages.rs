@@ -74,6 +74,7 @@ pub fn relabel_detections(
                 reason: r.reason,
                 weight: r.weight,
                 round,
+                visor_correct: verdict.all_found() && verdict.visor_sra,
             }),
             None => s.dropped += 1,
         }

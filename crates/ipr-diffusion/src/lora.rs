@@ -187,6 +187,17 @@ impl LoraSet {
         self.params.iter().flat_map(|p| [p.a.clone(), p.b.clone()]).collect()
     }
 
+    /// The trainable variables by their PEFT names (`<key>.lora_A.weight`, `<key>.lora_B.weight`),
+    /// as the optimiser and its saved state know them.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        self.params
+            .iter()
+            .flat_map(|p| {
+                [(format!("{}.lora_A.weight", p.key), p.a.clone()), (format!("{}.lora_B.weight", p.key), p.b.clone())]
+            })
+            .collect()
+    }
+
     pub fn num_parameters(&self) -> usize {
         self.params.iter().map(|p| p.a.elem_count() + p.b.elem_count()).sum()
     }

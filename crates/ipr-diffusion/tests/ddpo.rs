@@ -83,11 +83,7 @@ fn the_policy_climbs_a_reachable_reward() {
     let mut lora = LoraConfig::unet(4);
     lora.targets.extend(["time_emb_proj".to_string(), "ff.net.0.proj".into(), "ff.net.2".into()]);
     let set = attach_lora(&mut pipe, &lora, None, 5).unwrap();
-    let params: Vec<(String, candle_core::Var)> = set
-        .params
-        .iter()
-        .flat_map(|p| [(format!("{}.a", p.key), p.a.clone()), (format!("{}.b", p.key), p.b.clone())])
-        .collect();
+    let params = set.named_vars();
     // One optimiser step per round on all 16 trajectories; the same starting noise every round
     // (common random numbers), so the climb is the policy's, not the noise's. Two sampling steps:
     // with more, the last step's tiny variance makes the gradient noisy enough to need far more

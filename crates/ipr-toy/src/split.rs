@@ -92,33 +92,11 @@ impl PairSplit {
             let j = (rng.next_u64() % (i as u64 + 1)) as usize;
             pairs.swap(i, j);
         }
-        let mut per_class = [0usize; NUM_CLASSES];
-        let mut held_out = Vec::new();
-        for &(a, b) in &pairs {
-            if held_out.len() < NUM_HELD_OUT
-                && per_class[a] < MAX_HELD_OUT_PER_CLASS
-                && per_class[b] < MAX_HELD_OUT_PER_CLASS
-            {
-                per_class[a] += 1;
-                per_class[b] += 1;
-                held_out.push((a, b));
-            }
-        }
+        let mut held_out = draw(&pairs, NUM_HELD_OUT);
         assert_eq!(held_out.len(), NUM_HELD_OUT, "the greedy draw always fills the held-out set");
         let mut left: Vec<Pair> = pairs.iter().filter(|p| !held_out.contains(p)).copied().collect();
         let validation = loop {
-            let mut per_class = [0usize; NUM_CLASSES];
-            let mut validation = Vec::new();
-            for &(a, b) in &left {
-                if validation.len() < NUM_VALIDATION
-                    && per_class[a] < MAX_HELD_OUT_PER_CLASS
-                    && per_class[b] < MAX_HELD_OUT_PER_CLASS
-                {
-                    per_class[a] += 1;
-                    per_class[b] += 1;
-                    validation.push((a, b));
-                }
-            }
+            let validation = draw(&left, NUM_VALIDATION);
             if validation.len() == NUM_VALIDATION {
                 break validation;
             }
@@ -175,6 +153,21 @@ impl PairSplit {
     pub fn spatial_rows(&self, split: Split) -> Vec<PromptRow> {
         self.rows(split).into_iter().filter(|r| matches!(r.rel(), Ok(RelType::Spatial(_)))).collect()
     }
+}
+
+/// Up to `n` of `pairs`, taken in order while no class is in more than
+/// [`MAX_HELD_OUT_PER_CLASS`] of the ones taken.
+fn draw(pairs: &[Pair], n: usize) -> Vec<Pair> {
+    let mut per_class = [0usize; NUM_CLASSES];
+    let mut out = Vec::new();
+    for &(a, b) in pairs {
+        if out.len() < n && per_class[a] < MAX_HELD_OUT_PER_CLASS && per_class[b] < MAX_HELD_OUT_PER_CLASS {
+            per_class[a] += 1;
+            per_class[b] += 1;
+            out.push((a, b));
+        }
+    }
+    out
 }
 
 /// The full toy SR2D list ([`ipr_core::sr2d`] over the toy vocabulary): 28 pairs x 10

@@ -54,14 +54,16 @@ pub struct DdpoConfig {
 }
 
 impl Default for DdpoConfig {
+    /// The library's defaults (ddpo-pytorch's).
     fn default() -> Self {
+        let d = ipr_diffusion::train::ddpo::DdpoConfig::default();
         DdpoConfig {
-            eta: 1.0,
-            clip_range: 1e-4,
-            adv_clip_max: 5.0,
-            batch_size: 8,
-            epochs: 1,
-            learning_rate: 3e-4,
+            eta: d.eta,
+            clip_range: d.clip_range,
+            adv_clip_max: d.adv_clip_max,
+            batch_size: d.batch_size as u32,
+            epochs: d.epochs as u32,
+            learning_rate: d.learning_rate,
             reward: ipr_core::method::Reward::Visor,
         }
     }
@@ -142,6 +144,18 @@ pub struct DetectorConfig {
 pub struct RelabelConfig {
     pub policy: RelabelPolicy,
     pub weights: Weights,
+    /// What `ipr` (and `pr`) train on for a location error: "relabel" (the paper), "original"
+    /// (the original prompt, feedback weight) or "drop".
+    pub location: ipr_core::method::Treatment,
+    /// ... and for a count error: "relabel", "original", "original-if-visor" (the original
+    /// prompt when VISOR counts the image right: the right pair, an extra object) or "drop".
+    pub count: ipr_core::method::Treatment,
+}
+
+impl RelabelConfig {
+    pub fn treatments(&self) -> ipr_core::method::Treatments {
+        ipr_core::method::Treatments { location: self.location, count: self.count }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,7 +289,12 @@ impl Default for DetectorConfig {
 
 impl Default for RelabelConfig {
     fn default() -> Self {
-        RelabelConfig { policy: RelabelPolicy::Measured, weights: Weights::default() }
+        RelabelConfig {
+            policy: RelabelPolicy::Measured,
+            weights: Weights::default(),
+            location: Default::default(),
+            count: Default::default(),
+        }
     }
 }
 
@@ -537,6 +556,7 @@ impl RunConfig {
         positive("train.steps", self.train.steps)?;
         positive("train.batch_size", self.train.batch_size)?;
         positive("train.shards", self.train.shards)?;
+        self.relabel.treatments().validate()?;
         positive("ddpo.batch_size", self.ddpo.batch_size)?;
         positive("ddpo.epochs", self.ddpo.epochs)?;
         finite_pos("ddpo.eta", self.ddpo.eta)?;

@@ -156,13 +156,7 @@ impl Run<'_> {
             ipr_diffusion::train::attach_lora(&mut pipe, &lora, None, image_seed(c.seed, 0xDD90, r))?
         };
         set.configs = vec![("unet".to_string(), lora)];
-        let params: Vec<(String, candle_core::Var)> = set
-            .params
-            .iter()
-            .flat_map(|p| {
-                [(format!("{}.lora_A.weight", p.key), p.a.clone()), (format!("{}.lora_B.weight", p.key), p.b.clone())]
-            })
-            .collect();
+        let params = set.named_vars();
         let cfg = DdpoConfig {
             eta: c.ddpo.eta,
             clip_range: c.ddpo.clip_range,

@@ -192,6 +192,9 @@ mod tests {
         assert_eq!(ipr_core::sr2d::read_rows(&paths[3]).unwrap(), sets.eval_rows(EvalSplit::Heldout));
         let toy = PromptSets::toy();
         assert_eq!(toy.splits(), [EvalSplit::Seen, EvalSplit::Validation, EvalSplit::Heldout]);
-        assert_eq!((toy.train.len(), toy.eval_rows(EvalSplit::Validation).len(), toy.eval_rows(EvalSplit::Heldout).len()), (112, 56, 56));
+        assert_eq!(
+            (toy.train.len(), toy.eval_rows(EvalSplit::Validation).len(), toy.eval_rows(EvalSplit::Heldout).len()),
+            (112, 56, 56)
+        );
     }
 }

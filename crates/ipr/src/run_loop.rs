@@ -406,7 +406,7 @@ impl Run<'_> {
             for round in first..=r {
                 let dir = self.layout.labelled(round);
                 let rows: Vec<LabelledRow> = read_imagefolder(&dir)?;
-                for mut row in method.training_rows(&rows) {
+                for mut row in method.training_rows(&rows, &self.config.relabel.treatments()) {
                     let name = format!("r{round}_{}", row.file_name);
                     ipr_core::stages::link_or_copy(&dir.join(&row.file_name), &tmp.join(&name))?;
                     row.file_name = name;

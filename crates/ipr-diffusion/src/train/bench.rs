@@ -81,13 +81,7 @@ pub fn bench_train_step(
     let shards = if device.is_cpu() { shards } else { 1 };
     let mut unet = bench_unet(unet_dir, dtype, &device)?;
     let set = attach_unet(&mut unet, &LoraConfig::unet(4), 0)?;
-    let params: Vec<(String, candle_core::Var)> = set
-        .params
-        .iter()
-        .flat_map(|p| {
-            [(format!("{}.lora_A.weight", p.key), p.a.clone()), (format!("{}.lora_B.weight", p.key), p.b.clone())]
-        })
-        .collect();
+    let params = set.named_vars();
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
     let ac = crate::scheduler::alphas_cumprod(&crate::scheduler::betas(
         &crate::scheduler::BetaSchedule::Linear { beta_start: 0.0001, beta_end: 0.02 },

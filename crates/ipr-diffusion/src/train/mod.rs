@@ -363,16 +363,7 @@ impl Trainer {
         }
         let (params, ema, text_trained) = match &trainable {
             Trainable::Lora(set) => {
-                let p: Vec<(String, Var)> = set
-                    .params
-                    .iter()
-                    .flat_map(|p| {
-                        [
-                            (format!("{}.lora_A.weight", p.key), p.a.clone()),
-                            (format!("{}.lora_B.weight", p.key), p.b.clone()),
-                        ]
-                    })
-                    .collect();
+                let p = set.named_vars();
                 let text = set.params.iter().any(|p| p.key.starts_with("text_encoder"));
                 (p, None, text)
             }

@@ -16,7 +16,7 @@ pub struct Args {
     /// Folder of runs; overrides the config's runs_dir.
     #[arg(long)]
     runs_dir: Option<PathBuf>,
-    /// ipr (default), pr, filter or weighted; overrides the config's.
+    /// ipr (default), pr, filter, weighted or ddpo; overrides the config's.
     #[arg(long)]
     method: Option<Method>,
     /// Model folder (diffusers layout); overrides model.source.
