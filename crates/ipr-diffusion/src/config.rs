@@ -702,8 +702,7 @@ impl SchedulerConfig {
     /// (`DPMSolverMultistepScheduler`'s default `lambda_min_clipped`), which is read as `-inf`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        serde_json::from_str(&quote_nonfinite_numbers(&text))
-            .map_err(|source| Error::Json { path: path.to_path_buf(), source })
+        parse_json(path, &quote_nonfinite_numbers(&text))
     }
 
     /// What diffusers' `StableDiffusionPipeline.__init__` does to the scheduler it loads (SD 1.x /

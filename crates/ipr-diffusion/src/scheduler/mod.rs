@@ -192,8 +192,16 @@ impl BaseSchedule {
         if c.rescale_betas_zero_snr == Some(true) {
             return Err(Error::config(path, "rescale_betas_zero_snr", "is not supported"));
         }
+        let num_train_timesteps = c.num_train_timesteps.unwrap_or(1000);
+        if !(1..=1 << 20).contains(&num_train_timesteps) {
+            return Err(Error::config(
+                path,
+                "num_train_timesteps",
+                format!("{num_train_timesteps} is outside 1..=1048576"),
+            ));
+        }
         Ok(Self {
-            num_train_timesteps: c.num_train_timesteps.unwrap_or(1000),
+            num_train_timesteps,
             beta_schedule: BetaSchedule::from_config(c, path)?,
             prediction_type: PredictionType::parse(c.prediction_type.as_deref().unwrap_or("epsilon"), path)?,
             timestep_spacing: TimestepSpacing::parse(c.timestep_spacing.as_deref().unwrap_or(default_spacing), path)?,
