@@ -58,7 +58,7 @@ impl Method {
     /// `ipr` and `pr` treat each kind of error as `treatments` says (the paper: both relabeled).
     pub fn training_rows(self, rows: &[LabelledRow], treatments: &Treatments) -> Vec<LabelledRow> {
         match self {
-            Method::Ipr | Method::Pr => rows.iter().filter_map(|r| treatments.apply(r)).collect(),
+            Method::Ipr | Method::Pr => rows.iter().flat_map(|r| treatments.apply(r)).collect(),
             Method::Ddpo => Vec::new(),
             Method::Filter => {
                 rows.iter().filter(|r| r.correct).map(|r| LabelledRow { weight: 1.0, ..r.clone() }).collect()
@@ -100,6 +100,9 @@ pub enum Treatment {
     OriginalIfVisor,
     /// Not trained on.
     Drop,
+    /// Both the relabeled caption and the original prompt, each with the feedback weight:
+    /// IPR's rows and `weighted`'s rows of the same image.
+    Both,
 }
 
 /// `ipr`'s treatment of location errors and of count errors.
@@ -110,20 +113,22 @@ pub struct Treatments {
 }
 
 impl Treatments {
-    /// The row as trained on, or `None` when it is dropped. Correct pairs are kept as they are.
-    pub fn apply(&self, r: &LabelledRow) -> Option<LabelledRow> {
+    /// The rows trained on for one judged image: none when it is dropped, two for `both`.
+    /// Correct pairs are kept as they are.
+    pub fn apply(&self, r: &LabelledRow) -> Vec<LabelledRow> {
         let t = match r.reason {
-            crate::relabel::Reason::Correct => return Some(r.clone()),
+            crate::relabel::Reason::Correct => return vec![r.clone()],
             crate::relabel::Reason::Location => self.location,
             crate::relabel::Reason::Count => self.count,
         };
         let original = LabelledRow { prompt: r.original_prompt.clone(), ..r.clone() };
         match t {
-            Treatment::Relabel => Some(r.clone()),
-            Treatment::Original => Some(original),
-            Treatment::OriginalIfVisor if r.visor_correct => Some(original),
-            Treatment::OriginalIfVisor => Some(r.clone()),
-            Treatment::Drop => None,
+            Treatment::Relabel => vec![r.clone()],
+            Treatment::Original => vec![original],
+            Treatment::OriginalIfVisor if r.visor_correct => vec![original],
+            Treatment::OriginalIfVisor => vec![r.clone()],
+            Treatment::Drop => vec![],
+            Treatment::Both => vec![r.clone(), original],
         }
     }
 
@@ -237,6 +242,13 @@ mod tests {
             ["a cat above a dog", "a cat below a dog", "2 cats", "an apple to the left of a dog"]
         );
         assert_eq!(prompts(t(Treatment::Drop, Treatment::Drop)), ["a cat above a dog"]);
+        assert_eq!(
+            prompts(t(Treatment::Both, Treatment::Drop)),
+            ["a cat above a dog", "a cat below a dog", "a cat above a dog"]
+        );
+        let both = t(Treatment::Both, Treatment::Both);
+        assert_eq!(both.len(), 7, "each wrong image twice, the correct one once");
+        assert!(both.iter().skip(1).all(|r| r.weight == 0.5), "both rows keep the feedback weight");
         assert!(t(Treatment::Original, Treatment::Drop).iter().all(|r| r.weight == 1.0 || r.weight == 0.5));
         assert!(Treatments { location: Treatment::OriginalIfVisor, count: Treatment::Relabel }.validate().is_err());
     }

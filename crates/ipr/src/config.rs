@@ -145,10 +145,11 @@ pub struct RelabelConfig {
     pub policy: RelabelPolicy,
     pub weights: Weights,
     /// What `ipr` (and `pr`) train on for a location error: "relabel" (the paper), "original"
-    /// (the original prompt, feedback weight) or "drop".
+    /// (the original prompt, feedback weight), "both" (the two rows) or "drop".
     pub location: ipr_core::method::Treatment,
     /// ... and for a count error: "relabel", "original", "original-if-visor" (the original
-    /// prompt when VISOR counts the image right: the right pair, an extra object) or "drop".
+    /// prompt when VISOR counts the image right: the right pair, an extra object), "both" or
+    /// "drop".
     pub count: ipr_core::method::Treatment,
 }
 
