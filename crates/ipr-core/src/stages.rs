@@ -134,12 +134,20 @@ pub fn write_labelled_folder(out: &Path, rows: &[LabelledRow], images: Option<&P
 }
 
 /// A hard link to `src` at `dst` (artifacts are never modified in place), or a copy where the
-/// file system has no links.
+/// file system has no links. An existing `dst` is an error, never overwritten: it may be a link
+/// to `src` itself, and copying a file onto itself truncates it under both names.
 pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
-    if std::fs::hard_link(src, dst).is_err() {
-        std::fs::copy(src, dst).map_err(|e| Error::io(src, e))?;
+    match std::fs::hard_link(src, dst) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::io(dst, e)),
+        Err(_) => {
+            let mut from = std::fs::File::open(src).map_err(|e| Error::io(src, e))?;
+            let mut to =
+                std::fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(|e| Error::io(dst, e))?;
+            std::io::copy(&mut from, &mut to).map_err(|e| Error::io(dst, e))?;
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -231,5 +239,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("already exists"));
+    }
+
+    #[test]
+    fn link_or_copy_never_writes_over_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
+        std::fs::write(&src, b"image bytes").unwrap();
+        link_or_copy(&src, &dst).unwrap();
+        // A second link to the same name (the same image named by two training rows) is refused
+        // and both names keep their bytes: a copy onto the link would have truncated the image.
+        let err = link_or_copy(&src, &dst).unwrap_err().to_string();
+        assert!(err.contains("b.png"), "{err}");
+        assert_eq!(std::fs::read(&src).unwrap(), b"image bytes");
+        assert_eq!(std::fs::read(&dst).unwrap(), b"image bytes");
     }
 }

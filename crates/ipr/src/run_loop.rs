@@ -402,13 +402,17 @@ impl Run<'_> {
         let method = self.config.method;
         let first = if method == ipr_core::method::Method::Pr { r } else { 0 };
         let mut all = Vec::new();
+        // An image may be named by several rows (`relabel.* = "both"`): linked once.
+        let mut linked = std::collections::HashSet::new();
         ipr_core::fs::build_dir(out, |tmp| -> Result<()> {
             for round in first..=r {
                 let dir = self.layout.labelled(round);
                 let rows: Vec<LabelledRow> = read_imagefolder(&dir)?;
                 for mut row in method.training_rows(&rows, &self.config.relabel.treatments()) {
                     let name = format!("r{round}_{}", row.file_name);
-                    ipr_core::stages::link_or_copy(&dir.join(&row.file_name), &tmp.join(&name))?;
+                    if linked.insert(name.clone()) {
+                        ipr_core::stages::link_or_copy(&dir.join(&row.file_name), &tmp.join(&name))?;
+                    }
                     row.file_name = name;
                     all.push(row);
                 }

@@ -183,3 +183,37 @@ fn model_dependent_keys_fail_before_any_work() {
         assert!(!dir.join("runs/toy").exists(), "no half-made run is left");
     }
 }
+
+/// `relabel.* = "both"` names each wrong image twice (its relabeled caption and its original
+/// prompt): the training set links the image once, and no image of the round is damaged (a copy
+/// of a file onto its own hard link once truncated both).
+#[test]
+fn both_treatment_trains_on_two_captions_of_each_wrong_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(&ipr(dir, &["toy", "init", "--out", "model", "--seed", "2"]));
+    let config = CONFIG.replace("rounds = 2", "rounds = 1") + "location = \"both\"\ncount = \"both\"\n";
+    std::fs::write(dir.join("run.toml"), config).unwrap();
+    ok(&ipr(dir, &["run", "--config", "run.toml", "--model", "model", "--quiet"]));
+    let root = dir.join("runs/ci/round-0");
+    let rows = |p: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(root.join(p)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (labelled, train) = (rows("labelled/metadata.jsonl"), rows("train/metadata.jsonl"));
+    let wrong = labelled.iter().filter(|r| r["correct"] == false).count();
+    assert!(wrong > 0, "the untrained model gets some pair wrong");
+    assert_eq!(train.len(), labelled.len() + wrong, "one row per correct image, two per wrong one");
+    for r in &labelled {
+        let name = r["file_name"].as_str().unwrap();
+        let sample = std::fs::read(root.join("samples").join(name)).unwrap();
+        assert!(!sample.is_empty());
+        assert_eq!(std::fs::read(root.join("labelled").join(name)).unwrap(), sample, "{name} intact");
+        assert_eq!(std::fs::read(root.join("train").join(format!("r0_{name}"))).unwrap(), sample);
+        if r["correct"] == false {
+            let prompts: Vec<_> =
+                train.iter().filter(|t| t["file_name"] == format!("r0_{name}")).map(|t| &t["prompt"]).collect();
+            assert_eq!(prompts, [&r["prompt"], &r["original_prompt"]], "{name}: relabeled, then original");
+        }
+    }
+    assert!(dir.join("runs/ci/round-1/lora/pytorch_lora_weights.safetensors").exists());
+}
