@@ -3,7 +3,7 @@
 # science): each method (or config) is one study, `ipr run --seeds`, then `ipr eval compare`
 # of them all, the first one paired against each other.
 #
-#   bash scripts/toy_study.sh                          # base + ipr, pr, filter, weighted, ddpo; seeds 0,1,2
+#   bash scripts/toy_study.sh                          # the README's table (below); seeds 0,1,2
 #   SEEDS=0,1,2 bash scripts/toy_study.sh ipr examples/ablations/ipr-count-original.toml weighted
 #
 # An argument is a method name (the demo's settings with that method) or a run config (its own
@@ -18,7 +18,10 @@ RUNS="${RUNS:-runs}"
 [ -x "$IPR" ] || cargo build --release -q
 mkdir -p "$RUNS"
 ARGS=("$@")
-[ ${#ARGS[@]} -gt 0 ] || ARGS=(ipr pr filter weighted ddpo)
+# The README's table: the demo (ipr with its validation-chosen treatment of errors) first, then
+# the paper's IPR and PR, the baselines, and DDPO with its validation-chosen learning rate.
+[ ${#ARGS[@]} -gt 0 ] || ARGS=(ipr examples/ablations/ipr-paper.toml examples/ablations/pr-paper.toml filter weighted
+                               ddpo examples/ablations/ddpo-lr-3e-3.toml)
 STUDIES=()
 for a in "${ARGS[@]}"; do
   if [ -f "$a" ]; then
