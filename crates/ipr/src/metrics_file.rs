@@ -140,29 +140,43 @@ impl MetricsFile {
     }
 }
 
+/// The header of a Markdown comparison table with the metric columns `names`.
+pub fn comparison_header(names: &[&str]) -> String {
+    format!(
+        "| model | round | split | {} |\n| --- | ---: | --- |{}\n",
+        names.join(" | "),
+        " ---: |".repeat(names.len())
+    )
+}
+
+/// The rows a comparison shows, in order: the base model's (iteration 0 of the first run,
+/// labelled `None`), then each run's last iteration under the run's label (none for a run
+/// without rounds). Works for any kind of row (a run's metrics, a study's summary).
+pub fn base_then_last<'a, R>(
+    runs: &[(&'a str, &'a [R])],
+    iteration: impl Fn(&R) -> u32,
+) -> Vec<(Option<&'a str>, &'a R)> {
+    let mut out: Vec<(Option<&str>, &R)> = match runs.first() {
+        Some((_, first)) => first.iter().filter(|r| iteration(r) == 0).map(|r| (None, r)).collect(),
+        None => Vec::new(),
+    };
+    for (label, rows) in runs {
+        let last = rows.iter().map(&iteration).max().unwrap_or(0);
+        out.extend(rows.iter().filter(|r| last > 0 && iteration(r) == last).map(|r| (Some(*label), r)));
+    }
+    out
+}
+
 /// A Markdown table comparing runs: the base model (iteration 0 of the first run) and each run's
 /// last iteration, per split. The runs should share prompts, seeds and budget (same config but
 /// the method) for the comparison to mean anything; each run comes with its label.
 pub fn comparison_table(runs: &[(String, MetricsFile)]) -> String {
-    let mut s = format!(
-        "| model | round | split | {} |\n| --- | ---: | --- |{}\n",
-        VALUE_NAMES.join(" | "),
-        " ---: |".repeat(VALUE_NAMES.len())
-    );
-    let mut line = |label: &str, r: &MetricsRow| {
+    let mut s = comparison_header(&VALUE_NAMES);
+    let runs: Vec<(&str, &[MetricsRow])> = runs.iter().map(|(l, m)| (l.as_str(), m.rows.as_slice())).collect();
+    for (label, r) in base_then_last(&runs, |r| r.iteration) {
         let values: Vec<String> = r.values().iter().map(|v| format!("{v:.1}")).collect();
+        let label = label.unwrap_or("base");
         s.push_str(&format!("| {label} | {} | {} | {} |\n", r.iteration, r.split.name(), values.join(" | ")));
-    };
-    if let Some((_, first)) = runs.first() {
-        for r in first.rows.iter().filter(|r| r.iteration == 0) {
-            line("base", r);
-        }
-    }
-    for (label, m) in runs {
-        let last = m.rows.iter().map(|r| r.iteration).max().unwrap_or(0);
-        for r in m.rows.iter().filter(|r| r.iteration == last && last > 0) {
-            line(label, r);
-        }
     }
     s
 }

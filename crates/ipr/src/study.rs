@@ -8,7 +8,7 @@
 //! so two studies of the same config are compared image for image ([`paired_differences`]).
 
 use crate::config::RunConfig;
-use crate::metrics_file::{EvalSplit, MetricsFile};
+use crate::metrics_file::{base_then_last, comparison_header, EvalSplit, MetricsFile};
 use crate::prompt_sets::PromptSets;
 use anyhow::{bail, Context, Result};
 use ipr_core::metrics::ImageScore;
@@ -190,25 +190,12 @@ pub fn paired_differences(studies: &[PathBuf]) -> Result<Vec<(String, EvalSplit,
 /// per split, every metric with its interval (Markdown).
 pub fn comparison_table(studies: &[(String, Summary)]) -> String {
     let names: Vec<&str> = METRICS.iter().map(|(n, _)| *n).collect();
-    let mut t = format!(
-        "| model | round | split | {} |\n| --- | ---: | --- |{}\n",
-        names.join(" | "),
-        " ---: |".repeat(names.len())
-    );
-    let mut line = |label: &str, r: &SummaryRow| {
+    let mut t = comparison_header(&names);
+    let studies: Vec<(&str, &[SummaryRow])> = studies.iter().map(|(l, s)| (l.as_str(), s.rows.as_slice())).collect();
+    for (label, r) in base_then_last(&studies, |r| r.iteration) {
         let cells: Vec<String> = names.iter().map(|n| cell(&r.metrics[*n])).collect();
+        let label = label.map_or_else(|| "base".to_string(), |l| format!("{} ({l})", r.method));
         let _ = writeln!(t, "| {label} | {} | {} | {} |", r.iteration, r.split.name(), cells.join(" | "));
-    };
-    if let Some((_, first)) = studies.first() {
-        for r in first.rows.iter().filter(|r| r.iteration == 0) {
-            line("base", r);
-        }
-    }
-    for (label, s) in studies {
-        let last = s.rows.iter().map(|r| r.iteration).max().unwrap_or(0);
-        for r in s.rows.iter().filter(|r| r.iteration == last && last > 0) {
-            line(&format!("{} ({label})", r.method), r);
-        }
     }
     t
 }
