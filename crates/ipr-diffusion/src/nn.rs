@@ -172,6 +172,10 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Ok((b, _, h, w)), Ok((co, ci, kh, kw))) = (x.dims4(), self.weight.dims4()) {
+            let out = |n: usize, k: usize| (n + 2 * self.padding).saturating_sub(k) / self.stride.max(1) + 1;
+            crate::flops::add_product(2 * b * co * ci * kh * kw * out(h, kh) * out(w, kw));
+        }
         if crate::fused::fast_conv_backward() {
             if let Some(y) = crate::conv::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)? {
                 return Ok(y);
@@ -191,6 +195,9 @@ impl Conv2d {
 /// `x W^T (+ b)` for a 2-d `x`: the frozen-weight op where a gradient is needed
 /// ([`crate::fused::linear_no_frozen_grad`]), candle's matmul otherwise.
 fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if let (Ok((m, k)), Ok(n)) = (x.dims2(), w.dim(0)) {
+        crate::flops::add_product(2 * m * n * k);
+    }
     if let Some(y) = crate::fused::linear_no_frozen_grad(x, w, b)? {
         return Ok(y);
     }
@@ -268,6 +275,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         |t: &Tensor, l: usize| -> Result<Tensor> { Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?) };
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
     let scale = 1.0 / (d as f64).sqrt();
+    crate::flops::add_attention(4 * b * heads * lq * lk * d);
     if let (None, Some(rows)) = (mask, crate::attention::block_rows(b * heads, lq, lk)) {
         let flat = |t: &Tensor, l: usize| t.reshape((b * heads, l, d));
         let out = crate::attention::blockwise_attention(&flat(&q, lq)?, &flat(&k, lk)?, &flat(&v, lk)?, scale, rows)?;

@@ -41,6 +41,12 @@ pub struct TrainStepReport {
     pub dtype: String,
     /// Shards of the batch computed in parallel ([`super::TrainConfig::shards`]).
     pub shards: usize,
+    /// FLOPs of one step's matrix products (forward counted by [`crate::flops`], backward
+    /// derived: [`crate::flops::Counted::train_step`]), the rate reached at the median step and
+    /// the machine's measured matrix-product peak.
+    pub gflop_per_step: f64,
+    pub gflop_per_s: f64,
+    pub peak_gflop_per_s: f64,
 }
 
 /// Builds the UNet (frozen weights) for the benchmark from a UNet folder, or from a config file
@@ -92,6 +98,7 @@ pub fn bench_train_step(
     let s = c.sample_size.unwrap_or(32);
     let shape = (batch, c.in_channels, s, s);
     let (mut times, mut fwd_times, mut bwd_times) = (Vec::new(), Vec::new(), Vec::new());
+    let before = crate::flops::Counted::now();
     for i in 0..=iters {
         let seed = i as u64 * 1000;
         let b = Batch {
@@ -122,8 +129,13 @@ pub fn bench_train_step(
             bwd_times.push(ms - fwd);
         }
     }
+    let flops = crate::flops::Counted::now().since(before).train_step() as f64 / (iters + 1) as f64;
+    let ms_per_step = median(&times);
     Ok(TrainStepReport {
-        ms_per_step: median(&times),
+        ms_per_step,
+        gflop_per_step: flops / 1e9,
+        gflop_per_s: flops / ms_per_step / 1e6,
+        peak_gflop_per_s: crate::flops::peak_gflops(&device)?,
         ms_forward: (shards <= 1).then(|| median(&fwd_times)),
         ms_backward_and_update: (shards <= 1).then(|| median(&bwd_times)),
         ms_steps: times,

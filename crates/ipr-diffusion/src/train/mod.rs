@@ -64,8 +64,8 @@ use schedule::LrSchedule;
 /// 2 cores under load: 430 -> 355 ms per LoRA step):
 /// - glibc malloc: every step allocates and frees hundreds of tensor buffers above malloc's mmap
 ///   threshold, each costing fresh page faults and zeroing; raising the mmap and trim thresholds
-///   keeps them in the heap for reuse (what torch's caching allocator does for it) (see also
-///   [`single_malloc_arena`] for sampling);
+///   keeps them in the heap for reuse (what torch's caching allocator does for it); for programs
+///   on glibc's allocator (the `ipr` binary uses mimalloc, set to keep freed pages);
 /// - candle's elementwise "barrier pool" spin-waits on its worker threads; on a busy machine the
 ///   spinning takes the cores gemm needs, so it is turned off (`CANDLE_NUM_THREADS=1`) unless the
 ///   user set `CANDLE_NUM_THREADS`. Matrix products and this crate's kernels still use rayon's
@@ -90,22 +90,6 @@ pub fn cpu_runtime() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         }
     });
-}
-
-/// One glibc malloc arena for all threads, for processes that mostly sample. A worker thread's
-/// arena grows in heaps of at most 64 MB, so larger buffers (the im2col matrix of a batch-64
-/// sampling step of the toy UNet is up to 113 MB) are mmapped and unmapped on every call whatever
-/// the mmap threshold: `ipr toy eval` spent 10 of its 18 s in page faults and takes 13 s with one
-/// arena. Training's small per-shard buffers fit in the thread arenas, and sharing one arena
-/// between the shards cost the LoRA step about 8% (`compare_train_step.sh`: ratio 1.03 against
-/// 0.95 to torch), so training commands do not call this.
-/// Call before any thread starts.
-pub fn single_malloc_arena() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called once, before other threads start.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
 }
 
 /// Checks a [`TrainConfig::timestep_range`] against the scheduler: non-empty and inside its

@@ -41,10 +41,46 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Text-to-image denoising steps per second of a pipeline folder (f32, DDIM, classifier-free
+    /// guidance), with the FLOP/s reached against the machine's measured peak. Twin:
+    /// scripts/bench/sample.py.
+    Sample {
+        /// A diffusers pipeline folder (default: the toy base model that ships with ipr).
+        #[arg(long, default_value = "models/toy-base")]
+        model: std::path::PathBuf,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 4.0)]
+        guidance: f64,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Parts of the batch denoised at once on the CPU (default: rayon's threads, as `ipr run`
+        /// and `ipr sample` run their batches).
+        #[arg(long)]
+        parallel: Option<usize>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Sample { model, batch, steps, guidance, iters, parallel, device, json } => {
+            let device = ipr_diffusion::sample::device_from_name(&device)?;
+            let parallel = parallel.unwrap_or_else(rayon::current_num_threads);
+            let report =
+                ipr_diffusion::sample_bench::bench_sampling(&model, batch, steps, guidance, iters, parallel, &device)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report:?}");
+            }
+            Ok(())
+        }
         Command::TrainStep { unet, batch, iters, shards, device, dtype, json } => {
             let device = ipr_diffusion::sample::device_from_name(&device)?;
             let report = ipr_diffusion::train::bench::bench_train_step(&unet, batch, iters, shards, &device, dtype)?;

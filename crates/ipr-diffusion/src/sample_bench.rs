@@ -1,0 +1,96 @@
+//! Timing of text-to-image denoising (the library side of `ipr bench sample`; its diffusers twin
+//! is `scripts/bench/sample.py`): a pipeline folder in f32, `batch` images with classifier-free
+//! guidance (the UNet sees `2 x batch` samples per step), DDIM, the empty prompt's embeddings for
+//! both halves (speed does not depend on the text). On the CPU the batch is cut into `parallel`
+//! parts denoised at once, as `ipr run` and `ipr sample` run their batches (candle's elementwise
+//! kernels are single-threaded): each image is computed as it would be alone.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::flops::Counted;
+use crate::pipeline::{Pipeline, SampleParams};
+use crate::scheduler::SamplerKind;
+
+/// What the benchmark measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SampleReport {
+    /// Denoising steps per second of the whole batch (median run).
+    pub steps_per_s: f64,
+    /// Seconds of each timed run of `steps` steps.
+    pub s_runs: Vec<f64>,
+    pub batch: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// Parts of the batch denoised at once (1 on a GPU).
+    pub parallel: usize,
+    pub threads: usize,
+    /// FLOPs of one step's matrix products ([`crate::flops`]), the rate reached and the
+    /// machine's measured matrix-product peak.
+    pub gflop_per_step: f64,
+    pub gflop_per_s: f64,
+    pub peak_gflop_per_s: f64,
+    pub device: String,
+}
+
+/// Runs one warm-up and `iters` timed denoising runs of `steps` DDIM steps.
+pub fn bench_sampling(
+    model: &Path,
+    batch: usize,
+    steps: usize,
+    guidance_scale: f64,
+    iters: usize,
+    parallel: usize,
+    device: &Device,
+) -> Result<SampleReport> {
+    crate::train::cpu_runtime();
+    let pipe = Pipeline::load(model, DType::F32, device)?;
+    let parallel = if device.is_cpu() { parallel.clamp(1, batch.max(1)) } else { 1 };
+    let params = SampleParams { num_inference_steps: steps, guidance_scale, sampler: SamplerKind::Ddim };
+    let parts: Vec<usize> = (0..parallel).map(|i| batch / parallel + usize::from(i < batch % parallel)).collect();
+    let inputs = parts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let e = pipe.empty_negative(n)?;
+            Ok((e.clone(), e, crate::noise::randn(i as u64, pipe.latent_shape(n), DType::F32, device)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let run = || -> Result<()> {
+        let out: Vec<Result<Tensor>> = inputs.par_iter().map(|(c, u, x)| pipe.denoise(c, u, x, &params)).collect();
+        for o in out {
+            o?;
+        }
+        device.synchronize()?;
+        Ok(())
+    };
+    run()?;
+    let before = Counted::now();
+    let mut runs = Vec::new();
+    for _ in 0..iters.max(1) {
+        let start = Instant::now();
+        run()?;
+        runs.push(start.elapsed().as_secs_f64());
+    }
+    let per_step = Counted::now().since(before).forward() as f64 / (runs.len() * steps) as f64;
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    Ok(SampleReport {
+        steps_per_s: steps as f64 / median,
+        s_runs: runs,
+        batch,
+        steps,
+        guidance_scale,
+        parallel,
+        threads: rayon::current_num_threads(),
+        gflop_per_step: per_step / 1e9,
+        gflop_per_s: per_step * steps as f64 / median / 1e9,
+        peak_gflop_per_s: crate::flops::peak_gflops(device)?,
+        device: format!("{:?}", device.location()),
+    })
+}
