@@ -57,6 +57,25 @@ fn map_rows(s: &CpuStorage, l: &Layout, f: &(dyn Fn(&[f64], &mut [f64]) + Sync))
 
 struct SoftmaxLastDim;
 
+crate::fastmath::avx2_dispatch! {
+    /// Softmax of each row of `n` f32 values.
+    fn softmax_rows_f32(data: &[f32], n: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let mut out = vec![0f32; data.len()];
+        out.par_chunks_mut(n).zip(data.par_chunks(n)).for_each(|(o, x)| {
+            let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = crate::fastmath::exp_f32(v - max);
+            }
+            let inv = (1.0 / crate::fastmath::lane_sum(o, |v| v as f64)) as f32;
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
+        });
+        out
+    }
+}
+
 impl CustomOp1 for SoftmaxLastDim {
     fn name(&self) -> &'static str {
         "ipr-softmax-last-dim"
@@ -66,20 +85,8 @@ impl CustomOp1 for SoftmaxLastDim {
         // f32 rows in f32 (as torch's kernel; f64 `exp` was ~6% of a LoRA training step) with
         // the vectorisable exp, the sum accumulated in f64.
         if let CpuStorage::F32(d) = s {
-            use rayon::prelude::*;
             let (data, n) = rows(d, l)?;
-            let mut out = vec![0f32; data.len()];
-            out.par_chunks_mut(n).zip(data.par_chunks(n)).for_each(|(o, x)| {
-                let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = crate::fastmath::exp_f32(v - max);
-                }
-                let inv = (1.0 / crate::fastmath::lane_sum(o, |v| v as f64)) as f32;
-                for o in o.iter_mut() {
-                    *o *= inv;
-                }
-            });
-            return Ok((CpuStorage::F32(out), l.shape().clone()));
+            return Ok((CpuStorage::F32(softmax_rows_f32(data, n)), l.shape().clone()));
         }
         map_rows(s, l, &|x, y| {
             let max = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

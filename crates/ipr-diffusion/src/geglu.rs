@@ -38,34 +38,58 @@ fn contiguous<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
     crate::fused::contiguous(d, l, "geglu")
 }
 
-/// Rows of `2n` in, rows of `n` out: `out = f(a, gate)`.
-fn forward<T: Copy + Send + Sync + Default>(h: &[T], n: usize, f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::default(); h.len() / 2];
-    out.par_chunks_mut(n).zip(h.par_chunks(2 * n)).for_each(|(o, row)| {
-        let (a, gate) = row.split_at(n);
-        for ((o, &a), &g) in o.iter_mut().zip(a).zip(gate) {
-            *o = f(a, g);
-        }
-    });
+/// One row: `out = f(a, gate)` for the halves `[a, gate]` of `row`.
+#[inline(always)]
+fn forward_row<T: Copy>(o: &mut [T], row: &[T], n: usize, f: impl Fn(T, T) -> T) {
+    let (a, gate) = row.split_at(n);
+    for ((o, &a), &g) in o.iter_mut().zip(a).zip(gate) {
+        *o = f(a, g);
+    }
+}
+
+/// One row: `[dy * gelu(gate), dy * a * gelu'(gate)]` through `f(a, gate, dy)`.
+#[inline(always)]
+fn backward_row<T: Copy>(o: &mut [T], row: &[T], g: &[T], n: usize, f: impl Fn(T, T, T) -> (T, T)) {
+    let (a, gate) = row.split_at(n);
+    let (da, dgate) = o.split_at_mut(n);
+    for ((((da, dgate), &a), &gt), &g) in da.iter_mut().zip(dgate.iter_mut()).zip(a).zip(gate).zip(g) {
+        (*da, *dgate) = f(a, gt, g);
+    }
+}
+
+crate::fastmath::avx2_dispatch! {
+    /// Rows of `2n` in, rows of `n` out, f32.
+    fn forward_f32(h: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; h.len() / 2];
+        out.par_chunks_mut(n).zip(h.par_chunks(2 * n)).for_each(|(o, row)| forward_row(o, row, n, |a, g| a * gelu_f32(g)));
+        out
+    }
+}
+
+crate::fastmath::avx2_dispatch! {
+    /// Rows of `2n` (input) and `n` (output gradient) in, rows of `2n` out, f32.
+    fn backward_f32(h: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; h.len()];
+        out.par_chunks_mut(2 * n).zip(h.par_chunks(2 * n).zip(dy.par_chunks(n))).for_each(|(o, (row, g))| {
+            backward_row(o, row, g, n, |a, x, dy| (dy * gelu_f32(x), dy * a * gelu_grad_f32(x)))
+        });
+        out
+    }
+}
+
+/// The f64 forward (the reference precision).
+fn forward_f64(h: &[f64], n: usize) -> Vec<f64> {
+    let mut out = vec![0f64; h.len() / 2];
+    out.par_chunks_mut(n).zip(h.par_chunks(2 * n)).for_each(|(o, row)| forward_row(o, row, n, |a, g| a * gelu_f64(g)));
     out
 }
 
-/// Rows of `2n` (input) and `n` (output gradient) in, rows of `2n` out:
-/// `[dy * gelu(gate), dy * a * gelu'(gate)]`.
-fn backward<T: Copy + Send + Sync + Default>(
-    h: &[T],
-    dy: &[T],
-    n: usize,
-    f: impl Fn(T, T, T) -> (T, T) + Sync,
-) -> Vec<T> {
-    let mut out = vec![T::default(); h.len()];
-    out.par_chunks_mut(2 * n).zip(h.par_chunks(2 * n).zip(dy.par_chunks(n))).for_each(|(o, (row, g))| {
-        let (a, gate) = row.split_at(n);
-        let (da, dgate) = o.split_at_mut(n);
-        for ((((da, dgate), &a), &gt), &g) in da.iter_mut().zip(dgate.iter_mut()).zip(a).zip(gate).zip(g) {
-            (*da, *dgate) = f(a, gt, g);
-        }
-    });
+/// The f64 backward.
+fn backward_f64(h: &[f64], dy: &[f64], n: usize) -> Vec<f64> {
+    let mut out = vec![0f64; h.len()];
+    out.par_chunks_mut(2 * n)
+        .zip(h.par_chunks(2 * n).zip(dy.par_chunks(n)))
+        .for_each(|(o, (row, g))| backward_row(o, row, g, n, |a, x, dy| (dy * gelu_f64(x), dy * a * gelu_grad_f64(x))));
     out
 }
 
@@ -81,8 +105,8 @@ impl CustomOp1 for Geglu {
         let n = dims.last().copied().unwrap_or(0) / 2;
         *dims.last_mut().expect("geglu input has a last dimension") = n;
         let out = match s {
-            CpuStorage::F32(d) => CpuStorage::F32(forward(contiguous(d, l)?, n, |a, g| a * gelu_f32(g))),
-            CpuStorage::F64(d) => CpuStorage::F64(forward(contiguous(d, l)?, n, |a, g| a * gelu_f64(g))),
+            CpuStorage::F32(d) => CpuStorage::F32(forward_f32(contiguous(d, l)?, n)),
+            CpuStorage::F64(d) => CpuStorage::F64(forward_f64(contiguous(d, l)?, n)),
             other => return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), "ipr-geglu")),
         };
         Ok((out, Shape::from(dims)))
@@ -104,14 +128,10 @@ impl CustomOp2 for GegluBwd {
         let n = hl.dims().last().copied().unwrap_or(0) / 2;
         let out = match (h, g) {
             (CpuStorage::F32(h), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(contiguous(h, hl)?, contiguous(g, gl)?, n, |a, x, dy| {
-                    (dy * gelu_f32(x), dy * a * gelu_grad_f32(x))
-                }))
+                CpuStorage::F32(backward_f32(contiguous(h, hl)?, contiguous(g, gl)?, n))
             }
             (CpuStorage::F64(h), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(contiguous(h, hl)?, contiguous(g, gl)?, n, |a, x, dy| {
-                    (dy * gelu_f64(x), dy * a * gelu_grad_f64(x))
-                }))
+                CpuStorage::F64(backward_f64(contiguous(h, hl)?, contiguous(g, gl)?, n))
             }
             _ => return Err(candle_core::Error::UnsupportedDTypeForOp(h.dtype(), "ipr-geglu-bwd")),
         };
