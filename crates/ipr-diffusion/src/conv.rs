@@ -119,78 +119,85 @@ fn is_pointwise(g: Geom) -> bool {
 /// The im2col columns of output pixels `[p0, p1)` of one image's planes `x` (`C x H x W`):
 /// `cols[r * ld + p - p0]`, each element written once (zeros where the kernel reads padding).
 fn im2col_band<T: WithDType>(x: &[T], g: Geom, p0: usize, p1: usize, cols: &mut [T], ld: usize) {
-    let wo = g.out_w();
     let n = p1 - p0;
+    let segments = row_segments(g, p0, p1);
     for r in 0..g.rows() {
         let row = &mut cols[r * ld..][..n];
-        let c = r / (g.k * g.k);
-        let kh = (r / g.k) % g.k;
-        let kw = r % g.k;
+        let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
         let plane = &x[c * g.h * g.w..][..g.h * g.w];
-        let mut p = p0;
-        while p < p1 {
-            let (oy, ox0) = (p / wo, p % wo);
-            let ox1 = wo.min(ox0 + (p1 - p));
-            let dst = &mut row[p - p0..][..ox1 - ox0];
+        // Stride 1: ix = ox + kw - pad, valid for ox in [lo, hi) on every output row.
+        let (lo, hi) = ((g.pad.saturating_sub(kw)), (g.w + g.pad).saturating_sub(kw));
+        for &(oy, ox0, ox1, at) in &segments {
+            let dst = &mut row[at..][..ox1 - ox0];
             let iy = (oy * g.stride + kh) as isize - g.pad as isize;
             if iy < 0 || iy >= g.h as isize {
                 dst.fill(T::zero());
+                continue;
+            }
+            let src = &plane[iy as usize * g.w..][..g.w];
+            if g.stride == 1 {
+                let lo = lo.clamp(ox0, ox1);
+                let hi = hi.clamp(lo, ox1);
+                dst[..lo - ox0].fill(T::zero());
+                dst[lo - ox0..hi - ox0].copy_from_slice(&src[lo + kw - g.pad..hi + kw - g.pad]);
+                dst[hi - ox0..].fill(T::zero());
             } else {
-                let src = &plane[iy as usize * g.w..][..g.w];
-                if g.stride == 1 {
-                    // ix = ox + kw - pad; valid for ox in [lo, hi).
-                    let lo = g.pad.saturating_sub(kw).clamp(ox0, ox1);
-                    let hi = (g.w + g.pad).saturating_sub(kw).clamp(lo, ox1);
-                    dst[..lo - ox0].fill(T::zero());
-                    dst[lo - ox0..hi - ox0].copy_from_slice(&src[lo + kw - g.pad..hi + kw - g.pad]);
-                    dst[hi - ox0..].fill(T::zero());
-                } else {
-                    for (d, ox) in dst.iter_mut().zip(ox0..ox1) {
-                        let ix = (ox * g.stride + kw) as isize - g.pad as isize;
-                        *d = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { T::zero() };
-                    }
+                for (d, ox) in dst.iter_mut().zip(ox0..ox1) {
+                    let ix = (ox * g.stride + kw) as isize - g.pad as isize;
+                    *d = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { T::zero() };
                 }
             }
-            p += ox1 - ox0;
         }
     }
+}
+
+/// The output-row pieces of output pixels `[p0, p1)`: `(oy, ox0, ox1, offset in the band)`,
+/// computed once per band rather than per kernel row (integer divisions per piece cost as much
+/// as copying a toy-size row).
+fn row_segments(g: Geom, p0: usize, p1: usize) -> Vec<(usize, usize, usize, usize)> {
+    let wo = g.out_w();
+    let mut out = Vec::with_capacity((p1 - p0) / wo.max(1) + 2);
+    let mut p = p0;
+    while p < p1 {
+        let (oy, ox0) = (p / wo, p % wo);
+        let ox1 = wo.min(ox0 + (p1 - p));
+        out.push((oy, ox0, ox1, p - p0));
+        p += ox1 - ox0;
+    }
+    out
 }
 
 /// The adjoint of [`im2col_band`]: adds the columns `cols[r * ld + p - p0]` of output pixels
 /// `[p0, p1)` into one image's input-gradient planes `dx` (`C x H x W`).
 fn col2im_band<T: WithDType>(cols: &[T], g: Geom, p0: usize, p1: usize, dx: &mut [T], ld: usize) {
-    let wo = g.out_w();
     let n = p1 - p0;
+    let segments = row_segments(g, p0, p1);
     for r in 0..g.rows() {
         let row = &cols[r * ld..][..n];
-        let c = r / (g.k * g.k);
-        let kh = (r / g.k) % g.k;
-        let kw = r % g.k;
+        let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
         let plane = &mut dx[c * g.h * g.w..][..g.h * g.w];
-        let mut p = p0;
-        while p < p1 {
-            let (oy, ox0) = (p / wo, p % wo);
-            let ox1 = wo.min(ox0 + (p1 - p));
-            let src = &row[p - p0..][..ox1 - ox0];
+        let (lo, hi) = ((g.pad.saturating_sub(kw)), (g.w + g.pad).saturating_sub(kw));
+        for &(oy, ox0, ox1, at) in &segments {
+            let src = &row[at..][..ox1 - ox0];
             let iy = (oy * g.stride + kh) as isize - g.pad as isize;
-            if iy >= 0 && iy < g.h as isize {
-                let drow = &mut plane[iy as usize * g.w..][..g.w];
-                if g.stride == 1 {
-                    let lo = g.pad.saturating_sub(kw).clamp(ox0, ox1);
-                    let hi = (g.w + g.pad).saturating_sub(kw).clamp(lo, ox1);
-                    for (a, &b) in drow[lo + kw - g.pad..hi + kw - g.pad].iter_mut().zip(&src[lo - ox0..hi - ox0]) {
-                        *a += b;
-                    }
-                } else {
-                    for (&v, ox) in src.iter().zip(ox0..ox1) {
-                        let ix = (ox * g.stride + kw) as isize - g.pad as isize;
-                        if ix >= 0 && ix < g.w as isize {
-                            drow[ix as usize] += v;
-                        }
+            if iy < 0 || iy >= g.h as isize {
+                continue;
+            }
+            let drow = &mut plane[iy as usize * g.w..][..g.w];
+            if g.stride == 1 {
+                let lo = lo.clamp(ox0, ox1);
+                let hi = hi.clamp(lo, ox1);
+                for (a, &b) in drow[lo + kw - g.pad..hi + kw - g.pad].iter_mut().zip(&src[lo - ox0..hi - ox0]) {
+                    *a += b;
+                }
+            } else {
+                for (&v, ox) in src.iter().zip(ox0..ox1) {
+                    let ix = (ox * g.stride + kw) as isize - g.pad as isize;
+                    if ix >= 0 && ix < g.w as isize {
+                        drow[ix as usize] += v;
                     }
                 }
             }
-            p += ox1 - ox0;
         }
     }
 }
