@@ -99,6 +99,51 @@ pub fn lane_dot(a: &[f32], b: &[f32]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the kernels of [`avx2_dispatch`] take their portable version even where the CPU has
+/// AVX2 and FMA (for tests and benchmarks: both versions return the same bits).
+pub fn set_portable_only(on: bool) {
+    PORTABLE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the AVX2 + FMA versions run: the CPU has them and [`set_portable_only`] is off.
+pub fn wide_kernels() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Defines `fn $name(args) -> ret` twice, as built (x86-64's baseline: SSE2, 4 lanes) and with
+/// AVX2 + FMA enabled (8 lanes), and picks the second at run time where the CPU has them. The
+/// element loops of the CPU kernels are the bodies; the closures they hand to rayon inherit the
+/// enabled features. Rust never contracts `a * b + c` into a fused multiply-add nor reorders
+/// float operations, so both versions return the same bits.
+macro_rules! avx2_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if $crate::fastmath::wide_kernels() {
+                    #[target_feature(enable = "avx2,fma")]
+                    fn wide($($arg: $ty),*) -> $ret $body
+                    // SAFETY: the CPU has the features `wide` was compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            fn portable($($arg: $ty),*) -> $ret $body
+            portable($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,48 +193,3 @@ mod tests {
         }
     }
 }
-
-/// Defines `fn $name(args) -> ret` twice, as built (x86-64's baseline: SSE2, 4 lanes) and with
-/// AVX2 + FMA enabled (8 lanes), and picks the second at run time where the CPU has them. The
-/// element loops of the CPU kernels are the bodies; the closures they hand to rayon inherit the
-/// enabled features. Rust never contracts `a * b + c` into a fused multiply-add nor reorders
-/// float operations, so both versions return the same bits.
-static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes the kernels of [`avx2_dispatch`] take their portable version even where the CPU has
-/// AVX2 and FMA (for tests and benchmarks: both versions return the same bits).
-pub fn set_portable_only(on: bool) {
-    PORTABLE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether the AVX2 + FMA versions run: the CPU has them and [`set_portable_only`] is off.
-pub fn wide_kernels() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        !PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-macro_rules! avx2_dispatch {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
-        $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if $crate::fastmath::wide_kernels() {
-                    #[target_feature(enable = "avx2,fma")]
-                    fn wide($($arg: $ty),*) -> $ret $body
-                    // SAFETY: the CPU has the features `wide` was compiled for.
-                    return unsafe { wide($($arg),*) };
-                }
-            }
-            fn portable($($arg: $ty),*) -> $ret $body
-            portable($($arg),*)
-        }
-    };
-}
-pub(crate) use avx2_dispatch;
