@@ -250,7 +250,10 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_o
     let l = g.out_h() * g.out_w();
     let rows = g.rows();
     let image_len = g.c * g.h * g.w;
-    let mut out = vec![T::zero(); g.b * c_out * l];
+    let total = g.b * c_out * l;
+    // Not zero-filled: every element is written below before it is read (the bias, or the
+    // product with `read_dst` false), so the memset of the whole output is saved.
+    let mut out: Vec<T> = Vec::with_capacity(total);
     let band = band_len::<T>(g);
     let bands = l.div_ceil(band);
     let dst = SharedMut(out.as_mut_ptr());
@@ -259,11 +262,15 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_o
         let (p0, p1) = (j * band, ((j + 1) * band).min(l));
         let n = p1 - p0;
         let image = &x[b * image_len..][..image_len];
-        // SAFETY: task (b, j) alone writes columns [p0, p1) of image b's c_out output rows.
+        // SAFETY: task (b, j) alone writes columns [p0, p1) of image b's c_out output rows, all
+        // inside the allocation of `total` elements.
         let d = unsafe { dst.ptr().add(b * c_out * l + p0) };
         if let Some(bias) = bias {
             for (co, &v) in bias.iter().enumerate() {
-                unsafe { std::slice::from_raw_parts_mut(d.add(co * l), n) }.fill(v);
+                for i in 0..n {
+                    // SAFETY: as above; a write, never a read, of possibly uninitialised memory.
+                    unsafe { d.add(co * l + i).write(v) };
+                }
             }
         }
         let (rhs, rhs_rs) = if is_pointwise(g) {
@@ -273,9 +280,12 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_o
             im2col_band(image, g, p0, p1, &mut cols[..rows * n], n);
             (cols.as_ptr(), n)
         };
-        // SAFETY: w is c_out x rows, rhs rows x n with row stride rhs_rs, d c_out x n with row stride l.
+        // SAFETY: w is c_out x rows, rhs rows x n with row stride rhs_rs, d c_out x n with row
+        // stride l; without a bias the product does not read d (`read_dst` false), it writes it.
         unsafe { gemm_serial((c_out, n, rows), d, l, bias.is_some(), (w.as_ptr(), rows, 1), rhs, rhs_rs) };
     });
+    // SAFETY: the tasks (every image, bands covering [0, l)) wrote all `total` elements.
+    unsafe { out.set_len(total) };
     out
 }
 
