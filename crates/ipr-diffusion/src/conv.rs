@@ -47,42 +47,16 @@ fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
     crate::fused::contiguous(data, l, "conv op")
 }
 
-/// `(B, C, H, W)` -> `(C k k, B Ho Wo)`.
+/// `(B, C, H, W)` -> `(C k k, B Ho Wo)`: the whole batch's columns (only the kernel gradient of
+/// full training needs them), row by row in parallel.
 fn im2col<T: WithDType>(x: &[T], g: Geom) -> Vec<T> {
-    let (ho, wo) = (g.out_h(), g.out_w());
-    let l = ho * wo;
-    let n = g.cols();
-    let mut out = vec![T::zero(); g.rows() * n];
-    out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
-        let c = r / (g.k * g.k);
-        let kh = (r / g.k) % g.k;
-        let kw = r % g.k;
-        for b in 0..g.b {
-            let plane = &x[(b * g.c + c) * g.h * g.w..][..g.h * g.w];
-            let dst = &mut row[b * l..][..l];
-            for oy in 0..ho {
-                let iy = (oy * g.stride + kh) as isize - g.pad as isize;
-                if iy < 0 || iy >= g.h as isize {
-                    continue;
-                }
-                let src = &plane[iy as usize * g.w..][..g.w];
-                let drow = &mut dst[oy * wo..][..wo];
-                if g.stride == 1 {
-                    // ix = ox + kw - pad: one contiguous copy of the valid range.
-                    let lo = g.pad.saturating_sub(kw);
-                    let hi = (g.w + g.pad - kw).min(wo);
-                    if lo < hi {
-                        drow[lo..hi].copy_from_slice(&src[lo + kw - g.pad..hi + kw - g.pad]);
-                    }
-                } else {
-                    for (ox, d) in drow.iter_mut().enumerate() {
-                        let ix = (ox * g.stride + kw) as isize - g.pad as isize;
-                        if ix >= 0 && ix < g.w as isize {
-                            *d = src[ix as usize];
-                        }
-                    }
-                }
-            }
+    let l = g.out_h() * g.out_w();
+    let segments = row_segments(g, 0, l);
+    let image_len = g.c * g.h * g.w;
+    let mut out = vec![T::zero(); g.rows() * g.cols()];
+    out.par_chunks_mut(g.cols()).enumerate().for_each(|(r, row)| {
+        for (b, dst) in row.chunks_mut(l).enumerate() {
+            im2col_row(&x[b * image_len..][..image_len], g, r, &segments, dst);
         }
     });
     out
@@ -122,30 +96,35 @@ fn im2col_band<T: WithDType>(x: &[T], g: Geom, p0: usize, p1: usize, cols: &mut 
     let n = p1 - p0;
     let segments = row_segments(g, p0, p1);
     for r in 0..g.rows() {
-        let row = &mut cols[r * ld..][..n];
-        let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
-        let plane = &x[c * g.h * g.w..][..g.h * g.w];
-        // Stride 1: ix = ox + kw - pad, valid for ox in [lo, hi) on every output row.
-        let (lo, hi) = ((g.pad.saturating_sub(kw)), (g.w + g.pad).saturating_sub(kw));
-        for &(oy, ox0, ox1, at) in &segments {
-            let dst = &mut row[at..][..ox1 - ox0];
-            let iy = (oy * g.stride + kh) as isize - g.pad as isize;
-            if iy < 0 || iy >= g.h as isize {
-                dst.fill(T::zero());
-                continue;
-            }
-            let src = &plane[iy as usize * g.w..][..g.w];
-            if g.stride == 1 {
-                let lo = lo.clamp(ox0, ox1);
-                let hi = hi.clamp(lo, ox1);
-                dst[..lo - ox0].fill(T::zero());
-                dst[lo - ox0..hi - ox0].copy_from_slice(&src[lo + kw - g.pad..hi + kw - g.pad]);
-                dst[hi - ox0..].fill(T::zero());
-            } else {
-                for (d, ox) in dst.iter_mut().zip(ox0..ox1) {
-                    let ix = (ox * g.stride + kw) as isize - g.pad as isize;
-                    *d = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { T::zero() };
-                }
+        im2col_row(x, g, r, &segments, &mut cols[r * ld..][..n]);
+    }
+}
+
+/// Row `r` = (channel, kh, kw) of the im2col columns of one image's planes `x`, over the output
+/// pixels that `segments` ([`row_segments`]) describe, into `dst`.
+fn im2col_row<T: WithDType>(x: &[T], g: Geom, r: usize, segments: &[(usize, usize, usize, usize)], dst: &mut [T]) {
+    let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
+    let plane = &x[c * g.h * g.w..][..g.h * g.w];
+    // Stride 1: ix = ox + kw - pad, valid for ox in [lo, hi) on every output row.
+    let (lo, hi) = ((g.pad.saturating_sub(kw)), (g.w + g.pad).saturating_sub(kw));
+    for &(oy, ox0, ox1, at) in segments {
+        let dst = &mut dst[at..][..ox1 - ox0];
+        let iy = (oy * g.stride + kh) as isize - g.pad as isize;
+        if iy < 0 || iy >= g.h as isize {
+            dst.fill(T::zero());
+            continue;
+        }
+        let src = &plane[iy as usize * g.w..][..g.w];
+        if g.stride == 1 {
+            let lo = lo.clamp(ox0, ox1);
+            let hi = hi.clamp(lo, ox1);
+            dst[..lo - ox0].fill(T::zero());
+            dst[lo - ox0..hi - ox0].copy_from_slice(&src[lo + kw - g.pad..hi + kw - g.pad]);
+            dst[hi - ox0..].fill(T::zero());
+        } else {
+            for (d, ox) in dst.iter_mut().zip(ox0..ox1) {
+                let ix = (ox * g.stride + kw) as isize - g.pad as isize;
+                *d = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { T::zero() };
             }
         }
     }

@@ -77,9 +77,7 @@ pub fn bench_sampling(
         runs.push(start.elapsed().as_secs_f64());
     }
     let per_step = Counted::now().since(before).forward() as f64 / (runs.len() * steps) as f64;
-    let mut sorted = runs.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let median = crate::train::bench::median(&runs);
     Ok(SampleReport {
         steps_per_s: steps as f64 / median,
         s_runs: runs,

@@ -123,6 +123,27 @@ fn bench_train_step_prints_json() {
     assert!(v["ms_per_step"].as_f64().unwrap() > 0.0);
 }
 
+/// `ipr bench sample` with no `--model` runs the built-in toy base model from any directory,
+/// leaves no temporary folder behind, and reports the products' FLOPs against a measured peak.
+#[test]
+fn bench_sample_runs_the_built_in_model_from_anywhere() {
+    let cwd = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_ipr"))
+        .args(["bench", "sample", "--batch", "2", "--steps", "2", "--iters", "1", "--json"])
+        .current_dir(cwd.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ipr runs");
+    let exported = std::env::temp_dir().join(format!("ipr-bench-toy-base-{}", child.id()));
+    let o = child.wait_with_output().unwrap();
+    check(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["steps_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["gflop_per_step"].as_f64().unwrap() > 0.0 && v["peak_gflop_per_s"].as_f64().unwrap() > 0.0);
+    assert!(!exported.exists(), "the exported model was left at {}", exported.display());
+}
+
 /// `--timestep-range` takes `LO,HI` and refuses an empty or malformed range by name.
 #[test]
 fn timestep_range_flag_is_checked() {

@@ -149,7 +149,8 @@ pub fn bench_train_step(
     })
 }
 
-fn median(v: &[f64]) -> f64 {
+/// The median of timings (the mean of the middle two for an even count).
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     match s.len() {

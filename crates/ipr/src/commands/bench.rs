@@ -1,4 +1,4 @@
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -45,9 +45,10 @@ pub enum Command {
     /// guidance), with the FLOP/s reached against the machine's measured peak. Twin:
     /// scripts/bench/sample.py.
     Sample {
-        /// A diffusers pipeline folder (default: the toy base model that ships with ipr).
-        #[arg(long, default_value = "models/toy-base")]
-        model: std::path::PathBuf,
+        /// A diffusers pipeline folder (default: the toy base model built into ipr, written to a
+        /// temporary folder for the run).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
         #[arg(long, default_value_t = 64)]
         batch: usize,
         #[arg(long, default_value_t = 10)]
@@ -72,8 +73,22 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Sample { model, batch, steps, guidance, iters, parallel, device, json } => {
             let device = ipr_diffusion::sample::device_from_name(&device)?;
             let parallel = parallel.unwrap_or_else(rayon::current_num_threads);
+            // The built-in toy base model goes to a temporary folder, removed afterwards.
+            let exported = match model {
+                Some(_) => None,
+                None => {
+                    let dir = std::env::temp_dir().join(format!("ipr-bench-toy-base-{}", std::process::id()));
+                    ipr::toy_base::export(&dir)?;
+                    Some(dir)
+                }
+            };
+            let folder = model.as_deref().or(exported.as_deref()).expect("a model folder");
             let report =
-                ipr_diffusion::sample_bench::bench_sampling(&model, batch, steps, guidance, iters, parallel, &device)?;
+                ipr_diffusion::sample_bench::bench_sampling(folder, batch, steps, guidance, iters, parallel, &device);
+            if let Some(dir) = exported {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+            let report = report?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
