@@ -10,6 +10,7 @@
 //! (contiguous copies for stride 1), the product is one gemm over the whole batch, and the bias is
 //! part of the op. Tested against candle's conv and by finite differences (`tests/gradients.rs`).
 
+use crate::fused::SharedMut;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -60,20 +61,6 @@ fn im2col<T: WithDType>(x: &[T], g: Geom) -> Vec<T> {
         }
     });
     out
-}
-
-/// A raw pointer the parallel tasks of one kernel share; each task writes a disjoint part.
-#[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: only used by the kernels below, whose tasks write pairwise disjoint elements.
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
-    fn ptr(self) -> *mut T {
-        self.0
-    }
 }
 
 /// Output pixels per band: a band's im2col columns (`rows x band`) take at most about 2 MiB. A
@@ -226,6 +213,96 @@ unsafe fn gemm_serial<T: WithDType>(
 /// the thread count. (Products over groups of small images, packing the kernel once per group,
 /// measured 2-5% slower at toy size than one image per task.)
 fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
+    if padded_rows(g) {
+        conv_forward_padded_rows(x, w, bias, g, c_out)
+    } else {
+        conv_forward_bands(x, w, bias, g, c_out)
+    }
+}
+
+/// Whether [`conv_forward_padded_rows`] computes this convolution: stride 1 with a kernel wider
+/// than one pixel, on rows of at least 16 output pixels. On narrower rows its `k - 1` extra
+/// columns per row cost more of the product (25% at 8 pixels), and the toy's 8x8 products,
+/// at most 64 x 64, would change size class in the `gemm` crate, which blocks the sum over `K`
+/// differently below that size: their sums would round differently.
+fn padded_rows(g: Geom) -> bool {
+    g.stride == 1 && !is_pointwise(g) && g.out_w() >= 16
+}
+
+/// Stride-1 convolution over zero-padded input rows: with the input padded to `Wp = W + 2 pad`
+/// columns, the im2col row of (channel, kh, kw) for a band of whole output rows is one
+/// contiguous slice of the padded planes (offset `kh Wp + kw`) if the output is computed `Wp`
+/// pixels wide; the `k - 1` extra columns of each output row are dropped when the band is
+/// copied out. One `memcpy` per im2col row instead of a fill / copy / fill per output row,
+/// which cost about as much as the copying itself at toy size (`perf`: im2col was a third of
+/// the convolution). The product and the bias are those of [`conv_forward_bands`], so are the
+/// results, bit for bit (tested).
+fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
+    let (ho, wo) = (g.out_h(), g.out_w());
+    let l = ho * wo;
+    let wp = g.w + 2 * g.pad;
+    let rows = g.rows();
+    let image_len = g.c * g.h * g.w;
+    let total = g.b * c_out * l;
+    let mut out: Vec<T> = Vec::with_capacity(total);
+    let band_rows = (band_len::<T>(g) / wo).clamp(1, ho);
+    let bands = ho.div_ceil(band_rows);
+    let dst = SharedMut(out.as_mut_ptr());
+    let buffers = || (Vec::new(), Vec::new(), Vec::new());
+    (0..g.b * bands).into_par_iter().for_each_init(buffers, |(slab, cols, acc), task| {
+        let (b, j) = (task / bands, task % bands);
+        let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(ho));
+        let n = (oy1 - oy0) * wp;
+        let image = &x[b * image_len..][..image_len];
+        // The band's input rows oy0 - pad .. oy1 - 1 - pad + k - 1, zero-padded, per channel;
+        // `k - 1` elements of slack after the last row for the extra columns' reads.
+        let slab_rows = oy1 - oy0 + g.k - 1;
+        let plane = slab_rows * wp + g.k - 1;
+        slab.clear();
+        slab.resize(g.c * plane, T::zero());
+        for c in 0..g.c {
+            for t in 0..slab_rows {
+                let iy = (oy0 + t) as isize - g.pad as isize;
+                if (0..g.h as isize).contains(&iy) {
+                    let src = &image[c * g.h * g.w + iy as usize * g.w..][..g.w];
+                    slab[c * plane + t * wp + g.pad..][..g.w].copy_from_slice(src);
+                }
+            }
+        }
+        cols.resize(rows * n, T::zero());
+        for r in 0..rows {
+            let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
+            cols[r * n..][..n].copy_from_slice(&slab[c * plane + kh * wp + kw..][..n]);
+        }
+        acc.clear();
+        match bias {
+            Some(bias) => bias.iter().for_each(|&v| acc.extend(std::iter::repeat_n(v, n))),
+            None => acc.resize(c_out * n, T::zero()),
+        }
+        // SAFETY: w is c_out x rows, cols rows x n, acc c_out x n (row strides rows, n, n).
+        unsafe {
+            gemm_serial((c_out, n, rows), acc.as_mut_ptr(), n, bias.is_some(), (w.as_ptr(), rows, 1), cols.as_ptr(), n)
+        };
+        for co in 0..c_out {
+            for t in 0..oy1 - oy0 {
+                let src = &acc[co * n + t * wp..][..wo];
+                // SAFETY: task (b, j) alone writes output rows [oy0, oy1) of image b, inside the
+                // allocation of `total` elements; writes only.
+                unsafe {
+                    let d = dst.ptr().add(b * c_out * l + co * l + (oy0 + t) * wo);
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), d, wo);
+                }
+            }
+        }
+    });
+    // SAFETY: the tasks (every image, bands covering every output row) wrote all elements.
+    unsafe { out.set_len(total) };
+    out
+}
+
+/// The general case: bands of output pixels, each band's im2col columns built piece by piece
+/// from the unpadded input.
+fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
     let l = g.out_h() * g.out_w();
     let rows = g.rows();
     let image_len = g.c * g.h * g.w;
@@ -457,6 +534,37 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// The padded-rows forward gives the bits of the banded one on the toy UNet's stride-1
+    /// shapes (f32; sums over `K` of up to 1152, several bands at 40 channels x 64 pixels).
+    #[test]
+    fn padded_rows_forward_has_the_banded_forwards_bits() {
+        let d = Device::Cpu;
+        for (c, c_out, hw, b, bias) in [
+            (16, 16, 32, 2, true),
+            (48, 16, 32, 1, true),
+            (96, 32, 16, 2, true),
+            (128, 64, 16, 1, false),
+            (40, 8, 64, 1, true),
+        ] {
+            let g = Geom { b, c, h: hw, w: hw, k: 3, stride: 1, pad: 1 };
+            assert!(padded_rows(g));
+            let x =
+                Tensor::randn(0f32, 1., (b, c, hw, hw), &d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let w = Tensor::randn(0f32, 0.1, (c_out, c, 3, 3), &d)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let bv: Vec<f32> = (0..c_out).map(|i| i as f32 * 0.37 - 1.0).collect();
+            let bias = bias.then_some(&bv[..]);
+            let (ours, plain) =
+                (conv_forward_padded_rows(&x, &w, bias, g, c_out), conv_forward_bands(&x, &w, bias, g, c_out));
+            assert!(ours.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{c}->{c_out} at {hw}");
+        }
+        assert!(!padded_rows(Geom { b: 1, c: 64, h: 8, w: 8, k: 3, stride: 1, pad: 1 }));
     }
 
     #[test]

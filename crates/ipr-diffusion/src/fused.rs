@@ -55,6 +55,20 @@ fn map_rows(s: &CpuStorage, l: &Layout, f: &(dyn Fn(&[f64], &mut [f64]) + Sync))
     Ok((storage, l.shape().clone()))
 }
 
+/// A raw pointer the parallel tasks of one kernel share; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+// SAFETY: only used by kernels whose tasks write pairwise disjoint elements.
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
+    pub(crate) fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
 struct SoftmaxLastDim;
 
 crate::fastmath::avx2_dispatch! {
@@ -62,17 +76,22 @@ crate::fastmath::avx2_dispatch! {
     fn softmax_rows_f32(data: &[f32], n: usize) -> Vec<f32> {
         use rayon::prelude::*;
         let mut out = vec![0f32; data.len()];
-        out.par_chunks_mut(n).zip(data.par_chunks(n)).for_each(|(o, x)| {
-            let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            for (o, &v) in o.iter_mut().zip(x) {
-                *o = crate::fastmath::exp_f32(v - max);
-            }
-            let inv = (1.0 / crate::fastmath::lane_sum(o, |v| v as f64)) as f32;
-            for o in o.iter_mut() {
-                *o *= inv;
-            }
-        });
+        out.par_chunks_mut(n).zip(data.par_chunks(n)).for_each(|(o, x)| softmax_row_f32(x, o));
         out
+    }
+}
+
+/// The softmax of one f32 row `x` into `o` (of equal length): `exp` after subtracting the row's
+/// maximum, the sum in f64. Inlined into its callers' AVX2 versions.
+#[inline(always)]
+pub(crate) fn softmax_row_f32(x: &[f32], o: &mut [f32]) {
+    let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = crate::fastmath::exp_f32(v - max);
+    }
+    let inv = (1.0 / crate::fastmath::lane_sum(o, |v| v as f64)) as f32;
+    for o in o.iter_mut() {
+        *o *= inv;
     }
 }
 
