@@ -192,7 +192,10 @@ mod tests {
         for bits in (0..=u32::MAX).step_by(61) {
             let x = f32::from_bits(bits);
             let (got, want) = (exp_f32(x), reference(x));
-            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "exp({x:e}): {got:e} vs {want:e}");
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "exp({x:e}): {got:e} vs {want:e}"
+            );
         }
     }
 

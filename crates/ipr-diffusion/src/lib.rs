@@ -45,6 +45,7 @@ pub mod flops;
 pub mod fused;
 pub mod geglu;
 pub mod image_file;
+pub mod inference_attention;
 pub mod init;
 pub mod lora;
 pub mod lora_io;

@@ -267,7 +267,27 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// with an optional additive mask broadcast to `(B, H, Lq, Lk)`; returns `(B, Lq, H*D)`.
 /// Without a mask, attention whose scores exceed [`crate::attention::block_bytes`] runs block by
 /// block ([`crate::attention`]): same result, memory bounded in the forward and the backward.
+/// Outside a graph on the CPU (sampling, evaluation) without a mask, one op computes it
+/// ([`crate::inference_attention`], the same bits).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, lq, inner) = q.dims3()?;
+    crate::flops::add_attention(4 * b * heads * lq * k.dim(1)? * (inner / heads));
+    if mask.is_none() {
+        if let Some(out) = crate::inference_attention::attention_no_grad(q, k, v, heads)? {
+            return Ok(out);
+        }
+    }
+    attention_graph(q, k, v, heads, mask)
+}
+
+/// [`attention`] as tensor ops (every device, with gradients).
+pub(crate) fn attention_graph(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, lq, inner) = q.dims3()?;
     let lk = k.dim(1)?;
     let d = inner / heads;
@@ -275,7 +295,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
         |t: &Tensor, l: usize| -> Result<Tensor> { Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?) };
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
     let scale = 1.0 / (d as f64).sqrt();
-    crate::flops::add_attention(4 * b * heads * lq * lk * d);
     if let (None, Some(rows)) = (mask, crate::attention::block_rows(b * heads, lq, lk)) {
         let flat = |t: &Tensor, l: usize| t.reshape((b * heads, l, d));
         let out = crate::attention::blockwise_attention(&flat(&q, lq)?, &flat(&k, lk)?, &flat(&v, lk)?, scale, rows)?;

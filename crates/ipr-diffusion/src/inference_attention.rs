@@ -1,0 +1,225 @@
+//! Multi-head attention without a graph (sampling, evaluation) on the CPU, as one op over the
+//! `(B, L, H*D)` projections: per (image, head, block of query rows) a task multiplies Q by Kᵀ
+//! into its own buffer, scales each row and takes its softmax, and multiplies by V straight into
+//! the head's columns of the `(B, Lq, H*D)` output, reading Q, K and V in place through strides.
+//!
+//! Why: the graph path ([`crate::nn::attention`]) copies each of Q, K and V into a head-major
+//! tensor, allocates and zero-fills a score tensor, a scaled copy, the probabilities and the
+//! output (candle's matmul zero-fills its result), transposes the output back, and runs the
+//! batch's small products one after another. At toy size that was about a sixth of a sampling
+//! step (`perf`). The products, the scaling and the softmax are those of the graph path, so the
+//! result has its bits (tested) while a task holds all query rows; a task's buffers hold at most
+//! [`TASK_BYTES`] of scores, so memory stays bounded at any sequence length. (Where query rows
+//! are cut into blocks and there are over 512 keys, the second product may round differently:
+//! the `gemm` crate cuts sums that long by the size of the whole product.)
+
+use crate::fused::{contiguous, softmax_row_f32, SharedMut};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Scores and probabilities of one task at most (query rows are blocked to fit): whole score
+/// matrices up to 2048 x 2048 (Stable Diffusion at 256 px), blocks of 1024 rows at 4096 keys.
+const TASK_BYTES: usize = 32 << 20;
+
+/// `softmax(Q Kᵀ / sqrt(D)) V` per head over `(B, L, H*D)` tensors when none of them is part of
+/// a graph and they are f32 on the CPU; `None` otherwise (the caller takes the graph path).
+pub fn attention_no_grad(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Option<Tensor>> {
+    let usable = q.device().is_cpu()
+        && [q, k, v].iter().all(|t| t.dtype() == DType::F32 && !t.track_op())
+        && q.rank() == 3
+        && q.dim(2)? % heads == 0;
+    if !usable {
+        return Ok(None);
+    }
+    Ok(Some(q.apply_op3_no_bwd(k, v, &InferenceAttention { heads })?))
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    d: usize,
+}
+
+struct InferenceAttention {
+    heads: usize,
+}
+
+impl CustomOp3 for InferenceAttention {
+    fn name(&self) -> &'static str {
+        "ipr-attention-no-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, lq, inner) = ql.shape().dims3()?;
+        let (kb, lk, k_inner) = kl.shape().dims3()?;
+        if kb != b || k_inner != inner || vl.shape() != kl.shape() {
+            candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not match", ql.shape(), kl.shape(), vl.shape());
+        }
+        let s = Dims { b, lq, lk, heads: self.heads, d: inner / self.heads };
+        match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let op = "attention";
+                let out = forward(contiguous(q, ql, op)?, contiguous(k, kl, op)?, contiguous(v, vl, op)?, s);
+                Ok((CpuStorage::F32(out), ql.shape().clone()))
+            }
+            _ => Err(candle_core::Error::UnsupportedDTypeForOp(q.dtype(), "attention (no grad)")),
+        }
+    }
+}
+
+/// `dst (m x n, row stride dst_rs) = lhs (m x k, strides) x rhs (k x n, strides)` on one thread,
+/// with the arguments of candle's matmul (`read_dst` false, alpha 0, beta 1): the same kernels
+/// and so the same sums.
+///
+/// # Safety
+/// The pointers must address matrices of these shapes and strides, `dst` not aliasing the others.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+crate::fastmath::avx2_dispatch! {
+/// `scale` times each row of `scores` (`n` wide), then its softmax into `probs`: the graph
+/// path's `scores * scale` (candle's affine: the scale rounded to f32) and softmax kernel.
+fn scaled_softmax_rows(scores: &mut [f32], probs: &mut [f32], n: usize, scale: f32) -> usize {
+    for (x, o) in scores.chunks_mut(n).zip(probs.chunks_mut(n)) {
+        for v in x.iter_mut() {
+            *v = *v * scale + 0.0;
+        }
+        softmax_row_f32(x, o);
+    }
+    scores.len() / n.max(1)
+}
+}
+
+fn forward(q: &[f32], k: &[f32], v: &[f32], s: Dims) -> Vec<f32> {
+    let inner = s.heads * s.d;
+    let rows = (TASK_BYTES / (2 * s.lk * std::mem::size_of::<f32>()).max(1)).clamp(1, s.lq.max(1));
+    let blocks = s.lq.div_ceil(rows);
+    let total = s.b * s.lq * inner;
+    let scale = (1.0 / (s.d as f64).sqrt()) as f32;
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let dst = SharedMut(out.as_mut_ptr());
+    (0..s.b * s.heads * blocks).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(scores, probs): &mut (Vec<f32>, Vec<f32>), task| {
+            let (bh, blk) = (task / blocks, task % blocks);
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            let (r0, r1) = (blk * rows, ((blk + 1) * rows).min(s.lq));
+            let m = r1 - r0;
+            scores.resize(m * s.lk, 0.0);
+            probs.resize(m * s.lk, 0.0);
+            let q_at = (b * s.lq + r0) * inner + h * s.d;
+            let kv_at = b * s.lk * inner + h * s.d;
+            // SAFETY: Q's rows r0..r1 of head h (m x d, row stride inner), Kᵀ of head h (d x lk:
+            // element (i, j) at j * inner + i), scores m x lk; all inside their slices.
+            unsafe {
+                product(
+                    (m, s.lk, s.d),
+                    scores.as_mut_ptr(),
+                    s.lk,
+                    (q[q_at..].as_ptr(), inner, 1),
+                    (k[kv_at..].as_ptr(), 1, inner),
+                )
+            };
+            scaled_softmax_rows(scores, probs, s.lk, scale);
+            // SAFETY: probs m x lk, V of head h (lk x d, row stride inner); the task alone writes
+            // rows r0..r1 of head h's columns of image b's output (row stride inner), a write
+            // without a read (`read_dst` false) of possibly uninitialised memory.
+            unsafe {
+                product(
+                    (m, s.d, s.lk),
+                    dst.ptr().add(q_at),
+                    inner,
+                    (probs.as_ptr(), s.lk, 1),
+                    (v[kv_at..].as_ptr(), inner, 1),
+                )
+            };
+        },
+    );
+    // SAFETY: the tasks (every image, head and block of query rows) wrote all elements.
+    unsafe { out.set_len(total) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The same bits as the graph path on the toy UNet's attention shapes (self-attention over
+    /// 8x8 = 64 tokens, cross-attention over 8 text tokens, 4 heads of 16) and others; within
+    /// 1e-6 where query rows are blocked (3000 keys: 1398 rows per task).
+    #[test]
+    fn equals_the_graph_path() {
+        let d = Device::Cpu;
+        for (b, lq, lk, heads, dh) in
+            [(6, 64, 64, 4, 16), (5, 64, 8, 4, 16), (1, 400, 3000, 2, 8), (2, 7, 1, 1, 3), (1, 1500, 3000, 1, 8)]
+        {
+            let inner = heads * dh;
+            let q = Tensor::randn(0f32, 1., (b, lq, inner), &d).unwrap();
+            let k = Tensor::randn(0f32, 1., (b, lk, inner), &d).unwrap();
+            let v = Tensor::randn(0f32, 1., (b, lk, inner), &d).unwrap();
+            let ours = attention_no_grad(&q, &k, &v, heads).unwrap().expect("f32 on the CPU, no graph");
+            let graph = crate::nn::attention_graph(&q, &k, &v, heads, None).unwrap();
+            let (a, g) = (
+                ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                graph.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(a.len(), g.len());
+            if lq * lk * 8 <= TASK_BYTES {
+                assert!(a.iter().zip(&g).all(|(x, y)| x.to_bits() == y.to_bits()), "{b} {lq} {lk} {heads} {dh}");
+            } else {
+                assert!(a.iter().zip(&g).all(|(x, y)| (x - y).abs() <= 1e-6 * (1.0 + y.abs())), "{lq} {lk}");
+            }
+        }
+    }
+
+    #[test]
+    fn declines_graphs_and_other_dtypes() {
+        let d = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (1, 4, 8), &d).unwrap();
+        let tracked = candle_core::Var::from_tensor(&x).unwrap();
+        assert!(attention_no_grad(tracked.as_tensor(), &x, &x, 2).unwrap().is_none());
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        assert!(attention_no_grad(&x64, &x64, &x64, 2).unwrap().is_none());
+    }
+}
