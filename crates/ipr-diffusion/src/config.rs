@@ -471,7 +471,7 @@ impl ClipTextConfig {
         if c.hidden_act != "quick_gelu" && c.hidden_act != "gelu" {
             return Err(Error::config(path, "hidden_act", format!("unsupported value {:?}", c.hidden_act)));
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(Error::config(path, "num_attention_heads", "must divide hidden_size"));
         }
         Ok(c)

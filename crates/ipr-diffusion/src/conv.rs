@@ -247,19 +247,32 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
     let mut out: Vec<T> = Vec::with_capacity(total);
     let band_rows = (band_len::<T>(g) / wo).clamp(1, ho);
     let bands = ho.div_ceil(band_rows);
+    // f32 on an AVX-512 CPU: the product without columns, the weights packed term-major.
+    let direct: Option<Vec<f32>> = as_f32(w).filter(|_| crate::conv_direct::available()).map(|w| {
+        let mut wk = vec![0f32; rows * c_out];
+        for (o, row) in w.chunks(rows).enumerate() {
+            for (t, &v) in row.iter().enumerate() {
+                wk[t * c_out + o] = v;
+            }
+        }
+        wk
+    });
     let dst = SharedMut(out.as_mut_ptr());
     let buffers = || (Vec::new(), Vec::new(), Vec::new());
     (0..g.b * bands).into_par_iter().for_each_init(buffers, |(slab, cols, acc), task| {
         let (b, j) = (task / bands, task % bands);
         let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(ho));
         let n = (oy1 - oy0) * wp;
+        let direct = direct.as_deref().filter(|_| crate::conv_direct::matches_gemm(c_out, n));
         let image = &x[b * image_len..][..image_len];
         // The band's input rows oy0 - pad .. oy1 - 1 - pad + k - 1, zero-padded, per channel;
-        // `k - 1` elements of slack after the last row for the extra columns' reads.
+        // `k - 1` elements of slack after the last row for the extra columns' reads (and the
+        // direct kernel's whole blocks of pixels after the last plane).
         let slab_rows = oy1 - oy0 + g.k - 1;
         let plane = slab_rows * wp + g.k - 1;
+        let slack = if direct.is_some() { crate::conv_direct::SLACK } else { 0 };
         slab.clear();
-        slab.resize(g.c * plane, T::zero());
+        slab.resize(g.c * plane + slack, T::zero());
         for c in 0..g.c {
             for t in 0..slab_rows {
                 let iy = (oy0 + t) as isize - g.pad as isize;
@@ -269,23 +282,41 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
                 }
             }
         }
-        cols.resize(rows * n, T::zero());
-        for r in 0..rows {
-            let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
-            cols[r * n..][..n].copy_from_slice(&slab[c * plane + kh * wp + kw..][..n]);
-        }
+        // Accumulator rows `ld` apart: whole blocks of pixels for the direct kernel.
+        let ld = if direct.is_some() { n.next_multiple_of(crate::conv_direct::PIXELS) } else { n };
         acc.clear();
         match bias {
-            Some(bias) => bias.iter().for_each(|&v| acc.extend(std::iter::repeat_n(v, n))),
-            None => acc.resize(c_out * n, T::zero()),
+            Some(bias) => bias.iter().for_each(|&v| acc.extend(std::iter::repeat_n(v, ld))),
+            None => acc.resize(c_out * ld, T::zero()),
         }
-        // SAFETY: w is c_out x rows, cols rows x n, acc c_out x n (row strides rows, n, n).
-        unsafe {
-            gemm_serial((c_out, n, rows), acc.as_mut_ptr(), n, bias.is_some(), (w.as_ptr(), rows, 1), cols.as_ptr(), n)
-        };
+        match (direct, as_f32(slab), as_f32_mut(acc)) {
+            (Some(wk), Some(data), Some(acc)) => {
+                let planes = crate::conv_direct::Planes { data, c: g.c, plane, wp, k: g.k };
+                crate::conv_direct::product(&planes, wk, c_out, n, acc, ld, bias.is_some());
+            }
+            _ => {
+                cols.resize(rows * n, T::zero());
+                for r in 0..rows {
+                    let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
+                    cols[r * n..][..n].copy_from_slice(&slab[c * plane + kh * wp + kw..][..n]);
+                }
+                // SAFETY: w is c_out x rows, cols rows x n, acc c_out x n (row strides rows, n, n).
+                unsafe {
+                    gemm_serial(
+                        (c_out, n, rows),
+                        acc.as_mut_ptr(),
+                        n,
+                        bias.is_some(),
+                        (w.as_ptr(), rows, 1),
+                        cols.as_ptr(),
+                        n,
+                    )
+                };
+            }
+        }
         for co in 0..c_out {
             for t in 0..oy1 - oy0 {
-                let src = &acc[co * n + t * wp..][..wo];
+                let src = &acc[co * ld + t * wp..][..wo];
                 // SAFETY: task (b, j) alone writes output rows [oy0, oy1) of image b, inside the
                 // allocation of `total` elements; writes only.
                 unsafe {
@@ -298,6 +329,18 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
     // SAFETY: the tasks (every image, bands covering every output row) wrote all elements.
     unsafe { out.set_len(total) };
     out
+}
+
+/// The slice as f32 when `T` is f32.
+fn as_f32<T: WithDType>(s: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 (same type id), so the slice is reinterpreted as itself.
+    (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) })
+}
+
+/// [`as_f32`] for a mutable slice.
+fn as_f32_mut<T: WithDType>(s: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`.
+    (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) })
 }
 
 /// The general case: bands of output pixels, each band's im2col columns built piece by piece
@@ -536,8 +579,10 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
     }
 
-    /// The padded-rows forward gives the bits of the banded one on the toy UNet's stride-1
-    /// shapes (f32; sums over `K` of up to 1152, several bands at 40 channels x 64 pixels).
+    /// The padded-rows forward (with the direct AVX-512 product where the CPU has it) gives the
+    /// bits of the banded im2col + gemm one on the toy UNet's stride-1 shapes (f32; sums over
+    /// `K` of up to 1152, which gemm cuts in blocks; output channels in blocks of 8, 4, 2 and
+    /// 1; several bands at 40 channels x 64 pixels).
     #[test]
     fn padded_rows_forward_has_the_banded_forwards_bits() {
         let d = Device::Cpu;
@@ -547,6 +592,9 @@ mod tests {
             (96, 32, 16, 2, true),
             (128, 64, 16, 1, false),
             (40, 8, 64, 1, true),
+            (16, 3, 32, 1, true),
+            (24, 15, 16, 2, false),
+            (72, 2, 17, 1, true),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k: 3, stride: 1, pad: 1 };
             assert!(padded_rows(g));

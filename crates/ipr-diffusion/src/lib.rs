@@ -39,6 +39,7 @@ pub mod clip_text;
 pub mod collective;
 pub mod config;
 pub mod conv;
+mod conv_direct;
 pub mod error;
 pub mod fastmath;
 pub mod flops;

@@ -1,0 +1,163 @@
+//! The product of [`crate::conv`]'s padded-rows convolution without im2col columns, as an
+//! AVX-512 kernel that reads the zero-padded input planes directly: for a block of 8 output
+//! channels x 48 output pixels (24 accumulator registers), each term (channel, kh, kw) is three
+//! loads at offset `c plane + kh Wp + kw` and 24 fused multiply-adds with the broadcast weights.
+//!
+//! Why: building the im2col columns copied the input 9 times (for 3x3) before the product read
+//! it again; at toy size that copying cost about a third as much as the product (`perf`).
+//!
+//! The sums are those of the `gemm` crate's AVX-512 kernel on the im2col product, bit for bit
+//! (tested): one accumulator per output element, a fused multiply-add per term in the order
+//! (channel, kh, kw), the sum cut into blocks of `K` where `gemm` cuts it ([`k_block`]), each
+//! block's sum added to the destination (the bias, or nothing for the first block without one).
+
+/// Output pixels per block: three 16-lane vectors.
+pub(crate) const PIXELS: usize = 48;
+
+/// Zeros the input planes need after their last element: a block reads up to [`PIXELS`] pixels
+/// past the end of the output domain.
+pub(crate) const SLACK: usize = PIXELS;
+
+/// Whether the kernel runs here (the CPU has AVX-512F).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Where the `gemm` crate cuts the sum over `k` terms of a product `dst (c_out x n) = W x
+/// cols`, which it computes transposed (`n x c_out`) with its 64 x 6 AVX-512 f32 kernel: at
+/// 512 terms when both sides are at most 64, else where its cache model says.
+pub(crate) fn k_block(c_out: usize, n: usize, k: usize) -> usize {
+    if n <= 64 && c_out <= 64 {
+        k.min(512)
+    } else {
+        gemm_common::cache::kernel_params(n, c_out, k, 64, 6, std::mem::size_of::<f32>()).kc
+    }
+}
+
+/// Whether the kernel reproduces the `gemm` product of these sizes: not the vector paths that
+/// `gemm` takes for a single row or column.
+pub(crate) fn matches_gemm(c_out: usize, n: usize) -> bool {
+    c_out >= 2 && n >= 2
+}
+
+/// The padded input of one band: `c` planes `plane` elements apart, rows `wp` apart, followed by
+/// at least [`SLACK`] zeros.
+pub(crate) struct Planes<'a> {
+    pub data: &'a [f32],
+    pub c: usize,
+    pub plane: usize,
+    pub wp: usize,
+    pub k: usize,
+}
+
+/// `acc[o * ld + p] (+)= sum over (channel, kh, kw) of wk[term * c_out + o] x
+/// planes[c plane + kh wp + kw + p]` for every output channel `o` and pixel `p < n` (`ld`, a
+/// multiple of [`PIXELS`] at least `n`; pixels in `[n, ld)` get values that are ignored).
+/// `acc` starts as the bias (`has_bias`), else its old contents are not read.
+pub(crate) fn product(x: &Planes, wk: &[f32], c_out: usize, n: usize, acc: &mut [f32], ld: usize, has_bias: bool) {
+    let terms = x.c * x.k * x.k;
+    assert!(wk.len() >= terms * c_out && ld.is_multiple_of(PIXELS) && ld >= n && acc.len() >= c_out * ld);
+    let offsets: Vec<usize> =
+        (0..terms).map(|t| (t / (x.k * x.k)) * x.plane + ((t / x.k) % x.k) * x.wp + t % x.k).collect();
+    assert!(offsets.last().is_none_or(|&o| o + ld <= x.data.len()), "planes lack their slack");
+    let kc = k_block(c_out, n, terms);
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(available());
+        // SAFETY: AVX-512F is present (checked); the reads stay inside `x.data` (the last
+        // offset plus `ld` is inside, asserted) and the writes inside `acc` (c_out rows of ld).
+        unsafe { avx512::product(x.data, &offsets, wk, c_out, ld, acc, kc, has_bias) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, wk, c_out, acc, ld, has_bias, kc, offsets);
+        unreachable!("conv_direct::product without AVX-512");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::PIXELS;
+    use std::arch::x86_64::*;
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn product(
+        x: &[f32],
+        offsets: &[usize],
+        wk: &[f32],
+        c_out: usize,
+        ld: usize,
+        acc: &mut [f32],
+        kc: usize,
+        has_bias: bool,
+    ) {
+        let mut o = 0;
+        while o < c_out {
+            match c_out - o {
+                8.. => block::<8>(x, offsets, wk, c_out, o, ld, acc, kc, has_bias),
+                4..=7 => block::<4>(x, offsets, wk, c_out, o, ld, acc, kc, has_bias),
+                2..=3 => block::<2>(x, offsets, wk, c_out, o, ld, acc, kc, has_bias),
+                _ => block::<1>(x, offsets, wk, c_out, o, ld, acc, kc, has_bias),
+            }
+            o += match c_out - o {
+                8.. => 8,
+                4..=7 => 4,
+                2..=3 => 2,
+                _ => 1,
+            };
+        }
+    }
+
+    /// Output channels `o0 .. o0 + CB`, every block of [`PIXELS`] pixels.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn block<const CB: usize>(
+        x: &[f32],
+        offsets: &[usize],
+        wk: &[f32],
+        c_out: usize,
+        o0: usize,
+        ld: usize,
+        acc: &mut [f32],
+        kc: usize,
+        has_bias: bool,
+    ) {
+        let terms = offsets.len();
+        for p0 in (0..ld).step_by(PIXELS) {
+            let mut start = 0;
+            while start < terms {
+                let end = (start + kc).min(terms);
+                let mut a = [[_mm512_setzero_ps(); 3]; CB];
+                for (t, &off) in offsets.iter().enumerate().take(end).skip(start) {
+                    let src = x.as_ptr().add(off + p0);
+                    let v = [_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(src.add(32))];
+                    let w = wk.as_ptr().add(t * c_out + o0);
+                    for (j, a) in a.iter_mut().enumerate() {
+                        let wj = _mm512_set1_ps(*w.add(j));
+                        for (a, v) in a.iter_mut().zip(v) {
+                            *a = _mm512_fmadd_ps(v, wj, *a);
+                        }
+                    }
+                }
+                let first_alone = start == 0 && !has_bias;
+                for (j, a) in a.iter().enumerate() {
+                    let dst = acc.as_mut_ptr().add((o0 + j) * ld + p0);
+                    for (i, &a) in a.iter().enumerate() {
+                        let d = dst.add(16 * i);
+                        let r = if first_alone { a } else { _mm512_add_ps(_mm512_loadu_ps(d), a) };
+                        _mm512_storeu_ps(d, r);
+                    }
+                }
+                start = end;
+            }
+        }
+    }
+}
