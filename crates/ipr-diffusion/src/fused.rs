@@ -364,6 +364,108 @@ impl candle_core::CustomOp3 for LinearSkipFrozen {
     }
 }
 
+/// `x (m x k) x wᵀ (+ bias)` on the CPU in f32, computed as candle computes `x.matmul(&w.t())`
+/// and `broadcast_add` (the same `gemm` call, then one f32 add per element), so with the same
+/// bits, but written into memory that is not zero-filled first and with the bias added in place
+/// (candle's matmul zero-fills its result, and the bias is a second pass and tensor).
+struct LinearForward;
+
+impl LinearForward {
+    fn run(
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((m, k), n) = (xl.shape().dims2()?, wl.shape().dims2()?.0);
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
+            return Err(candle_core::Error::UnsupportedDTypeForOp(x.dtype(), "linear forward"));
+        };
+        let (x, w) = (contiguous(x, xl, "linear forward")?, contiguous(w, wl, "linear forward")?);
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: x is m x k and w n x k, both row-major (wᵀ: row stride 1, column stride k); y
+        // has room for m x n, which the product writes without reading (`read_dst` false).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0f32,
+                1f32,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+            y.set_len(m * n);
+        }
+        if let Some((b, bl)) = bias {
+            let CpuStorage::F32(b) = b else {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(b.dtype(), "linear forward"));
+            };
+            let b = contiguous(b, bl, "linear forward")?;
+            use rayon::prelude::*;
+            y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &b)| *v += b));
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+impl candle_core::CustomOp2 for LinearForward {
+    fn name(&self) -> &'static str {
+        "ipr-linear-forward"
+    }
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Self::run(x, xl, w, wl, None)
+    }
+}
+
+impl candle_core::CustomOp3 for LinearForward {
+    fn name(&self) -> &'static str {
+        "ipr-linear-forward"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::run(x, xl, w, wl, Some((b, bl)))
+    }
+}
+
+/// `x.matmul(w.t())` `+ bias` of 2-d f32 tensors on the CPU, outside any graph, by
+/// [`LinearForward`]; `None` elsewhere (the caller uses candle's ops).
+pub fn linear_forward_no_grad(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let usable = x.device().is_cpu()
+        && x.rank() == 2
+        && w.rank() == 2
+        && [Some(x), Some(w), bias].into_iter().flatten().all(|t| t.dtype() == DType::F32 && !t.track_op());
+    if !usable || x.dim(1)? != w.dim(1)? || bias.is_some_and(|b| b.dims() != [w.dim(0).unwrap_or(0)]) {
+        return Ok(None);
+    }
+    Ok(Some(match bias {
+        Some(b) => x.apply_op3_no_bwd(w, b, &LinearForward)?,
+        None => x.apply_op2_no_bwd(w, &LinearForward)?,
+    }))
+}
+
 /// `x.matmul(w.t())` (`+ bias`) for a 2-d `x`, with the backward above when a gradient is needed
 /// (CPU and CUDA); `None` where the caller should use candle's matmul (no gradient needed, or
 /// another device).
@@ -373,13 +475,20 @@ pub fn linear_no_frozen_grad(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> R
     if !device_ok || !tracks {
         return Ok(None);
     }
-    let mut y = x.detach().matmul(&w.detach().t()?)?;
+    let (xd, wd, bd) = (x.detach(), w.detach(), bias.map(|b| b.detach()));
+    let y = match linear_forward_no_grad(&xd, &wd, bd.as_ref())? {
+        Some(y) => y,
+        None => {
+            let y = xd.matmul(&wd.t()?)?;
+            match &bd {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        }
+    };
     let zeros;
     let bias = match bias {
-        Some(b) => {
-            y = y.broadcast_add(&b.detach())?;
-            b
-        }
+        Some(b) => b,
         None => {
             zeros = Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?;
             &zeros
@@ -395,6 +504,32 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// The f32 linear forward has the bits of candle's `matmul` + `broadcast_add`, with and
+    /// without a bias, on small (gemm's small-product path) and larger products.
+    #[test]
+    fn linear_forward_has_candles_bits() {
+        let d = Device::Cpu;
+        for (m, k, n, bias) in [(5, 16, 64, true), (1024, 64, 512, true), (300, 256, 64, false), (3, 600, 7, true)] {
+            let x = Tensor::randn(0f32, 1., (m, k), &d).unwrap();
+            let w = Tensor::randn(0f32, 0.1, (n, k), &d).unwrap();
+            let b = Tensor::randn(0f32, 1., n, &d).unwrap();
+            let b = bias.then_some(&b);
+            let ours = linear_forward_no_grad(&x, &w, b).unwrap().expect("f32 on the CPU, no graph");
+            let mut theirs = x.matmul(&w.t().unwrap()).unwrap();
+            if let Some(b) = b {
+                theirs = theirs.broadcast_add(b).unwrap();
+            }
+            let bits = |t: &Tensor| {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&ours), bits(&theirs), "{m} x {k} x {n}");
+        }
+        let tracked = Var::from_tensor(&Tensor::ones((2, 3), DType::F32, &d).unwrap()).unwrap();
+        assert!(linear_forward_no_grad(tracked.as_tensor(), &Tensor::ones((4, 3), DType::F32, &d).unwrap(), None)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

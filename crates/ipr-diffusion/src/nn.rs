@@ -201,6 +201,9 @@ fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if let Some(y) = crate::fused::linear_no_frozen_grad(x, w, b)? {
         return Ok(y);
     }
+    if let Some(y) = crate::fused::linear_forward_no_grad(x, w, b)? {
+        return Ok(y);
+    }
     add_bias(x.matmul(&w.t()?)?, b)
 }
 
