@@ -71,7 +71,7 @@ impl<T> SharedMut<T> {
 
 struct SoftmaxLastDim;
 
-crate::fastmath::avx2_dispatch! {
+crate::fastmath::simd_dispatch! {
     /// Softmax of each row of `n` f32 values.
     fn softmax_rows_f32(data: &[f32], n: usize) -> Vec<f32> {
         use rayon::prelude::*;

@@ -57,7 +57,7 @@ fn backward_row<T: Copy>(o: &mut [T], row: &[T], g: &[T], n: usize, f: impl Fn(T
     }
 }
 
-crate::fastmath::avx2_dispatch! {
+crate::fastmath::simd_dispatch! {
     /// Rows of `2n` in, rows of `n` out, f32.
     fn forward_f32(h: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; h.len() / 2];
@@ -66,7 +66,7 @@ crate::fastmath::avx2_dispatch! {
     }
 }
 
-crate::fastmath::avx2_dispatch! {
+crate::fastmath::simd_dispatch! {
     /// Rows of `2n` (input) and `n` (output gradient) in, rows of `2n` out, f32.
     fn backward_f32(h: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; h.len()];

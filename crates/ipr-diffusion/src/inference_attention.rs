@@ -116,7 +116,7 @@ unsafe fn product(
     )
 }
 
-crate::fastmath::avx2_dispatch! {
+crate::fastmath::simd_dispatch! {
 /// `scale` times each row of `scores` (`n` wide), then its softmax into `probs`: the graph
 /// path's `scores * scale` (candle's affine: the scale rounded to f32) and softmax kernel.
 fn scaled_softmax_rows(scores: &mut [f32], probs: &mut [f32], n: usize, scale: f32) -> usize {

@@ -103,7 +103,7 @@ fn stats_f32(row: &[f32], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-crate::fastmath::avx2_dispatch! {
+crate::fastmath::simd_dispatch! {
 /// The f32 forward: statistics in f64, then `x * scale + shift` per channel in f32 (as PyTorch's
 /// CPU group norm computes it) and a vectorisable SiLU.
 fn forward_f32(x: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
@@ -133,7 +133,7 @@ fn forward_f32(x: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
 }
 }
 
-crate::fastmath::avx2_dispatch! {
+crate::fastmath::simd_dispatch! {
 /// The f32 input gradient: element terms in f32, the two row reductions in f64.
 fn backward_x_f32(x: &[f32], dy: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
     let row_len = v.cg * v.s;

@@ -1,6 +1,6 @@
-//! The AVX2 + FMA versions of the CPU kernels (`fastmath::avx2_dispatch`) return the same bits as
-//! their portable versions: group norm + SiLU (forward and input gradient), softmax and GEGLU
-//! (forward and backward). On a CPU without AVX2 both runs take the portable version.
+//! The AVX-512, AVX2 + FMA and portable versions of the CPU kernels (`fastmath::simd_dispatch`)
+//! return the same bits: group norm + SiLU (forward and input gradient), softmax and GEGLU
+//! (forward and backward). Where the CPU lacks a width, that run takes the next narrower one.
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::VarBuilder;
@@ -33,12 +33,17 @@ fn run() -> Vec<Vec<u32>> {
 
 #[test]
 fn wide_and_portable_kernels_agree_bit_for_bit() {
-    let wide = run();
-    ipr_diffusion::fastmath::set_portable_only(true);
-    let portable = run();
+    let widest = run();
+    let mut runs = Vec::new();
+    for lanes in [8, 4] {
+        ipr_diffusion::fastmath::set_lane_limit(lanes);
+        runs.push((lanes, run()));
+    }
     ipr_diffusion::fastmath::set_portable_only(false);
-    assert_eq!(wide.len(), portable.len());
-    for (i, (a, b)) in wide.iter().zip(&portable).enumerate() {
-        assert!(a == b, "output {i}: the two versions differ");
+    for (lanes, other) in runs {
+        assert_eq!(widest.len(), other.len());
+        for (i, (a, b)) in widest.iter().zip(&other).enumerate() {
+            assert!(a == b, "output {i}: the widest version and the {lanes}-lane one differ");
+        }
     }
 }
