@@ -496,11 +496,11 @@ impl CustomOp1 for Im2Col {
     }
 }
 
-/// The convolution node: forward result computed (detached) before, handed over as `y` and
-/// released once copied out, so the graph does not keep a second copy of every conv output.
+/// The convolution node: its forward is [`ConvForward`]'s, computed on the operands' storages
+/// (no copy of a result computed before; the graph holds the output once).
 struct Conv2dOp {
     g: Geom,
-    y: crate::fused::Stash,
+    has_bias: bool,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -508,7 +508,17 @@ impl CustomOp3 for Conv2dOp {
         "ipr-conv2d"
     }
 
-    crate::fused::stashed_forward3!(y);
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        ConvForward { g: self.g, has_bias: self.has_bias }.cpu_fwd(x, xl, w, wl, b, bl)
+    }
 
     fn bwd(
         &self,
@@ -559,15 +569,11 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, str
             &zeros
         }
     };
-    let y = x.detach().apply_op3_no_bwd(
-        &w.detach(),
-        &bias_or_zeros.detach(),
-        &ConvForward { g, has_bias: bias.is_some() },
-    )?;
+    let has_bias = bias.is_some();
     if !(x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op())) {
-        return Ok(Some(y));
+        return Ok(Some(x.apply_op3_no_bwd(w, bias_or_zeros, &ConvForward { g, has_bias })?));
     }
-    Ok(Some(x.apply_op3(w, bias_or_zeros, Conv2dOp { g, y: crate::fused::Stash::new(y) })?))
+    Ok(Some(x.apply_op3(w, bias_or_zeros, Conv2dOp { g, has_bias })?))
 }
 
 #[cfg(test)]

@@ -336,10 +336,13 @@ pub fn conv2d_fast_backward(x: &Tensor, w: &Tensor, padding: usize, stride: usiz
 /// `x W^T (+ b)` (x `(N, in)`, W `(out, in)`) whose backward computes only the gradients of the
 /// operands that track them: candle's matmul backward always computes both operands' gradients,
 /// so a frozen weight (LoRA training) would cost a weight-gradient matmul and its storage per
-/// layer and step (docs/stack-notes.md). The forward is candle's, computed detached and handed
-/// over through a [`Stash`]; the bias is part of the op (one node instead of two).
+/// layer and step (docs/stack-notes.md). On the CPU in f32 the forward is [`LinearForward`] on
+/// the operands' storages; elsewhere candle's, computed detached and handed over through a
+/// [`Stash`]. The bias is part of the op (one node instead of two).
 struct LinearSkipFrozen {
-    y: Stash,
+    /// The forward computed before (CUDA, f64), or `None`: [`LinearForward`] on the storages.
+    y: Option<Stash>,
+    has_bias: bool,
 }
 
 impl candle_core::CustomOp3 for LinearSkipFrozen {
@@ -347,7 +350,33 @@ impl candle_core::CustomOp3 for LinearSkipFrozen {
         "ipr-linear-skip-frozen"
     }
 
-    stashed_forward3!(y);
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match &self.y {
+            Some(y) => y.cpu(self.name()),
+            None => LinearForward::run(x, xl, w, wl, self.has_bias.then_some((b, bl))),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = self.y.as_ref().ok_or_else(|| candle_core::Error::Msg(format!("{}: no forward", self.name())))?;
+        y.cuda(self.name())
+    }
 
     fn bwd(
         &self,
@@ -453,17 +482,24 @@ impl candle_core::CustomOp3 for LinearForward {
 /// `x.matmul(w.t())` `+ bias` of 2-d f32 tensors on the CPU, outside any graph, by
 /// [`LinearForward`]; `None` elsewhere (the caller uses candle's ops).
 pub fn linear_forward_no_grad(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let usable = x.device().is_cpu()
-        && x.rank() == 2
-        && w.rank() == 2
-        && [Some(x), Some(w), bias].into_iter().flatten().all(|t| t.dtype() == DType::F32 && !t.track_op());
-    if !usable || x.dim(1)? != w.dim(1)? || bias.is_some_and(|b| b.dims() != [w.dim(0).unwrap_or(0)]) {
+    let tracks = [Some(x), Some(w), bias].into_iter().flatten().any(|t| t.track_op());
+    if tracks || !linear_forward_applies(x, w, bias) {
         return Ok(None);
     }
     Ok(Some(match bias {
         Some(b) => x.apply_op3_no_bwd(w, b, &LinearForward)?,
         None => x.apply_op2_no_bwd(w, &LinearForward)?,
     }))
+}
+
+/// Whether [`LinearForward`] computes this product: 2-d f32 tensors on the CPU of matching sizes.
+fn linear_forward_applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
+    x.device().is_cpu()
+        && x.rank() == 2
+        && w.rank() == 2
+        && [Some(x), Some(w), bias].into_iter().flatten().all(|t| t.dtype() == DType::F32)
+        && x.dims()[1] == w.dims()[1]
+        && bias.is_none_or(|b| b.dims() == [w.dims()[0]])
 }
 
 /// `x.matmul(w.t())` (`+ bias`) for a 2-d `x`, with the backward above when a gradient is needed
@@ -475,17 +511,18 @@ pub fn linear_no_frozen_grad(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> R
     if !device_ok || !tracks {
         return Ok(None);
     }
-    let (xd, wd, bd) = (x.detach(), w.detach(), bias.map(|b| b.detach()));
-    let y = match linear_forward_no_grad(&xd, &wd, bd.as_ref())? {
-        Some(y) => y,
-        None => {
-            let y = xd.matmul(&wd.t()?)?;
-            match &bd {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            }
-        }
+    // On the CPU in f32 the op computes its forward itself; elsewhere candle computes it here.
+    let y = if linear_forward_applies(x, w, bias) {
+        None
+    } else {
+        let y = x.detach().matmul(&w.detach().t()?)?;
+        let y = match bias {
+            Some(b) => y.broadcast_add(&b.detach())?,
+            None => y,
+        };
+        Some(Stash::new(y.contiguous()?))
     };
+    let has_bias = bias.is_some();
     let zeros;
     let bias = match bias {
         Some(b) => b,
@@ -494,7 +531,7 @@ pub fn linear_no_frozen_grad(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> R
             &zeros
         }
     };
-    Ok(Some(x.apply_op3(w, bias, LinearSkipFrozen { y: Stash::new(y.contiguous()?) })?))
+    Ok(Some(x.apply_op3(w, bias, LinearSkipFrozen { y, has_bias })?))
 }
 
 #[cfg(test)]
