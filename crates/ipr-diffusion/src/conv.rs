@@ -392,6 +392,91 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
 /// into a buffer, added into the image's planes by [`col2im_band`] (1x1 stride 1: written
 /// directly).
 fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
+    if let (Some(grad), Some(w)) = (as_f32(grad), as_f32(w)) {
+        if padded_rows(g) && crate::conv_direct::available() {
+            let dx = conv_input_grad_direct(grad, w, g, c_out);
+            // SAFETY: T is f32 (as_f32 returned Some): the vector is reinterpreted as itself.
+            let mut dx = std::mem::ManuallyDrop::new(dx);
+            return unsafe { Vec::from_raw_parts(dx.as_mut_ptr().cast::<T>(), dx.len(), dx.capacity()) };
+        }
+    }
+    conv_input_grad_bands(grad, w, g, c_out)
+}
+
+/// The input gradient of a stride-1 convolution by [`crate::conv_direct::input_grad_product`]
+/// over bands of input rows, each from the output gradient's rows it needs, zero-padded by
+/// `k - 1 - pad` (its `Wp = W + k - 1` wide domain: the `k - 1` extra columns are dropped when
+/// the band is copied out). No `Wᵀ x grad` columns and no col2im; each element's sum is that of
+/// [`conv_input_grad_bands`] when the latter's output pixels fit one band (the toy's images;
+/// larger images add the bands' parts in another order).
+fn conv_input_grad_direct(grad: &[f32], w: &[f32], g: Geom, c_out: usize) -> Vec<f32> {
+    let (ho, wo) = (g.out_h(), g.out_w());
+    let l = ho * wo;
+    let rows = g.rows();
+    let kk = g.k * g.k;
+    let q = g.k - 1 - g.pad;
+    let wp = wo + 2 * q;
+    let plane_len = g.c * g.h * g.w;
+    // W packed as [(kh k + kw) c_out + co] x c_in.
+    let mut wt = vec![0f32; kk * c_out * g.c];
+    for co in 0..c_out {
+        for c in 0..g.c {
+            for t in 0..kk {
+                wt[(t * c_out + co) * g.c + c] = w[co * rows + c * kk + t];
+            }
+        }
+    }
+    // The sum over co is cut where gemm cuts that of the banded path's product.
+    let kc = crate::conv_direct::k_block(rows, band_len::<f32>(g).min(l), c_out);
+    let band_rows = (band_len::<f32>(g) / g.w).clamp(1, g.h);
+    let bands = g.h.div_ceil(band_rows);
+    let mut dx: Vec<f32> = Vec::with_capacity(g.b * plane_len);
+    let dst = SharedMut(dx.as_mut_ptr());
+    (0..g.b * bands).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(slab, acc): &mut (Vec<f32>, Vec<f32>), task| {
+            let (b, j) = (task / bands, task % bands);
+            let (y0, y1) = (j * band_rows, ((j + 1) * band_rows).min(g.h));
+            let n = (y1 - y0) * wp;
+            let ld = n.next_multiple_of(crate::conv_direct::PIXELS);
+            let gb = &grad[b * c_out * l..][..c_out * l];
+            // Output-gradient rows y0 - q .. y1 - 1 + pad, zero-padded by q on each side.
+            let slab_rows = y1 - y0 + g.k - 1;
+            let plane = slab_rows * wp + g.k - 1;
+            slab.clear();
+            slab.resize(c_out * plane + crate::conv_direct::SLACK, 0.0);
+            for co in 0..c_out {
+                for t in 0..slab_rows {
+                    let oy = (y0 + t) as isize - q as isize;
+                    if (0..ho as isize).contains(&oy) {
+                        slab[co * plane + t * wp + q..][..wo].copy_from_slice(&gb[co * l + oy as usize * wo..][..wo]);
+                    }
+                }
+            }
+            acc.clear();
+            acc.resize(g.c * ld, 0.0);
+            let planes = crate::conv_direct::Planes { data: slab, c: c_out, plane, wp, k: g.k };
+            crate::conv_direct::input_grad_product(&planes, &wt, g.c, acc, ld, kc);
+            for c in 0..g.c {
+                for t in 0..y1 - y0 {
+                    let src = &acc[c * ld + t * wp..][..g.w];
+                    // SAFETY: task (b, j) alone writes input rows [y0, y1) of image b, inside the
+                    // allocation; writes only.
+                    unsafe {
+                        let d = dst.ptr().add(b * plane_len + c * g.h * g.w + (y0 + t) * g.w);
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), d, g.w);
+                    }
+                }
+            }
+        },
+    );
+    // SAFETY: the tasks (every image, bands covering every input row) wrote all elements.
+    unsafe { dx.set_len(g.b * plane_len) };
+    dx
+}
+
+/// The input gradient by im2col's adjoint: bands of output pixels, `Wᵀ x grad` per band, col2im.
+fn conv_input_grad_bands<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
     let l = g.out_h() * g.out_w();
     let rows = g.rows();
     let plane = g.c * g.h * g.w;
@@ -619,6 +704,40 @@ mod tests {
             assert!(ours.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{c}->{c_out} at {hw}");
         }
         assert!(!padded_rows(Geom { b: 1, c: 64, h: 8, w: 8, k: 3, stride: 1, pad: 1 }));
+    }
+
+    /// The direct input gradient (on AVX-512 CPUs) gives the bits of the im2col + col2im one on
+    /// stride-1 shapes whose output fits one band: the toy's, sums over 64 output channels,
+    /// input channels in blocks of 8, 4, 2, 1; and a 5x5 kernel with padding 2.
+    #[test]
+    fn direct_input_grad_has_the_banded_bits() {
+        if !crate::conv_direct::available() {
+            return;
+        }
+        let d = Device::Cpu;
+        for (c, c_out, hw, b, k, pad) in [
+            (16, 16, 32, 2, 3, 1),
+            (48, 16, 32, 1, 3, 1),
+            (96, 32, 16, 2, 3, 1),
+            (64, 64, 16, 1, 3, 1),
+            (15, 7, 16, 1, 3, 1),
+            (6, 9, 20, 1, 5, 2),
+        ] {
+            let g = Geom { b, c, h: hw, w: hw, k, stride: 1, pad };
+            assert!(padded_rows(g) && band_len::<f32>(g) >= hw * hw, "one band");
+            let l = g.out_h() * g.out_w();
+            let grad = Tensor::randn(0f32, 1., b * c_out * l, &d).unwrap().to_vec1::<f32>().unwrap();
+            let w = Tensor::randn(0f32, 0.1, c_out * c * k * k, &d).unwrap().to_vec1::<f32>().unwrap();
+            let (ours, banded) =
+                (conv_input_grad_direct(&grad, &w, g, c_out), conv_input_grad_bands(&grad, &w, g, c_out));
+            assert_eq!(ours.len(), banded.len());
+            // Equal values; a zero may differ in sign (the direct path adds exact zeros where
+            // col2im skips padding).
+            assert!(
+                ours.iter().zip(&banded).all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)),
+                "{c}->{c_out} at {hw}, k{k}"
+            );
+        }
     }
 
     #[test]

@@ -30,14 +30,14 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// Where the `gemm` crate cuts the sum over `k` terms of a product `dst (c_out x n) = W x
-/// cols`, which it computes transposed (`n x c_out`) with its 64 x 6 AVX-512 f32 kernel: at
-/// 512 terms when both sides are at most 64, else where its cache model says.
-pub(crate) fn k_block(c_out: usize, n: usize, k: usize) -> usize {
-    if n <= 64 && c_out <= 64 {
+/// Where the `gemm` crate cuts the sum over `k` terms of a product `dst (rows x n) = A x B`
+/// with a row-major `dst`, which it computes transposed (`n x rows`) with its 64 x 6 AVX-512
+/// f32 kernel: at 512 terms when both sides are at most 64, else where its cache model says.
+pub(crate) fn k_block(rows: usize, n: usize, k: usize) -> usize {
+    if n <= 64 && rows <= 64 {
         k.min(512)
     } else {
-        gemm_common::cache::kernel_params(n, c_out, k, 64, 6, std::mem::size_of::<f32>()).kc
+        gemm_common::cache::kernel_params(n, rows, k, 64, 6, std::mem::size_of::<f32>()).kc
     }
 }
 
@@ -82,6 +82,33 @@ pub(crate) fn product(x: &Planes, wk: &[f32], c_out: usize, n: usize, acc: &mut 
     }
 }
 
+/// The input gradient of a stride-1 convolution in the padded-width domain of `x.wp` columns:
+/// `acc[c * ld + p] += sum over (kh, kw) in order of (sum over co of wt[(kk c_out + co) c_in +
+/// c] x g[co plane + (k-1-kh) wp + (k-1-kw) + p])`, `kk = kh k + kw`, where `x` holds the output
+/// gradient's `c_out` planes zero-padded by `k - 1 - pad`. These are the sums of the im2col path
+/// (`Wᵀ x grad` by `gemm`, its sum over `co` cut at `kc` = [`k_block`] of that product, then
+/// col2im adding each (kh, kw) in order) for each element, so its bits (tested). `acc` starts
+/// at zero (the caller's).
+pub(crate) fn input_grad_product(x: &Planes, wt: &[f32], c_in: usize, acc: &mut [f32], ld: usize, kc: usize) {
+    let kk = x.k * x.k;
+    assert!(wt.len() >= kk * x.c * c_in && ld.is_multiple_of(PIXELS) && acc.len() >= c_in * ld && kc > 0);
+    let shifts: Vec<usize> = (0..kk).map(|t| (x.k - 1 - t / x.k) * x.wp + (x.k - 1 - t % x.k)).collect();
+    let last = (x.c.max(1) - 1) * x.plane + shifts.first().copied().unwrap_or(0) + ld;
+    assert!(last <= x.data.len(), "planes lack their slack");
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(available());
+        // SAFETY: AVX-512F is present (checked); every read is below `last`, inside `x.data`
+        // (the largest shift is the first), and the writes stay in `acc` (c_in rows of ld).
+        unsafe { avx512::input_grad(x.data, x.plane, x.c, &shifts, wt, c_in, ld, acc, kc) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (wt, c_in, acc, kc, shifts);
+        unreachable!("conv_direct::input_grad_product without AVX-512");
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::PIXELS;
@@ -113,6 +140,107 @@ mod avx512 {
                 2..=3 => 2,
                 _ => 1,
             };
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn input_grad(
+        g: &[f32],
+        plane: usize,
+        c_out: usize,
+        shifts: &[usize],
+        wt: &[f32],
+        c_in: usize,
+        ld: usize,
+        acc: &mut [f32],
+        kc: usize,
+    ) {
+        let mut c = 0;
+        while c < c_in {
+            let cb = match c_in - c {
+                8.. => 8,
+                4..=7 => 4,
+                2..=3 => 2,
+                _ => 1,
+            };
+            let a = Grad { g, plane, c_out, wt, c_in, c0: c };
+            match cb {
+                8 => a.block::<8>(shifts, ld, acc, kc),
+                4 => a.block::<4>(shifts, ld, acc, kc),
+                2 => a.block::<2>(shifts, ld, acc, kc),
+                _ => a.block::<1>(shifts, ld, acc, kc),
+            }
+            c += cb;
+        }
+    }
+
+    /// The operands of one block of input channels `c0 ..` of the input gradient.
+    struct Grad<'a> {
+        g: &'a [f32],
+        plane: usize,
+        c_out: usize,
+        wt: &'a [f32],
+        c_in: usize,
+        c0: usize,
+    }
+
+    impl Grad<'_> {
+        /// Sum over output channels `co0 .. co1` for term `kk` at pixel `p0`: FMAs from zero.
+        #[inline(always)]
+        unsafe fn terms<const CB: usize>(
+            &self,
+            kk: usize,
+            shift: usize,
+            p0: usize,
+            co0: usize,
+            co1: usize,
+        ) -> [[__m512; 3]; CB] {
+            let mut t = [[_mm512_setzero_ps(); 3]; CB];
+            for co in co0..co1 {
+                let src = self.g.as_ptr().add(co * self.plane + shift + p0);
+                let v = [_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(src.add(32))];
+                let w = self.wt.as_ptr().add((kk * self.c_out + co) * self.c_in + self.c0);
+                for (j, t) in t.iter_mut().enumerate() {
+                    let wj = _mm512_set1_ps(*w.add(j));
+                    for (t, v) in t.iter_mut().zip(v) {
+                        *t = _mm512_fmadd_ps(v, wj, *t);
+                    }
+                }
+            }
+            t
+        }
+
+        #[inline(always)]
+        unsafe fn block<const CB: usize>(&self, shifts: &[usize], ld: usize, acc: &mut [f32], kc: usize) {
+            for p0 in (0..ld).step_by(PIXELS) {
+                for (kk, &shift) in shifts.iter().enumerate() {
+                    let t = if self.c_out <= kc {
+                        self.terms::<CB>(kk, shift, p0, 0, self.c_out)
+                    } else {
+                        // gemm's blocks of the sum over co, each added to the ones before.
+                        let mut t = self.terms::<CB>(kk, shift, p0, 0, kc);
+                        let mut start = kc;
+                        while start < self.c_out {
+                            let u = self.terms::<CB>(kk, shift, p0, start, (start + kc).min(self.c_out));
+                            for (t, u) in t.iter_mut().zip(u) {
+                                for (t, u) in t.iter_mut().zip(u) {
+                                    *t = _mm512_add_ps(*t, u);
+                                }
+                            }
+                            start += kc;
+                        }
+                        t
+                    };
+                    for (j, t) in t.iter().enumerate() {
+                        let dst = acc.as_mut_ptr().add((self.c0 + j) * ld + p0);
+                        for (i, &t) in t.iter().enumerate() {
+                            let d = dst.add(16 * i);
+                            _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), t));
+                        }
+                    }
+                }
+            }
         }
     }
 
