@@ -213,18 +213,26 @@ unsafe fn gemm_serial<T: WithDType>(
 /// the thread count. (Products over groups of small images, packing the kernel once per group,
 /// measured 2-5% slower at toy size than one image per task.)
 fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
-    if padded_rows(g) {
+    if padded_rows(g) || direct_forward::<T>(g) {
         conv_forward_padded_rows(x, w, bias, g, c_out)
     } else {
         conv_forward_bands(x, w, bias, g, c_out)
     }
 }
 
-/// Whether [`conv_forward_padded_rows`] computes this convolution: stride 1 with a kernel wider
-/// than one pixel, on rows of at least 16 output pixels. On narrower rows its `k - 1` extra
-/// columns per row cost more of the product (25% at 8 pixels), and the toy's 8x8 products,
-/// at most 64 x 64, would change size class in the `gemm` crate, which blocks the sum over `K`
-/// differently below that size: their sums would round differently.
+/// Whether the padded-rows forward's product is [`crate::conv_direct`]'s: f32, stride 1, a
+/// kernel wider than one pixel, an AVX-512 CPU (rows of any width: the kernel sums where the
+/// banded path's `gemm` would, so narrow rows keep their bits too).
+fn direct_forward<T: WithDType>(g: Geom) -> bool {
+    T::DTYPE == DType::F32 && g.stride == 1 && !is_pointwise(g) && crate::conv_direct::available()
+}
+
+/// Whether [`conv_forward_padded_rows`] computes this convolution with im2col columns (where
+/// [`direct_forward`] does not apply): stride 1 with a kernel wider than one pixel, on rows of
+/// at least 16 output pixels. On narrower rows its `k - 1` extra columns per row cost more of
+/// the product (25% at 8 pixels), and the toy's 8x8 products, at most 64 x 64, would change
+/// size class in the `gemm` crate, which blocks the sum over `K` differently below that size:
+/// their sums would round differently.
 fn padded_rows(g: Geom) -> bool {
     g.stride == 1 && !is_pointwise(g) && g.out_w() >= 16
 }
@@ -247,8 +255,10 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
     let mut out: Vec<T> = Vec::with_capacity(total);
     let band_rows = (band_len::<T>(g) / wo).clamp(1, ho);
     let bands = ho.div_ceil(band_rows);
-    // f32 on an AVX-512 CPU: the product without columns, the weights packed term-major.
-    let direct: Option<Vec<f32>> = as_f32(w).filter(|_| crate::conv_direct::available()).map(|w| {
+    // f32 on an AVX-512 CPU: the product without columns, the weights packed term-major, the
+    // sum cut where gemm cuts that of the banded path (one band's product).
+    let kc = crate::conv_direct::k_block(c_out, band_len::<T>(g).min(l), rows);
+    let direct: Option<Vec<f32>> = as_f32(w).filter(|_| direct_forward::<T>(g)).map(|w| {
         let mut wk = vec![0f32; rows * c_out];
         for (o, row) in w.chunks(rows).enumerate() {
             for (t, &v) in row.iter().enumerate() {
@@ -263,7 +273,7 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
         let (b, j) = (task / bands, task % bands);
         let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(ho));
         let n = (oy1 - oy0) * wp;
-        let direct = direct.as_deref().filter(|_| crate::conv_direct::matches_gemm(c_out, n));
+        let direct = direct.as_deref().filter(|_| crate::conv_direct::matches_gemm(c_out, band_len::<T>(g).min(l)));
         let image = &x[b * image_len..][..image_len];
         // The band's input rows oy0 - pad .. oy1 - 1 - pad + k - 1, zero-padded, per channel;
         // `k - 1` elements of slack after the last row for the extra columns' reads (and the
@@ -283,7 +293,8 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
             }
         }
         // Accumulator rows `ld` apart: whole blocks of pixels for the direct kernel.
-        let ld = if direct.is_some() { n.next_multiple_of(crate::conv_direct::PIXELS) } else { n };
+        let block = crate::conv_direct::forward_block(n);
+        let ld = if direct.is_some() { n.next_multiple_of(block) } else { n };
         acc.clear();
         match bias {
             Some(bias) => bias.iter().for_each(|&v| acc.extend(std::iter::repeat_n(v, ld))),
@@ -292,7 +303,7 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
         match (direct, as_f32(slab), as_f32_mut(acc)) {
             (Some(wk), Some(data), Some(acc)) => {
                 let planes = crate::conv_direct::Planes { data, c: g.c, plane, wp, k: g.k };
-                crate::conv_direct::product(&planes, wk, c_out, n, acc, ld, bias.is_some());
+                crate::conv_direct::product(&planes, wk, c_out, acc, ld, block, kc, bias.is_some());
             }
             _ => {
                 cols.resize(rows * n, T::zero());
@@ -672,8 +683,9 @@ mod tests {
 
     /// The padded-rows forward (with the direct AVX-512 product where the CPU has it) gives the
     /// bits of the banded im2col + gemm one on the toy UNet's stride-1 shapes (f32; sums over
-    /// `K` of up to 1152, which gemm cuts in blocks; output channels in blocks of 8, 4, 2 and
-    /// 1; several bands at 40 channels x 64 pixels).
+    /// `K` of up to 1152, which gemm cuts in blocks, also as it does for products of at most 64
+    /// x 64 at 8x8; output channels in blocks of 8, 4, 2 and 1; several bands at 40 channels x
+    /// 64 pixels).
     #[test]
     fn padded_rows_forward_has_the_banded_forwards_bits() {
         let d = Device::Cpu;
@@ -686,9 +698,13 @@ mod tests {
             (16, 3, 32, 1, true),
             (24, 15, 16, 2, false),
             (72, 2, 17, 1, true),
+            (64, 64, 8, 2, true),
+            (128, 64, 8, 1, true),
+            (96, 64, 8, 1, false),
+            (32, 6, 8, 1, true),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k: 3, stride: 1, pad: 1 };
-            assert!(padded_rows(g));
+            assert!(padded_rows(g) || direct_forward::<f32>(g));
             let x =
                 Tensor::randn(0f32, 1., (b, c, hw, hw), &d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let w = Tensor::randn(0f32, 0.1, (c_out, c, 3, 3), &d)
@@ -703,7 +719,6 @@ mod tests {
                 (conv_forward_padded_rows(&x, &w, bias, g, c_out), conv_forward_bands(&x, &w, bias, g, c_out));
             assert!(ours.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{c}->{c_out} at {hw}");
         }
-        assert!(!padded_rows(Geom { b: 1, c: 64, h: 8, w: 8, k: 3, stride: 1, pad: 1 }));
     }
 
     /// The direct input gradient (on AVX-512 CPUs) gives the bits of the im2col + col2im one on

@@ -11,12 +11,27 @@
 //! (channel, kh, kw), the sum cut into blocks of `K` where `gemm` cuts it ([`k_block`]), each
 //! block's sum added to the destination (the bias, or nothing for the first block without one).
 
-/// Output pixels per block: three 16-lane vectors.
+/// Pixels per block of the input-gradient kernel, and of the forward kernel on wide rows:
+/// three 16-lane vectors (x 8 channels: 24 accumulators).
 pub(crate) const PIXELS: usize = 48;
 
-/// Zeros the input planes need after their last element: a block reads up to [`PIXELS`] pixels
-/// past the end of the output domain.
-pub(crate) const SLACK: usize = PIXELS;
+/// Pixels per block of the forward kernel where that pads less: five vectors (x 4 channels),
+/// the 80 pixels of an 8 x 8 image in rows of 10.
+const WIDE_PIXELS: usize = 80;
+
+/// Zeros the input planes need after their last element: a block reads up to [`WIDE_PIXELS`]
+/// pixels past the end of the output domain.
+pub(crate) const SLACK: usize = WIDE_PIXELS;
+
+/// The forward kernel's pixels per block for `n` output pixels: whichever of 48 and 80 pads
+/// `n` less (48 on ties).
+pub(crate) fn forward_block(n: usize) -> usize {
+    if n.next_multiple_of(WIDE_PIXELS) < n.next_multiple_of(PIXELS) {
+        WIDE_PIXELS
+    } else {
+        PIXELS
+    }
+}
 
 /// Whether the kernel runs here (the CPU has AVX-512F).
 pub(crate) fn available() -> bool {
@@ -58,26 +73,37 @@ pub(crate) struct Planes<'a> {
 }
 
 /// `acc[o * ld + p] (+)= sum over (channel, kh, kw) of wk[term * c_out + o] x
-/// planes[c plane + kh wp + kw + p]` for every output channel `o` and pixel `p < n` (`ld`, a
-/// multiple of [`PIXELS`] at least `n`; pixels in `[n, ld)` get values that are ignored).
-/// `acc` starts as the bias (`has_bias`), else its old contents are not read.
-pub(crate) fn product(x: &Planes, wk: &[f32], c_out: usize, n: usize, acc: &mut [f32], ld: usize, has_bias: bool) {
+/// planes[c plane + kh wp + kw + p]` for every output channel `o` and pixel `p < ld` in blocks
+/// of `block` ([`forward_block`]; pixels past the output's get values that are ignored), the
+/// sum cut every `kc` terms ([`k_block`] of the im2col product this replaces). `acc` starts as
+/// the bias (`has_bias`), else its old contents are not read.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product(
+    x: &Planes,
+    wk: &[f32],
+    c_out: usize,
+    acc: &mut [f32],
+    ld: usize,
+    block: usize,
+    kc: usize,
+    has_bias: bool,
+) {
     let terms = x.c * x.k * x.k;
-    assert!(wk.len() >= terms * c_out && ld.is_multiple_of(PIXELS) && ld >= n && acc.len() >= c_out * ld);
+    assert!(block == PIXELS || block == WIDE_PIXELS);
+    assert!(wk.len() >= terms * c_out && ld.is_multiple_of(block) && acc.len() >= c_out * ld && kc > 0);
     let offsets: Vec<usize> =
         (0..terms).map(|t| (t / (x.k * x.k)) * x.plane + ((t / x.k) % x.k) * x.wp + t % x.k).collect();
     assert!(offsets.last().is_none_or(|&o| o + ld <= x.data.len()), "planes lack their slack");
-    let kc = k_block(c_out, n, terms);
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available());
         // SAFETY: AVX-512F is present (checked); the reads stay inside `x.data` (the last
         // offset plus `ld` is inside, asserted) and the writes inside `acc` (c_out rows of ld).
-        unsafe { avx512::product(x.data, &offsets, wk, c_out, ld, acc, kc, has_bias) }
+        unsafe { avx512::product(x.data, &offsets, wk, c_out, ld, block, acc, kc, has_bias) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, wk, c_out, acc, ld, has_bias, kc, offsets);
+        let _ = (x, wk, c_out, acc, ld, block, has_bias, kc, offsets);
         unreachable!("conv_direct::product without AVX-512");
     }
 }
@@ -122,24 +148,74 @@ mod avx512 {
         wk: &[f32],
         c_out: usize,
         ld: usize,
+        pixels: usize,
         acc: &mut [f32],
         kc: usize,
         has_bias: bool,
     ) {
+        let f = Forward { x, offsets, wk, c_out, ld, kc, has_bias };
         let mut o = 0;
         while o < c_out {
-            match c_out - o {
-                8.. => block::<8>(x, offsets, wk, c_out, o, ld, acc, kc, has_bias),
-                4..=7 => block::<4>(x, offsets, wk, c_out, o, ld, acc, kc, has_bias),
-                2..=3 => block::<2>(x, offsets, wk, c_out, o, ld, acc, kc, has_bias),
-                _ => block::<1>(x, offsets, wk, c_out, o, ld, acc, kc, has_bias),
-            }
-            o += match c_out - o {
-                8.. => 8,
-                4..=7 => 4,
-                2..=3 => 2,
-                _ => 1,
+            o += match (c_out - o, pixels) {
+                (8.., PIXELS) => f.block::<8, 3>(o, acc),
+                (4.., PIXELS) => f.block::<4, 3>(o, acc),
+                (2..=3, PIXELS) => f.block::<2, 3>(o, acc),
+                (_, PIXELS) => f.block::<1, 3>(o, acc),
+                (4.., _) => f.block::<4, 5>(o, acc),
+                (2..=3, _) => f.block::<2, 5>(o, acc),
+                _ => f.block::<1, 5>(o, acc),
             };
+        }
+    }
+
+    /// The operands of the forward kernel.
+    struct Forward<'a> {
+        x: &'a [f32],
+        offsets: &'a [usize],
+        wk: &'a [f32],
+        c_out: usize,
+        ld: usize,
+        kc: usize,
+        has_bias: bool,
+    }
+
+    impl Forward<'_> {
+        /// Output channels `o0 .. o0 + CB`, every block of `16 NV` pixels; returns `CB`.
+        #[inline(always)]
+        unsafe fn block<const CB: usize, const NV: usize>(&self, o0: usize, acc: &mut [f32]) -> usize {
+            let terms = self.offsets.len();
+            for p0 in (0..self.ld).step_by(16 * NV) {
+                let mut start = 0;
+                while start < terms {
+                    let end = (start + self.kc).min(terms);
+                    let mut a = [[_mm512_setzero_ps(); NV]; CB];
+                    for (t, &off) in self.offsets.iter().enumerate().take(end).skip(start) {
+                        let src = self.x.as_ptr().add(off + p0);
+                        let mut v = [_mm512_setzero_ps(); NV];
+                        for (i, v) in v.iter_mut().enumerate() {
+                            *v = _mm512_loadu_ps(src.add(16 * i));
+                        }
+                        let w = self.wk.as_ptr().add(t * self.c_out + o0);
+                        for (j, a) in a.iter_mut().enumerate() {
+                            let wj = _mm512_set1_ps(*w.add(j));
+                            for (a, v) in a.iter_mut().zip(v) {
+                                *a = _mm512_fmadd_ps(v, wj, *a);
+                            }
+                        }
+                    }
+                    let first_alone = start == 0 && !self.has_bias;
+                    for (j, a) in a.iter().enumerate() {
+                        let dst = acc.as_mut_ptr().add((o0 + j) * self.ld + p0);
+                        for (i, &a) in a.iter().enumerate() {
+                            let d = dst.add(16 * i);
+                            let r = if first_alone { a } else { _mm512_add_ps(_mm512_loadu_ps(d), a) };
+                            _mm512_storeu_ps(d, r);
+                        }
+                    }
+                    start = end;
+                }
+            }
+            CB
         }
     }
 
@@ -240,51 +316,6 @@ mod avx512 {
                         }
                     }
                 }
-            }
-        }
-    }
-
-    /// Output channels `o0 .. o0 + CB`, every block of [`PIXELS`] pixels.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    unsafe fn block<const CB: usize>(
-        x: &[f32],
-        offsets: &[usize],
-        wk: &[f32],
-        c_out: usize,
-        o0: usize,
-        ld: usize,
-        acc: &mut [f32],
-        kc: usize,
-        has_bias: bool,
-    ) {
-        let terms = offsets.len();
-        for p0 in (0..ld).step_by(PIXELS) {
-            let mut start = 0;
-            while start < terms {
-                let end = (start + kc).min(terms);
-                let mut a = [[_mm512_setzero_ps(); 3]; CB];
-                for (t, &off) in offsets.iter().enumerate().take(end).skip(start) {
-                    let src = x.as_ptr().add(off + p0);
-                    let v = [_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(src.add(32))];
-                    let w = wk.as_ptr().add(t * c_out + o0);
-                    for (j, a) in a.iter_mut().enumerate() {
-                        let wj = _mm512_set1_ps(*w.add(j));
-                        for (a, v) in a.iter_mut().zip(v) {
-                            *a = _mm512_fmadd_ps(v, wj, *a);
-                        }
-                    }
-                }
-                let first_alone = start == 0 && !has_bias;
-                for (j, a) in a.iter().enumerate() {
-                    let dst = acc.as_mut_ptr().add((o0 + j) * ld + p0);
-                    for (i, &a) in a.iter().enumerate() {
-                        let d = dst.add(16 * i);
-                        let r = if first_alone { a } else { _mm512_add_ps(_mm512_loadu_ps(d), a) };
-                        _mm512_storeu_ps(d, r);
-                    }
-                }
-                start = end;
             }
         }
     }
