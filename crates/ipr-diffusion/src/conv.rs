@@ -220,9 +220,10 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_o
     }
 }
 
-/// Whether the padded-rows forward's product is [`crate::conv_direct`]'s: f32, stride 1, a
-/// kernel wider than one pixel, an AVX-512 CPU (rows of any width: the kernel sums where the
-/// banded path's `gemm` would, so narrow rows keep their bits too).
+/// Whether [`crate::conv_direct`]'s kernels compute the convolution's forward (the padded-rows
+/// product) and its input gradient: f32, stride 1, a kernel wider than one pixel, an AVX-512
+/// CPU. Rows of any width: the kernels sum where the banded path's `gemm` would, so narrow rows
+/// keep their bits too.
 fn direct_forward<T: WithDType>(g: Geom) -> bool {
     T::DTYPE == DType::F32 && g.stride == 1 && !is_pointwise(g) && crate::conv_direct::available()
 }
@@ -404,7 +405,7 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
 /// directly).
 fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
     if let (Some(grad), Some(w)) = (as_f32(grad), as_f32(w)) {
-        if padded_rows(g) && crate::conv_direct::available() {
+        if direct_forward::<f32>(g) {
             let dx = conv_input_grad_direct(grad, w, g, c_out);
             // SAFETY: T is f32 (as_f32 returned Some): the vector is reinterpreted as itself.
             let mut dx = std::mem::ManuallyDrop::new(dx);
@@ -737,9 +738,11 @@ mod tests {
             (64, 64, 16, 1, 3, 1),
             (15, 7, 16, 1, 3, 1),
             (6, 9, 20, 1, 5, 2),
+            (128, 64, 8, 2, 3, 1),
+            (64, 64, 8, 1, 3, 1),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k, stride: 1, pad };
-            assert!(padded_rows(g) && band_len::<f32>(g) >= hw * hw, "one band");
+            assert!(direct_forward::<f32>(g) && band_len::<f32>(g) >= hw * hw, "one band");
             let l = g.out_h() * g.out_w();
             let grad = Tensor::randn(0f32, 1., b * c_out * l, &d).unwrap().to_vec1::<f32>().unwrap();
             let w = Tensor::randn(0f32, 0.1, c_out * c * k * k, &d).unwrap().to_vec1::<f32>().unwrap();
