@@ -213,7 +213,7 @@ unsafe fn gemm_serial<T: WithDType>(
 /// the thread count. (Products over groups of small images, packing the kernel once per group,
 /// measured 2-5% slower at toy size than one image per task.)
 fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
-    if padded_rows(g) || direct_forward::<T>(g) {
+    if padded_rows(g) || direct_forward::<T>(g, c_out) {
         conv_forward_padded_rows(x, w, bias, g, c_out)
     } else {
         conv_forward_bands(x, w, bias, g, c_out)
@@ -221,12 +221,23 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_o
 }
 
 /// Whether [`crate::conv_direct`]'s kernels compute the convolution's forward (the padded-rows
-/// product) and its input gradient: f32, stride 1, a kernel wider than one pixel, an AVX-512
-/// CPU. Rows of any width: the kernels sum where the banded path's `gemm` would, so narrow rows
-/// keep their bits too.
-fn direct_forward<T: WithDType>(g: Geom) -> bool {
-    T::DTYPE == DType::F32 && g.stride == 1 && !is_pointwise(g) && crate::conv_direct::available()
+/// product) and its input gradient: f32, stride 1, a kernel wider than one pixel, at most
+/// [`DIRECT_MAX_CHANNELS`] channels in and out, an AVX-512 CPU. Rows of any width: the kernels
+/// sum where the banded path's `gemm` would, so narrow rows keep their bits too.
+fn direct_forward<T: WithDType>(g: Geom, c_out: usize) -> bool {
+    T::DTYPE == DType::F32
+        && g.stride == 1
+        && !is_pointwise(g)
+        && g.c.max(c_out) <= DIRECT_MAX_CHANNELS
+        && crate::conv_direct::available()
 }
+
+/// The most channels the direct kernels take: they read the weights and the planes again for
+/// every 8 channels, which `gemm`'s packed blocks do not; at Stable Diffusion's 320-1280
+/// channels one LoRA step of SD 2.1's UNet took 18.2 s with them against 14.3 s without
+/// (`scripts/bench/compare_sd_train_memory.sh`, 2-core AMD EPYC), at the toy's 16-128 they are
+/// faster (README, Speed).
+const DIRECT_MAX_CHANNELS: usize = 128;
 
 /// Whether [`conv_forward_padded_rows`] computes this convolution with im2col columns (where
 /// [`direct_forward`] does not apply): stride 1 with a kernel wider than one pixel, on rows of
@@ -259,7 +270,7 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
     // f32 on an AVX-512 CPU: the product without columns, the weights packed term-major, the
     // sum cut where gemm cuts that of the banded path (one band's product).
     let kc = crate::conv_direct::k_block(c_out, band_len::<T>(g).min(l), rows);
-    let direct: Option<Vec<f32>> = as_f32(w).filter(|_| direct_forward::<T>(g)).map(|w| {
+    let direct: Option<Vec<f32>> = as_f32(w).filter(|_| direct_forward::<T>(g, c_out)).map(|w| {
         let mut wk = vec![0f32; rows * c_out];
         for (o, row) in w.chunks(rows).enumerate() {
             for (t, &v) in row.iter().enumerate() {
@@ -405,7 +416,7 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
 /// directly).
 fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
     if let (Some(grad), Some(w)) = (as_f32(grad), as_f32(w)) {
-        if direct_forward::<f32>(g) {
+        if direct_forward::<f32>(g, c_out) {
             let dx = conv_input_grad_direct(grad, w, g, c_out);
             // SAFETY: T is f32 (as_f32 returned Some): the vector is reinterpreted as itself.
             let mut dx = std::mem::ManuallyDrop::new(dx);
@@ -705,7 +716,7 @@ mod tests {
             (32, 6, 8, 1, true),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k: 3, stride: 1, pad: 1 };
-            assert!(padded_rows(g) || direct_forward::<f32>(g));
+            assert!(padded_rows(g) || direct_forward::<f32>(g, c_out));
             let x =
                 Tensor::randn(0f32, 1., (b, c, hw, hw), &d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let w = Tensor::randn(0f32, 0.1, (c_out, c, 3, 3), &d)
@@ -742,7 +753,7 @@ mod tests {
             (64, 64, 8, 1, 3, 1),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k, stride: 1, pad };
-            assert!(direct_forward::<f32>(g) && band_len::<f32>(g) >= hw * hw, "one band");
+            assert!(direct_forward::<f32>(g, c_out) && band_len::<f32>(g) >= hw * hw, "one band");
             let l = g.out_h() * g.out_w();
             let grad = Tensor::randn(0f32, 1., b * c_out * l, &d).unwrap().to_vec1::<f32>().unwrap();
             let w = Tensor::randn(0f32, 0.1, c_out * c * k * k, &d).unwrap().to_vec1::<f32>().unwrap();
