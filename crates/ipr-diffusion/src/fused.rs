@@ -386,7 +386,7 @@ impl candle_core::CustomOp3 for LinearSkipFrozen {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = if x.track_op() { Some(grad.matmul(w)?) } else { None };
+        let dx = if x.track_op() { Some(matmul_no_fill(grad, &w.detach())?) } else { None };
         let dw = if w.track_op() { Some(grad.t()?.matmul(x)?) } else { None };
         let db = if b.track_op() { Some(grad.sum(0)?) } else { None };
         Ok((dx, dw, db))
@@ -412,35 +412,8 @@ impl LinearForward {
             return Err(candle_core::Error::UnsupportedDTypeForOp(x.dtype(), "linear forward"));
         };
         let (x, w) = (contiguous(x, xl, "linear forward")?, contiguous(w, wl, "linear forward")?);
-        let mut y: Vec<f32> = Vec::with_capacity(m * n);
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        // SAFETY: x is m x k and w n x k, both row-major (wᵀ: row stride 1, column stride k); y
-        // has room for m x n, which the product writes without reading (`read_dst` false).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0f32,
-                1f32,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-            y.set_len(m * n);
-        }
+        // wᵀ: element (i, j) at j * k + i.
+        let mut y = product_into_new((m, n, k), x, (w, 1, k));
         if let Some((b, bl)) = bias {
             let CpuStorage::F32(b) = b else {
                 return Err(candle_core::Error::UnsupportedDTypeForOp(b.dtype(), "linear forward"));
@@ -450,6 +423,84 @@ impl LinearForward {
             y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &b)| *v += b));
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// `lhs (m x k, row-major) x rhs (k x n; strides (row, column))` as candle's CPU matmul calls
+/// `gemm` for it (read_dst false, alpha 0, beta 1, candle's thread count), so with its bits,
+/// into a new vector that is not zero-filled first (`gemm` writes every element unread).
+fn product_into_new(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+) -> Vec<f32> {
+    assert!(lhs.len() >= m * k && (m == 0 || n == 0 || k == 0 || (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len()));
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the operands have these shapes and strides inside their slices (asserted); y has
+    // room for m x n, which the product writes without reading (`read_dst` false).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0f32,
+            1f32,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        y.set_len(m * n);
+    }
+    y
+}
+
+/// `a (m x k) x b (k x n)` of contiguous 2-d f32 tensors on the CPU by [`product_into_new`]:
+/// candle's matmul without its zero-filled result (the input gradient of the frozen-weight
+/// linear op).
+struct MatMulNoFill;
+
+impl candle_core::CustomOp2 for MatMulNoFill {
+    fn name(&self) -> &'static str {
+        "ipr-matmul-no-fill"
+    }
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let ((m, k), (_, n)) = (al.shape().dims2()?, bl.shape().dims2()?);
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (a, b) else {
+            return Err(candle_core::Error::UnsupportedDTypeForOp(a.dtype(), "matmul"));
+        };
+        let (a, b) = (contiguous(a, al, "matmul")?, contiguous(b, bl, "matmul")?);
+        Ok((CpuStorage::F32(product_into_new((m, n, k), a, (b, n, 1))), Shape::from((m, n))))
+    }
+}
+
+/// `a.matmul(b)` for 2-d tensors: [`MatMulNoFill`] for contiguous f32 on the CPU, candle's
+/// matmul elsewhere. Not part of a graph.
+fn matmul_no_fill(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let usable = a.device().is_cpu()
+        && a.rank() == 2
+        && b.rank() == 2
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.is_contiguous()
+        && b.is_contiguous()
+        && a.dims()[1] == b.dims()[0];
+    if usable {
+        a.apply_op2_no_bwd(b, &MatMulNoFill)
+    } else {
+        a.matmul(b)
     }
 }
 
@@ -544,7 +595,8 @@ mod tests {
     }
 
     /// The f32 linear forward has the bits of candle's `matmul` + `broadcast_add`, with and
-    /// without a bias, on small (gemm's small-product path) and larger products.
+    /// without a bias, on small (gemm's small-product path) and larger products; so has the
+    /// plain product of its backward.
     #[test]
     fn linear_forward_has_candles_bits() {
         let d = Device::Cpu;
@@ -562,6 +614,15 @@ mod tests {
                 t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
             assert_eq!(bits(&ours), bits(&theirs), "{m} x {k} x {n}");
+        }
+        // The input gradient's product without a zero-filled result: candle's bits too.
+        for (m, k, n) in [(5, 16, 64), (1024, 512, 64), (3, 7, 600)] {
+            let a = Tensor::randn(0f32, 1., (m, k), &d).unwrap();
+            let b = Tensor::randn(0f32, 1., (k, n), &d).unwrap();
+            let bits = |t: &Tensor| {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&matmul_no_fill(&a, &b).unwrap()), bits(&a.matmul(&b).unwrap()), "{m} x {k} x {n}");
         }
         let tracked = Var::from_tensor(&Tensor::ones((2, 3), DType::F32, &d).unwrap()).unwrap();
         assert!(linear_forward_no_grad(tracked.as_tensor(), &Tensor::ones((4, 3), DType::F32, &d).unwrap(), None)
