@@ -10,7 +10,7 @@
 //! (contiguous copies for stride 1), the product is one gemm over the whole batch, and the bias is
 //! part of the op. Tested against candle's conv and by finite differences (`tests/gradients.rs`).
 
-use crate::fused::SharedMut;
+use crate::fused::{gemm_serial, SharedMut};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -168,44 +168,6 @@ fn col2im_band<T: WithDType>(cols: &[T], g: Geom, p0: usize, p1: usize, dx: &mut
     }
 }
 
-/// `dst (m x n, row stride dst_rs) [+]= lhs (m x k, strides lhs_rs, lhs_cs) x rhs (k x n, row
-/// stride rhs_rs)` on one thread.
-///
-/// # Safety
-/// The pointers must address matrices of these shapes and strides, `dst` not aliasing the others.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_serial<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: (*const T, usize, usize),
-    rhs: *const T,
-    rhs_rs: usize,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs,
-        1,
-        rhs_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 /// `conv2d(x, w) + bias` straight into `(B, Co, Ho, Wo)`: for each (image, band of output
 /// pixels) in parallel, the band's columns in a buffer and one product into the output, whose
 /// rows start as the bias. No batch-wide column matrix, no transposed copy of the output, no
@@ -213,7 +175,7 @@ unsafe fn gemm_serial<T: WithDType>(
 /// the thread count. (Products over groups of small images, packing the kernel once per group,
 /// measured 2-5% slower at toy size than one image per task.)
 fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
-    if padded_rows(g) || direct_forward::<T>(g, c_out) {
+    if padded_rows(g) || direct_kernels::<T>(g, c_out) {
         conv_forward_padded_rows(x, w, bias, g, c_out)
     } else {
         conv_forward_bands(x, w, bias, g, c_out)
@@ -221,14 +183,18 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_o
 }
 
 /// Whether [`crate::conv_direct`]'s kernels compute the convolution's forward (the padded-rows
-/// product) and its input gradient: f32, stride 1, a kernel wider than one pixel, at most
-/// [`DIRECT_MAX_CHANNELS`] channels in and out, an AVX-512 CPU. Rows of any width: the kernels
-/// sum where the banded path's `gemm` would, so narrow rows keep their bits too.
-fn direct_forward<T: WithDType>(g: Geom, c_out: usize) -> bool {
+/// product) and its input gradient: f32, stride 1, a kernel wider than one pixel, 3 to
+/// [`DIRECT_MAX_CHANNELS`] output channels and at most that many input channels, an AVX-512
+/// CPU. Rows of any width: the kernels sum where the banded path's `gemm` would, so narrow rows
+/// keep their bits too. (Fewer than 3 output channels or a single output pixel would send that
+/// path's products through `gemm`'s vector routines, which sum in another order.)
+fn direct_kernels<T: WithDType>(g: Geom, c_out: usize) -> bool {
     T::DTYPE == DType::F32
         && g.stride == 1
         && !is_pointwise(g)
-        && g.c.max(c_out) <= DIRECT_MAX_CHANNELS
+        && (3..=DIRECT_MAX_CHANNELS).contains(&c_out)
+        && g.c <= DIRECT_MAX_CHANNELS
+        && g.out_h() * g.out_w() >= 2
         && crate::conv_direct::available()
 }
 
@@ -240,13 +206,71 @@ fn direct_forward<T: WithDType>(g: Geom, c_out: usize) -> bool {
 const DIRECT_MAX_CHANNELS: usize = 128;
 
 /// Whether [`conv_forward_padded_rows`] computes this convolution with im2col columns (where
-/// [`direct_forward`] does not apply): stride 1 with a kernel wider than one pixel, on rows of
+/// [`direct_kernels`] does not apply): stride 1 with a kernel wider than one pixel, on rows of
 /// at least 16 output pixels. On narrower rows its `k - 1` extra columns per row cost more of
 /// the product (25% at 8 pixels), and the toy's 8x8 products, at most 64 x 64, would change
 /// size class in the `gemm` crate, which blocks the sum over `K` differently below that size:
 /// their sums would round differently.
 fn padded_rows(g: Geom) -> bool {
     g.stride == 1 && !is_pointwise(g) && g.out_w() >= 16
+}
+
+/// A band of zero-padded rows: rows `row0 .. row0 + rows` of `h x w` planes (zeros outside
+/// `0..h`), each placed `left` elements into a row of `wp`, the planes `plane = rows wp + k - 1`
+/// apart (`k - 1` elements of slack for the reads of the extra columns of the last row).
+#[derive(Clone, Copy)]
+struct PaddedBand {
+    row0: isize,
+    rows: usize,
+    wp: usize,
+    left: usize,
+    plane: usize,
+}
+
+impl PaddedBand {
+    fn new(row0: isize, rows: usize, wp: usize, left: usize, k: usize) -> Self {
+        Self { row0, rows, wp, left, plane: rows * wp + k - 1 }
+    }
+
+    /// The band of the `planes` planes (`h x w`) of `src` into `slab`, then `slack` zeros.
+    fn fill<T: WithDType>(&self, src: &[T], planes: usize, (h, w): (usize, usize), slack: usize, slab: &mut Vec<T>) {
+        slab.clear();
+        slab.resize(planes * self.plane + slack, T::zero());
+        for c in 0..planes {
+            for t in 0..self.rows {
+                let y = self.row0 + t as isize;
+                if (0..h as isize).contains(&y) {
+                    let row = &src[c * h * w + y as usize * w..][..w];
+                    slab[c * self.plane + t * self.wp + self.left..][..w].copy_from_slice(row);
+                }
+            }
+        }
+    }
+}
+
+/// Copies `rows` rows of `planes` accumulator planes (`ld` apart, rows `wp` apart) without their
+/// columns past `w` into the `h x w` planes at `dst`, from their row `row0` on.
+///
+/// # Safety
+/// `dst` must address `planes` planes of `h x w` elements that no other thread writes in these
+/// rows; `acc` must hold them (`ld >= rows wp`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn copy_out_rows<T: Copy>(
+    acc: &[T],
+    planes: usize,
+    ld: usize,
+    wp: usize,
+    rows: usize,
+    (h, w): (usize, usize),
+    row0: usize,
+    dst: *mut T,
+) {
+    for c in 0..planes {
+        for t in 0..rows {
+            let src = &acc[c * ld + t * wp..][..w];
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(c * h * w + (row0 + t) * w), w);
+        }
+    }
 }
 
 /// Stride-1 convolution over zero-padded input rows: with the input padded to `Wp = W + 2 pad`
@@ -269,15 +293,14 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
     let bands = ho.div_ceil(band_rows);
     // f32 on an AVX-512 CPU: the product without columns, the weights packed term-major, the
     // sum cut where gemm cuts that of the banded path (one band's product).
-    let kc = crate::conv_direct::k_block(c_out, band_len::<T>(g).min(l), rows);
-    let direct: Option<Vec<f32>> = as_f32(w).filter(|_| direct_forward::<T>(g, c_out)).map(|w| {
+    let direct: Option<(Vec<f32>, usize)> = as_f32(w).filter(|_| direct_kernels::<T>(g, c_out)).map(|w| {
         let mut wk = vec![0f32; rows * c_out];
         for (o, row) in w.chunks(rows).enumerate() {
             for (t, &v) in row.iter().enumerate() {
                 wk[t * c_out + o] = v;
             }
         }
-        wk
+        (wk, crate::conv_direct::k_block(c_out, band_len::<T>(g).min(l), rows))
     });
     let dst = SharedMut(out.as_mut_ptr());
     let buffers = || (Vec::new(), Vec::new(), Vec::new());
@@ -285,25 +308,13 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
         let (b, j) = (task / bands, task % bands);
         let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(ho));
         let n = (oy1 - oy0) * wp;
-        let direct = direct.as_deref().filter(|_| crate::conv_direct::matches_gemm(c_out, band_len::<T>(g).min(l)));
         let image = &x[b * image_len..][..image_len];
-        // The band's input rows oy0 - pad .. oy1 - 1 - pad + k - 1, zero-padded, per channel;
-        // `k - 1` elements of slack after the last row for the extra columns' reads (and the
-        // direct kernel's whole blocks of pixels after the last plane).
-        let slab_rows = oy1 - oy0 + g.k - 1;
-        let plane = slab_rows * wp + g.k - 1;
+        // The band's input rows oy0 - pad .. oy1 - 1 - pad + k - 1, zero-padded (and the direct
+        // kernel's whole blocks of pixels after the last plane).
+        let band = PaddedBand::new(oy0 as isize - g.pad as isize, oy1 - oy0 + g.k - 1, wp, g.pad, g.k);
         let slack = if direct.is_some() { crate::conv_direct::SLACK } else { 0 };
-        slab.clear();
-        slab.resize(g.c * plane + slack, T::zero());
-        for c in 0..g.c {
-            for t in 0..slab_rows {
-                let iy = (oy0 + t) as isize - g.pad as isize;
-                if (0..g.h as isize).contains(&iy) {
-                    let src = &image[c * g.h * g.w + iy as usize * g.w..][..g.w];
-                    slab[c * plane + t * wp + g.pad..][..g.w].copy_from_slice(src);
-                }
-            }
-        }
+        band.fill(image, g.c, (g.h, g.w), slack, slab);
+        let plane = band.plane;
         // Accumulator rows `ld` apart: whole blocks of pixels for the direct kernel.
         let block = crate::conv_direct::forward_block(n);
         let ld = if direct.is_some() { n.next_multiple_of(block) } else { n };
@@ -312,10 +323,10 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
             Some(bias) => bias.iter().for_each(|&v| acc.extend(std::iter::repeat_n(v, ld))),
             None => acc.resize(c_out * ld, T::zero()),
         }
-        match (direct, as_f32(slab), as_f32_mut(acc)) {
-            (Some(wk), Some(data), Some(acc)) => {
+        match (&direct, as_f32(slab), as_f32_mut(acc)) {
+            (Some((wk, kc)), Some(data), Some(acc)) => {
                 let planes = crate::conv_direct::Planes { data, c: g.c, plane, wp, k: g.k };
-                crate::conv_direct::product(&planes, wk, c_out, acc, ld, block, kc, bias.is_some());
+                crate::conv_direct::product(&planes, wk, c_out, acc, ld, block, *kc, bias.is_some());
             }
             _ => {
                 cols.resize(rows * n, T::zero());
@@ -331,23 +342,14 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
                         n,
                         bias.is_some(),
                         (w.as_ptr(), rows, 1),
-                        cols.as_ptr(),
-                        n,
+                        (cols.as_ptr(), n, 1),
                     )
                 };
             }
         }
-        for co in 0..c_out {
-            for t in 0..oy1 - oy0 {
-                let src = &acc[co * ld + t * wp..][..wo];
-                // SAFETY: task (b, j) alone writes output rows [oy0, oy1) of image b, inside the
-                // allocation of `total` elements; writes only.
-                unsafe {
-                    let d = dst.ptr().add(b * c_out * l + co * l + (oy0 + t) * wo);
-                    std::ptr::copy_nonoverlapping(src.as_ptr(), d, wo);
-                }
-            }
-        }
+        // SAFETY: task (b, j) alone writes output rows [oy0, oy1) of image b, inside the
+        // allocation of `total` elements; writes only.
+        unsafe { copy_out_rows(acc, c_out, ld, wp, oy1 - oy0, (ho, wo), oy0, dst.ptr().add(b * c_out * l)) };
     });
     // SAFETY: the tasks (every image, bands covering every output row) wrote all elements.
     unsafe { out.set_len(total) };
@@ -404,7 +406,7 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
         };
         // SAFETY: w is c_out x rows, rhs rows x n with row stride rhs_rs, d c_out x n with row
         // stride l; without a bias the product does not read d (`read_dst` false), it writes it.
-        unsafe { gemm_serial((c_out, n, rows), d, l, bias.is_some(), (w.as_ptr(), rows, 1), rhs, rhs_rs) };
+        unsafe { gemm_serial((c_out, n, rows), d, l, bias.is_some(), (w.as_ptr(), rows, 1), (rhs, rhs_rs, 1)) };
     });
     // SAFETY: the tasks (every image, bands covering [0, l)) wrote all `total` elements.
     unsafe { out.set_len(total) };
@@ -416,7 +418,7 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
 /// directly).
 fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
     if let (Some(grad), Some(w)) = (as_f32(grad), as_f32(w)) {
-        if direct_forward::<f32>(g, c_out) {
+        if direct_kernels::<f32>(g, c_out) {
             let dx = conv_input_grad_direct(grad, w, g, c_out);
             // SAFETY: T is f32 (as_f32 returned Some): the vector is reinterpreted as itself.
             let mut dx = std::mem::ManuallyDrop::new(dx);
@@ -464,33 +466,16 @@ fn conv_input_grad_direct(grad: &[f32], w: &[f32], g: Geom, c_out: usize) -> Vec
             let ld = n.next_multiple_of(crate::conv_direct::PIXELS);
             let gb = &grad[b * c_out * l..][..c_out * l];
             // Output-gradient rows y0 - q .. y1 - 1 + pad, zero-padded by q on each side.
-            let slab_rows = y1 - y0 + g.k - 1;
-            let plane = slab_rows * wp + g.k - 1;
-            slab.clear();
-            slab.resize(c_out * plane + crate::conv_direct::SLACK, 0.0);
-            for co in 0..c_out {
-                for t in 0..slab_rows {
-                    let oy = (y0 + t) as isize - q as isize;
-                    if (0..ho as isize).contains(&oy) {
-                        slab[co * plane + t * wp + q..][..wo].copy_from_slice(&gb[co * l + oy as usize * wo..][..wo]);
-                    }
-                }
-            }
+            let band = PaddedBand::new(y0 as isize - q as isize, y1 - y0 + g.k - 1, wp, q, g.k);
+            band.fill(gb, c_out, (ho, wo), crate::conv_direct::SLACK, slab);
+            let plane = band.plane;
             acc.clear();
             acc.resize(g.c * ld, 0.0);
             let planes = crate::conv_direct::Planes { data: slab, c: c_out, plane, wp, k: g.k };
             crate::conv_direct::input_grad_product(&planes, &wt, g.c, acc, ld, kc);
-            for c in 0..g.c {
-                for t in 0..y1 - y0 {
-                    let src = &acc[c * ld + t * wp..][..g.w];
-                    // SAFETY: task (b, j) alone writes input rows [y0, y1) of image b, inside the
-                    // allocation; writes only.
-                    unsafe {
-                        let d = dst.ptr().add(b * plane_len + c * g.h * g.w + (y0 + t) * g.w);
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), d, g.w);
-                    }
-                }
-            }
+            // SAFETY: task (b, j) alone writes input rows [y0, y1) of image b, inside the
+            // allocation; writes only.
+            unsafe { copy_out_rows(acc, g.c, ld, wp, y1 - y0, (g.h, g.w), y0, dst.ptr().add(b * plane_len)) };
         },
     );
     // SAFETY: the tasks (every image, bands covering every input row) wrote all elements.
@@ -515,12 +500,14 @@ fn conv_input_grad_bands<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usiz
             if is_pointwise(g) {
                 // SAFETY: dxb is rows x l; this writes its columns [p0, p0 + n).
                 unsafe {
-                    gemm_serial((rows, n, c_out), dxb[p0..].as_mut_ptr(), l, false, lhs(w), gb[p0..].as_ptr(), l)
+                    gemm_serial((rows, n, c_out), dxb[p0..].as_mut_ptr(), l, false, lhs(w), (gb[p0..].as_ptr(), l, 1))
                 };
             } else {
                 cols.resize(rows * n, T::zero());
                 // SAFETY: cols is rows x n (row stride n), gb's band c_out x n with row stride l.
-                unsafe { gemm_serial((rows, n, c_out), cols.as_mut_ptr(), n, false, lhs(w), gb[p0..].as_ptr(), l) };
+                unsafe {
+                    gemm_serial((rows, n, c_out), cols.as_mut_ptr(), n, false, lhs(w), (gb[p0..].as_ptr(), l, 1))
+                };
                 col2im_band(&cols[..rows * n], g, p0, p0 + n, dxb, n);
             }
         }
@@ -528,40 +515,13 @@ fn conv_input_grad_bands<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usiz
     dx
 }
 
-/// The forward as a no-backward op on `(x, w, bias)`; `bias` is ignored when `has_bias` is false.
-struct ConvForward {
+/// The convolution op on `(x, w, bias)` (`bias` ignored when `has_bias` is false): its forward
+/// computed on the operands' storages, applied with a backward where a gradient is needed and
+/// without one otherwise (sampling); the graph holds the output once.
+#[derive(Clone, Copy)]
+struct Conv2dOp {
     g: Geom,
     has_bias: bool,
-}
-
-impl candle_core::CustomOp3 for ConvForward {
-    fn name(&self) -> &'static str {
-        "ipr-conv2d-forward"
-    }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = self.g;
-        let c_out = wl.shape().dims()[0];
-        let shape = Shape::from((g.b, c_out, g.out_h(), g.out_w()));
-        Ok(match (x, w, b) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let bias = if self.has_bias { Some(contiguous(b, bl)?) } else { None };
-                (CpuStorage::F32(conv_forward(contiguous(x, xl)?, contiguous(w, wl)?, bias, g, c_out)), shape)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let bias = if self.has_bias { Some(contiguous(b, bl)?) } else { None };
-                (CpuStorage::F64(conv_forward(contiguous(x, xl)?, contiguous(w, wl)?, bias, g, c_out)), shape)
-            }
-            _ => return Err(candle_core::Error::UnsupportedDTypeForOp(x.dtype(), "conv2d")),
-        })
-    }
 }
 
 /// The input gradient as a no-backward op on `(grad, w)`.
@@ -604,13 +564,6 @@ impl CustomOp1 for Im2Col {
     }
 }
 
-/// The convolution node: its forward is [`ConvForward`]'s, computed on the operands' storages
-/// (no copy of a result computed before; the graph holds the output once).
-struct Conv2dOp {
-    g: Geom,
-    has_bias: bool,
-}
-
 impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
         "ipr-conv2d"
@@ -625,7 +578,20 @@ impl CustomOp3 for Conv2dOp {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        ConvForward { g: self.g, has_bias: self.has_bias }.cpu_fwd(x, xl, w, wl, b, bl)
+        let g = self.g;
+        let c_out = wl.shape().dims()[0];
+        let shape = Shape::from((g.b, c_out, g.out_h(), g.out_w()));
+        Ok(match (x, w, b) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                let bias = if self.has_bias { Some(contiguous(b, bl)?) } else { None };
+                (CpuStorage::F32(conv_forward(contiguous(x, xl)?, contiguous(w, wl)?, bias, g, c_out)), shape)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                let bias = if self.has_bias { Some(contiguous(b, bl)?) } else { None };
+                (CpuStorage::F64(conv_forward(contiguous(x, xl)?, contiguous(w, wl)?, bias, g, c_out)), shape)
+            }
+            _ => return Err(candle_core::Error::UnsupportedDTypeForOp(x.dtype(), "conv2d")),
+        })
     }
 
     fn bwd(
@@ -679,7 +645,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, str
     };
     let has_bias = bias.is_some();
     if !(x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op())) {
-        return Ok(Some(x.apply_op3_no_bwd(w, bias_or_zeros, &ConvForward { g, has_bias })?));
+        return Ok(Some(x.apply_op3_no_bwd(w, bias_or_zeros, &Conv2dOp { g, has_bias })?));
     }
     Ok(Some(x.apply_op3(w, bias_or_zeros, Conv2dOp { g, has_bias })?))
 }
@@ -716,7 +682,7 @@ mod tests {
             (32, 6, 8, 1, true),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k: 3, stride: 1, pad: 1 };
-            assert!(padded_rows(g) || direct_forward::<f32>(g, c_out));
+            assert!(padded_rows(g) || direct_kernels::<f32>(g, c_out));
             let x =
                 Tensor::randn(0f32, 1., (b, c, hw, hw), &d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let w = Tensor::randn(0f32, 0.1, (c_out, c, 3, 3), &d)
@@ -753,7 +719,7 @@ mod tests {
             (64, 64, 8, 1, 3, 1),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k, stride: 1, pad };
-            assert!(direct_forward::<f32>(g, c_out) && band_len::<f32>(g) >= hw * hw, "one band");
+            assert!(direct_kernels::<f32>(g, c_out) && band_len::<f32>(g) >= hw * hw, "one band");
             let l = g.out_h() * g.out_w();
             let grad = Tensor::randn(0f32, 1., b * c_out * l, &d).unwrap().to_vec1::<f32>().unwrap();
             let w = Tensor::randn(0f32, 0.1, c_out * c * k * k, &d).unwrap().to_vec1::<f32>().unwrap();

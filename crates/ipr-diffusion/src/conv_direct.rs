@@ -56,12 +56,6 @@ pub(crate) fn k_block(rows: usize, n: usize, k: usize) -> usize {
     }
 }
 
-/// Whether the kernel reproduces the `gemm` product of these sizes: not the vector paths that
-/// `gemm` takes for a single row or column.
-pub(crate) fn matches_gemm(c_out: usize, n: usize) -> bool {
-    c_out >= 2 && n >= 2
-}
-
 /// The padded input of one band: `c` planes `plane` elements apart, rows `wp` apart, followed by
 /// at least [`SLACK`] zeros.
 pub(crate) struct Planes<'a> {

@@ -69,6 +69,43 @@ impl<T> SharedMut<T> {
     }
 }
 
+/// `dst (m x n, row stride dst_rs) [+]= lhs (m x k) x rhs (k x n)` on one thread, the operands
+/// given as (pointer, row stride, column stride); without `accumulate` `dst` is written, not
+/// read (`gemm` then takes alpha as 0, as candle's matmul passes it, so the sums are the same).
+///
+/// # Safety
+/// The pointers must address matrices of these shapes and strides, `dst` not aliasing the others.
+pub(crate) unsafe fn gemm_serial<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (*const T, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const T, usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
 struct SoftmaxLastDim;
 
 crate::fastmath::simd_dispatch! {

@@ -13,7 +13,7 @@
 //! are cut into blocks and there are over 512 keys, the second product may round differently:
 //! the `gemm` crate cuts sums that long by the size of the whole product.)
 
-use crate::fused::{contiguous, softmax_row_f32, SharedMut};
+use crate::fused::{contiguous, gemm_serial, softmax_row_f32, SharedMut};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -79,43 +79,6 @@ impl CustomOp3 for InferenceAttention {
     }
 }
 
-/// `dst (m x n, row stride dst_rs) = lhs (m x k, strides) x rhs (k x n, strides)` on one thread,
-/// with the arguments of candle's matmul (`read_dst` false, alpha 0, beta 1): the same kernels
-/// and so the same sums.
-///
-/// # Safety
-/// The pointers must address matrices of these shapes and strides, `dst` not aliasing the others.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
-    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        false,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 crate::fastmath::simd_dispatch! {
 /// `scale` times each row of `scores` (`n` wide), then its softmax into `probs`: the graph
 /// path's `scores * scale` (candle's affine: the scale rounded to f32) and softmax kernel.
@@ -152,10 +115,11 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], s: Dims) -> Vec<f32> {
             // SAFETY: Q's rows r0..r1 of head h (m x d, row stride inner), Kᵀ of head h (d x lk:
             // element (i, j) at j * inner + i), scores m x lk; all inside their slices.
             unsafe {
-                product(
+                gemm_serial(
                     (m, s.lk, s.d),
                     scores.as_mut_ptr(),
                     s.lk,
+                    false,
                     (q[q_at..].as_ptr(), inner, 1),
                     (k[kv_at..].as_ptr(), 1, inner),
                 )
@@ -165,10 +129,11 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], s: Dims) -> Vec<f32> {
             // rows r0..r1 of head h's columns of image b's output (row stride inner), a write
             // without a read (`read_dst` false) of possibly uninitialised memory.
             unsafe {
-                product(
+                gemm_serial(
                     (m, s.d, s.lk),
                     dst.ptr().add(q_at),
                     inner,
+                    false,
                     (probs.as_ptr(), s.lk, 1),
                     (v[kv_at..].as_ptr(), inner, 1),
                 )
