@@ -17,21 +17,21 @@ use rayon::prelude::*;
 
 /// Geometry of a square-kernel convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geom {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+pub(crate) struct Geom {
+    pub(crate) b: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) k: usize,
+    pub(crate) stride: usize,
+    pub(crate) pad: usize,
 }
 
 impl Geom {
-    fn out_h(&self) -> usize {
+    pub(crate) fn out_h(&self) -> usize {
         (self.h + 2 * self.pad - self.k) / self.stride + 1
     }
-    fn out_w(&self) -> usize {
+    pub(crate) fn out_w(&self) -> usize {
         (self.w + 2 * self.pad - self.k) / self.stride + 1
     }
     /// Columns of the im2col matrix: `B * Ho * Wo`.
@@ -174,7 +174,7 @@ fn col2im_band<T: WithDType>(cols: &[T], g: Geom, p0: usize, p1: usize, dx: &mut
 /// separate bias pass; the tasks depend on the geometry alone, so the result does not depend on
 /// the thread count. (Products over groups of small images, packing the kernel once per group,
 /// measured 2-5% slower at toy size than one image per task.)
-fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
+pub(crate) fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
     if padded_rows(g) || direct_kernels::<T>(g, c_out) {
         conv_forward_padded_rows(x, w, bias, g, c_out)
     } else {
@@ -416,7 +416,7 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
 /// The input gradient of [`conv_forward`], cut the same way: `W^T x grad` per band of an image
 /// into a buffer, added into the image's planes by [`col2im_band`] (1x1 stride 1: written
 /// directly).
-fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
+pub(crate) fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
     if let (Some(grad), Some(w)) = (as_f32(grad), as_f32(w)) {
         if direct_kernels::<f32>(g, c_out) {
             let dx = conv_input_grad_direct(grad, w, g, c_out);

@@ -525,7 +525,7 @@ impl candle_core::CustomOp2 for MatMulNoFill {
 
 /// `a.matmul(b)` for 2-d tensors: [`MatMulNoFill`] for contiguous f32 on the CPU, candle's
 /// matmul elsewhere. Not part of a graph.
-fn matmul_no_fill(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn matmul_no_fill(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let usable = a.device().is_cpu()
         && a.rank() == 2
         && b.rank() == 2
@@ -564,6 +564,19 @@ impl candle_core::CustomOp3 for LinearForward {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         Self::run(x, xl, w, wl, Some((b, bl)))
+    }
+}
+
+/// `x.matmul(w.t())` of contiguous 2-d f32 CPU tensors by [`LinearForward`], as a vector (for
+/// ops that add to it in place).
+pub(crate) fn frozen_linear_forward(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
+    let ((xs, xl), (ws, wl)) = (x.storage_and_layout(), w.storage_and_layout());
+    let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(ws)) = (&*xs, &*ws) else {
+        return Err(candle_core::Error::Msg("linear forward: operands not on the CPU".into()));
+    };
+    match LinearForward::run(xs, xl, ws, wl, None)?.0 {
+        CpuStorage::F32(y) => Ok(y),
+        other => Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), "linear forward")),
     }
 }
 

@@ -61,7 +61,13 @@ impl Linear {
         // same on every path).
         let y = match self.lora.as_ref().filter(|l| !l.merged) {
             None => affine(&x2, &self.weight, self.bias.as_ref())?,
-            Some(lora) => add_bias((affine(&x2, &self.weight, None)? + lora.delta(&x2)?)?, self.bias.as_ref())?,
+            Some(lora) => match crate::lora_linear::lora_linear(&x2, &self.weight, self.bias.as_ref(), lora)? {
+                Some(y) => {
+                    crate::flops::add_product(2 * rows * in_dim * self.out_features());
+                    y
+                }
+                None => add_bias((affine(&x2, &self.weight, None)? + lora.delta(&x2)?)?, self.bias.as_ref())?,
+            },
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features();
@@ -171,10 +177,17 @@ impl Conv2d {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Ok((b, _, h, w)), Ok((co, ci, kh, kw))) = (x.dims4(), self.weight.dims4()) {
+    /// Counts this convolution's FLOPs on an input of `(B, C, H, W)` ([`crate::flops`]).
+    pub fn count_flops(&self, (b, _, h, w): (usize, usize, usize, usize)) {
+        if let Ok((co, ci, kh, kw)) = self.weight.dims4() {
             let out = |n: usize, k: usize| (n + 2 * self.padding).saturating_sub(k) / self.stride.max(1) + 1;
             crate::flops::add_product(2 * b * co * ci * kh * kw * out(h, kh) * out(w, kw));
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Ok(dims) = x.dims4() {
+            self.count_flops(dims);
         }
         if crate::fused::fast_conv_backward() {
             if let Some(y) = crate::conv::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)? {

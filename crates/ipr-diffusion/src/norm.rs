@@ -18,12 +18,12 @@ use crate::fastmath::{lane_dot, lane_sum, sigmoid_f32};
 /// `x` viewed as `(n, groups, cg, s)`: statistics per `(n, group)` row, parameters per channel
 /// `group * cg + c`.
 #[derive(Debug, Clone, Copy)]
-struct View {
-    groups: usize,
-    cg: usize,
-    s: usize,
-    eps: f64,
-    silu: bool,
+pub(crate) struct View {
+    pub(crate) groups: usize,
+    pub(crate) cg: usize,
+    pub(crate) s: usize,
+    pub(crate) eps: f64,
+    pub(crate) silu: bool,
 }
 
 fn sigmoid(u: f64) -> f64 {
@@ -106,7 +106,7 @@ fn stats_f32(row: &[f32], eps: f64) -> (f64, f64) {
 crate::fastmath::simd_dispatch! {
 /// The f32 forward: statistics in f64, then `x * scale + shift` per channel in f32 (as PyTorch's
 /// CPU group norm computes it) and a vectorisable SiLU.
-fn forward_f32(x: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
+pub(crate) fn forward_f32(x: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
     let row_len = v.cg * v.s;
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(row_len).zip(x.par_chunks(row_len)).enumerate().for_each(|(r, (o, xr))| {
@@ -135,7 +135,7 @@ fn forward_f32(x: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
 
 crate::fastmath::simd_dispatch! {
 /// The f32 input gradient: element terms in f32, the two row reductions in f64.
-fn backward_x_f32(x: &[f32], dy: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
+pub(crate) fn backward_x_f32(x: &[f32], dy: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
     let row_len = v.cg * v.s;
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(row_len).zip(x.par_chunks(row_len).zip(dy.par_chunks(row_len))).enumerate().for_each_init(

@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::Result;
 use crate::nn::{silu, Conv2d, GroupNorm, Linear};
+use crate::resnet_branch::{resnet_branch, ResnetBranch};
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`: norm, SiLU, conv, + projected time
 /// embedding, norm, SiLU, conv, plus a 1x1 shortcut when the channel count changes.
@@ -54,12 +55,27 @@ impl ResnetBlock2D {
 
     /// `x` is `(B, C, H, W)`; `temb` is `(B, T)` (already the UNet's time embedding).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => Some(proj.forward(&silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?),
+            _ => None,
+        };
+        let layers = ResnetBranch {
+            norm1: &self.norm1,
+            conv1: &self.conv1,
+            temb: t.as_ref(),
+            norm2: &self.norm2,
+            conv2: &self.conv2,
+        };
+        let h = match resnet_branch(x, &layers)? {
+            Some(h) => h,
+            None => {
+                let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+                if let Some(t) = &t {
+                    h = h.broadcast_add(t)?;
+                }
+                self.conv2.forward(&self.norm2.forward_silu(&h)?)?
+            }
+        };
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
