@@ -108,27 +108,32 @@ crate::fastmath::simd_dispatch! {
 /// CPU group norm computes it) and a vectorisable SiLU.
 pub(crate) fn forward_f32(x: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
     let row_len = v.cg * v.s;
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(row_len).zip(x.par_chunks(row_len)).enumerate().for_each(|(r, (o, xr))| {
-        let g = r % v.groups;
-        let (mean, inv) = stats_f32(xr, v.eps);
-        for c in 0..v.cg {
-            let ch = g * v.cg + c;
-            let scale = inv * w[ch] as f64;
-            let (scale, shift) = (scale as f32, (b[ch] as f64 - mean * scale) as f32);
-            let (o, xc) = (&mut o[c * v.s..(c + 1) * v.s], &xr[c * v.s..(c + 1) * v.s]);
-            if v.silu {
-                for (o, &x) in o.iter_mut().zip(xc) {
-                    let u = x * scale + shift;
-                    *o = u * sigmoid_f32(u);
-                }
-            } else {
-                for (o, &x) in o.iter_mut().zip(xc) {
-                    *o = x * scale + shift;
+    // Written once, never read first: no zero fill (a tenth of the kernel's time).
+    let mut out = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()].par_chunks_mut(row_len).zip(x.par_chunks(row_len)).enumerate().for_each(
+        |(r, (o, xr))| {
+            let g = r % v.groups;
+            let (mean, inv) = stats_f32(xr, v.eps);
+            for c in 0..v.cg {
+                let ch = g * v.cg + c;
+                let scale = inv * w[ch] as f64;
+                let (scale, shift) = (scale as f32, (b[ch] as f64 - mean * scale) as f32);
+                let (o, xc) = (&mut o[c * v.s..(c + 1) * v.s], &xr[c * v.s..(c + 1) * v.s]);
+                if v.silu {
+                    for (o, &x) in o.iter_mut().zip(xc) {
+                        let u = x * scale + shift;
+                        o.write(u * sigmoid_f32(u));
+                    }
+                } else {
+                    for (o, &x) in o.iter_mut().zip(xc) {
+                        o.write(x * scale + shift);
+                    }
                 }
             }
-        }
-    });
+        },
+    );
+    // SAFETY: the rows cover all `x.len()` elements, each written above.
+    unsafe { out.set_len(x.len()) };
     out
 }
 }
@@ -137,8 +142,8 @@ crate::fastmath::simd_dispatch! {
 /// The f32 input gradient: element terms in f32, the two row reductions in f64.
 pub(crate) fn backward_x_f32(x: &[f32], dy: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> {
     let row_len = v.cg * v.s;
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(row_len).zip(x.par_chunks(row_len).zip(dy.par_chunks(row_len))).enumerate().for_each_init(
+    let mut out = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()].par_chunks_mut(row_len).zip(x.par_chunks(row_len).zip(dy.par_chunks(row_len))).enumerate().for_each_init(
         || (vec![0f32; row_len], vec![0f32; row_len]),
         |(xn, dxn), (r, (o, (xr, gr)))| {
             let g = r % v.groups;
@@ -164,10 +169,12 @@ pub(crate) fn backward_x_f32(x: &[f32], dy: &[f32], w: &[f32], b: &[f32], v: Vie
             let m1 = (lane_sum(dxn, |d| d as f64) / len) as f32;
             let m2 = (lane_dot(dxn, xn) / len) as f32;
             for ((o, &d), &n) in o.iter_mut().zip(dxn.iter()).zip(xn.iter()) {
-                *o = (d - m1 - n * m2) * inv32;
+                o.write((d - m1 - n * m2) * inv32);
             }
         },
     );
+    // SAFETY: the rows cover all `x.len()` elements, each written above.
+    unsafe { out.set_len(x.len()) };
     out
 }
 }

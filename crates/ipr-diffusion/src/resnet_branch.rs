@@ -1,5 +1,6 @@
 //! The residual branch of a UNet resnet, `conv2(silu(norm2(conv1(silu(norm1(x))) + temb)))`, as
-//! one graph op on the CPU when its weights are frozen (LoRA training, sampling).
+//! one graph op on the CPU when its weights are frozen (LoRA training, sampling), and the skip
+//! connection added to it (outside a graph in the op itself: one pass and one tensor fewer).
 //!
 //! Why: candle's backward allocates a zero tensor and adds into it for every operand of every
 //! node (backprop.rs, `or_insert`), and keeps every node's operands alive until the backward ends.
@@ -18,13 +19,15 @@ use crate::conv::{conv_forward, conv_input_grad, Geom};
 use crate::nn::{Conv2d, GroupNorm};
 use crate::norm::{backward_x_f32, forward_f32, View};
 
-/// The layers of the branch; `temb` is the projected time embedding, `(B, C_out, 1, 1)`.
+/// The layers of the branch; `temb` is the projected time embedding, `(B, C_out, 1, 1)`;
+/// `skip` what the branch is added to (`x` or its shortcut convolution).
 pub struct ResnetBranch<'a> {
     pub norm1: &'a GroupNorm,
     pub conv1: &'a Conv2d,
     pub temb: Option<&'a Tensor>,
     pub norm2: &'a GroupNorm,
     pub conv2: &'a Conv2d,
+    pub skip: &'a Tensor,
 }
 
 /// A frozen group norm + SiLU: parameters and the view of its input.
@@ -51,6 +54,8 @@ struct BranchOp {
     conv2: Conv,
     /// `conv1(..) + temb` (the second norm's input), kept by the forward for the backward.
     saved: Option<Mutex<Option<Vec<f32>>>>,
+    /// Added to the output (no backward only: in a graph the sum is its own node).
+    skip: Option<Tensor>,
 }
 
 /// `f` on the contiguous f32 data of a CPU tensor.
@@ -124,7 +129,15 @@ impl BranchOp {
             })?;
         }
         let n2 = self.norm2.forward(&h)?;
-        Ok((self.conv2.forward(&n2)?, h))
+        let mut out = self.conv2.forward(&n2)?;
+        if let Some(skip) = &self.skip {
+            // candle's `skip + branch`: one f32 addition per element.
+            with_f32(skip, |s| {
+                out.iter_mut().zip(s).for_each(|(o, &s)| *o += s);
+                Ok(())
+            })?;
+        }
+        Ok((out, h))
     }
 }
 
@@ -160,9 +173,10 @@ impl CustomOp1 for BranchOp {
     }
 }
 
-/// The branch as one op where it applies: f32 on the CPU, the convolution kernels on
-/// ([`crate::fused::fast_conv_backward`]), stride-1 convolutions with bias, and nothing but `x`
-/// needing a gradient. `None` elsewhere (the caller composes the layers).
+/// `skip + branch(x)` with the branch as one op where it applies: f32 on the CPU, the convolution
+/// kernels on ([`crate::fused::fast_conv_backward`]), stride-1 convolutions with bias, and
+/// nothing but `x` (and `skip`) needing a gradient. `None` elsewhere (the caller composes the
+/// layers).
 pub fn resnet_branch(x: &Tensor, r: &ResnetBranch) -> Result<Option<Tensor>> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 || !crate::fused::fast_conv_backward() {
         return Ok(None);
@@ -185,9 +199,15 @@ pub fn resnet_branch(x: &Tensor, r: &ResnetBranch) -> Result<Option<Tensor>> {
     r.conv1.count_flops(dims);
     r.conv2.count_flops(mid);
     let x = x.contiguous()?;
-    let track = x.track_op();
-    let op = BranchOp { norm1, conv1, temb, norm2, conv2, saved: track.then(|| Mutex::new(None)) };
-    Ok(Some(if track { x.apply_op1(op)? } else { x.apply_op1_no_bwd(&op)? }))
+    let track = x.track_op() || r.skip.track_op();
+    let fold_skip = !track && r.skip.dims4()? == conv2.out_dims() && r.skip.dtype() == DType::F32;
+    let skip = if fold_skip { Some(r.skip.contiguous()?) } else { None };
+    let op = BranchOp { norm1, conv1, temb, norm2, conv2, saved: x.track_op().then(|| Mutex::new(None)), skip };
+    if fold_skip {
+        return Ok(Some(x.apply_op1_no_bwd(&op)?));
+    }
+    let h = if x.track_op() { x.apply_op1(op)? } else { x.apply_op1_no_bwd(&op)? };
+    Ok(Some((r.skip + h)?))
 }
 
 #[cfg(test)]
@@ -240,9 +260,17 @@ mod tests {
             let (norm1, conv1) = (norm(c_in, groups, 1), conv(c_in, c_out, 3));
             let (norm2, conv2) = (norm(c_out, groups, 5), conv(c_out, c_out, 7));
             let temb = with_temb.then(|| tensor(&[b, c_out, 1, 1], 9, 1.0));
-            let layers =
-                ResnetBranch { norm1: &norm1, conv1: &conv1, temb: temb.as_ref(), norm2: &norm2, conv2: &conv2 };
             let x = Var::from_tensor(&tensor(&[b, c_in, h, w], 11, 2.0)).unwrap();
+            let shortcut = conv(c_in, c_out, 15);
+            let skip = if c_in == c_out { x.as_tensor().clone() } else { shortcut.forward(x.as_tensor()).unwrap() };
+            let layers = ResnetBranch {
+                norm1: &norm1,
+                conv1: &conv1,
+                temb: temb.as_ref(),
+                norm2: &norm2,
+                conv2: &conv2,
+                skip: &skip,
+            };
             let r = tensor(&[b, c_out, h, w], 13, 1.0);
 
             let fused = resnet_branch(x.as_tensor(), &layers).unwrap().expect("the op applies");
@@ -250,7 +278,7 @@ mod tests {
             if let Some(t) = &temb {
                 composed = composed.broadcast_add(t).unwrap();
             }
-            let composed = conv2.forward(&norm2.forward_silu(&composed).unwrap()).unwrap();
+            let composed = (&skip + conv2.forward(&norm2.forward_silu(&composed).unwrap()).unwrap()).unwrap();
             assert_eq!(bits(&fused), bits(&composed), "output, {c_in} -> {c_out} channels");
 
             let g_fused = (&fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -258,8 +286,11 @@ mod tests {
             let (a, e) = (g_fused.get(x.as_tensor()).unwrap(), g_composed.get(x.as_tensor()).unwrap());
             assert_eq!(bits(a), bits(e), "input gradient, {c_in} -> {c_out} channels");
 
-            // Without a gradient the op still applies (sampling) and gives the same output.
-            let plain = resnet_branch(&x.as_tensor().detach(), &layers).unwrap().expect("the op applies");
+            // Without a gradient the op still applies (sampling), adds the skip itself, and gives
+            // the same output.
+            let (xd, skip_d) = (x.as_tensor().detach(), skip.detach());
+            let layers = ResnetBranch { skip: &skip_d, ..layers };
+            let plain = resnet_branch(&xd, &layers).unwrap().expect("the op applies");
             assert_eq!(bits(&plain), bits(&composed));
         }
     }
@@ -270,8 +301,9 @@ mod tests {
         let (norm1, conv2) = (norm(8, 4, 1), conv(8, 8, 7));
         let mut conv1 = conv(8, 8, 3);
         conv1.weight = Var::from_tensor(&conv1.weight).unwrap().as_tensor().clone();
-        let layers = ResnetBranch { norm1: &norm1, conv1: &conv1, temb: None, norm2: &norm(8, 4, 5), conv2: &conv2 };
         let x = tensor(&[1, 8, 4, 4], 11, 1.0);
+        let layers =
+            ResnetBranch { norm1: &norm1, conv1: &conv1, temb: None, norm2: &norm(8, 4, 5), conv2: &conv2, skip: &x };
         assert!(resnet_branch(&x, &layers).unwrap().is_none());
     }
 }

@@ -59,28 +59,28 @@ impl ResnetBlock2D {
             (Some(proj), Some(t)) => Some(proj.forward(&silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?),
             _ => None,
         };
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
         let layers = ResnetBranch {
             norm1: &self.norm1,
             conv1: &self.conv1,
             temb: t.as_ref(),
             norm2: &self.norm2,
             conv2: &self.conv2,
+            skip: &skip,
         };
-        let h = match resnet_branch(x, &layers)? {
-            Some(h) => h,
+        let out = match resnet_branch(x, &layers)? {
+            Some(out) => out,
             None => {
                 let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
                 if let Some(t) = &t {
                     h = h.broadcast_add(t)?;
                 }
-                self.conv2.forward(&self.norm2.forward_silu(&h)?)?
+                (skip + self.conv2.forward(&self.norm2.forward_silu(&h)?)?)?
             }
         };
-        let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
-        };
-        let out = (skip + h)?;
         if self.output_scale_factor != 1.0 {
             return Ok((out / self.output_scale_factor)?);
         }
