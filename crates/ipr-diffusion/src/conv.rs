@@ -280,11 +280,16 @@ unsafe fn copy_out_rows<T: Copy>(
 /// copied out. One `memcpy` per im2col row instead of a fill / copy / fill per output row,
 /// which cost about as much as the copying itself at toy size (`perf`: im2col was a third of
 /// the convolution). The product and the bias are those of [`conv_forward_bands`], so are the
-/// results, bit for bit (tested).
+/// results, bit for bit (tested). The direct kernels' rows are `W + pad` apart (see below).
 fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
     let (ho, wo) = (g.out_h(), g.out_w());
     let l = ho * wo;
-    let wp = g.w + 2 * g.pad;
+    // The direct kernels read rows `W + pad` apart: each row's `pad` leading zeros are also the
+    // previous row's trailing ones, so each output row carries `pad` extra columns, not `2 pad`
+    // (at the toy's 8x8 a ninth of the product instead of a fifth). The gemm product keeps
+    // `W + 2 pad`: its size, hence how gemm cuts its sums, stays that of the banded path.
+    let direct_kernels = direct_kernels::<T>(g, c_out);
+    let wp = if direct_kernels { g.w + g.pad } else { g.w + 2 * g.pad };
     let rows = g.rows();
     let image_len = g.c * g.h * g.w;
     let total = g.b * c_out * l;
@@ -293,7 +298,7 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
     let bands = ho.div_ceil(band_rows);
     // f32 on an AVX-512 CPU: the product without columns, the weights packed term-major, the
     // sum cut where gemm cuts that of the banded path (one band's product).
-    let direct: Option<(Vec<f32>, usize)> = as_f32(w).filter(|_| direct_kernels::<T>(g, c_out)).map(|w| {
+    let direct: Option<(Vec<f32>, usize)> = as_f32(w).filter(|_| direct_kernels).map(|w| {
         let mut wk = vec![0f32; rows * c_out];
         for (o, row) in w.chunks(rows).enumerate() {
             for (t, &v) in row.iter().enumerate() {
@@ -430,8 +435,8 @@ pub(crate) fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out:
 
 /// The input gradient of a stride-1 convolution by [`crate::conv_direct::input_grad_product`]
 /// over bands of input rows, each from the output gradient's rows it needs, zero-padded by
-/// `k - 1 - pad` (its `Wp = W + k - 1` wide domain: the `k - 1` extra columns are dropped when
-/// the band is copied out). No `Wᵀ x grad` columns and no col2im; each element's sum is that of
+/// `q = k - 1 - pad` (its `Wp = Wo + q` wide domain, the zeros between two rows serving both: the
+/// extra columns are dropped when the band is copied out). No `Wᵀ x grad` columns and no col2im; each element's sum is that of
 /// [`conv_input_grad_bands`] when the latter's output pixels fit one band (the toy's images;
 /// larger images add the bands' parts in another order).
 fn conv_input_grad_direct(grad: &[f32], w: &[f32], g: Geom, c_out: usize) -> Vec<f32> {
@@ -440,7 +445,9 @@ fn conv_input_grad_direct(grad: &[f32], w: &[f32], g: Geom, c_out: usize) -> Vec
     let rows = g.rows();
     let kk = g.k * g.k;
     let q = g.k - 1 - g.pad;
-    let wp = wo + 2 * q;
+    // Rows `wo + q` apart, each row's `q` leading zeros also the previous row's trailing ones
+    // (as in the forward).
+    let wp = wo + q;
     let plane_len = g.c * g.h * g.w;
     // W packed as [(kh k + kw) c_out + co] x c_in.
     let mut wt = vec![0f32; kk * c_out * g.c];
@@ -667,25 +674,28 @@ mod tests {
     #[test]
     fn padded_rows_forward_has_the_banded_forwards_bits() {
         let d = Device::Cpu;
-        for (c, c_out, hw, b, bias) in [
-            (16, 16, 32, 2, true),
-            (48, 16, 32, 1, true),
-            (96, 32, 16, 2, true),
-            (128, 64, 16, 1, false),
-            (40, 8, 64, 1, true),
-            (16, 3, 32, 1, true),
-            (24, 15, 16, 2, false),
-            (72, 2, 17, 1, true),
-            (64, 64, 8, 2, true),
-            (128, 64, 8, 1, true),
-            (96, 64, 8, 1, false),
-            (32, 6, 8, 1, true),
+        for (c, c_out, hw, b, bias, k, pad) in [
+            (16, 16, 32, 2, true, 3, 1),
+            (48, 16, 32, 1, true, 3, 1),
+            (96, 32, 16, 2, true, 3, 1),
+            (128, 64, 16, 1, false, 3, 1),
+            (40, 8, 64, 1, true, 3, 1),
+            (16, 3, 32, 1, true, 3, 1),
+            (24, 15, 16, 2, false, 3, 1),
+            (72, 2, 17, 1, true, 3, 1),
+            (64, 64, 8, 2, true, 3, 1),
+            (128, 64, 8, 1, true, 3, 1),
+            (96, 64, 8, 1, false, 3, 1),
+            (32, 6, 8, 1, true, 3, 1),
+            (8, 8, 12, 1, true, 3, 0),
+            (6, 9, 20, 1, true, 5, 2),
+            (12, 10, 9, 2, false, 3, 2),
         ] {
-            let g = Geom { b, c, h: hw, w: hw, k: 3, stride: 1, pad: 1 };
+            let g = Geom { b, c, h: hw, w: hw, k, stride: 1, pad };
             assert!(padded_rows(g) || direct_kernels::<f32>(g, c_out));
             let x =
                 Tensor::randn(0f32, 1., (b, c, hw, hw), &d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let w = Tensor::randn(0f32, 0.1, (c_out, c, 3, 3), &d)
+            let w = Tensor::randn(0f32, 0.1, (c_out, c, k, k), &d)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -717,9 +727,11 @@ mod tests {
             (6, 9, 20, 1, 5, 2),
             (128, 64, 8, 2, 3, 1),
             (64, 64, 8, 1, 3, 1),
+            (8, 8, 12, 1, 3, 0),
+            (12, 10, 9, 2, 3, 2),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k, stride: 1, pad };
-            assert!(direct_kernels::<f32>(g, c_out) && band_len::<f32>(g) >= hw * hw, "one band");
+            assert!(direct_kernels::<f32>(g, c_out) && band_len::<f32>(g) >= g.out_h() * g.out_w(), "one band");
             let l = g.out_h() * g.out_w();
             let grad = Tensor::randn(0f32, 1., b * c_out * l, &d).unwrap().to_vec1::<f32>().unwrap();
             let w = Tensor::randn(0f32, 0.1, c_out * c * k * k, &d).unwrap().to_vec1::<f32>().unwrap();
