@@ -63,6 +63,7 @@ pub mod source;
 pub mod tokenizer;
 pub mod train;
 pub mod unet;
+pub mod upsample;
 pub mod vae;
 
 pub use error::{Error, Result};

@@ -125,6 +125,10 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        let up = match crate::upsample::upsample_nearest(x, (th, tw))? {
+            Some(up) => up,
+            None => x.upsample_nearest2d(th, tw)?,
+        };
+        self.conv.forward(&up)
     }
 }
