@@ -10,7 +10,7 @@
 //! (contiguous copies for stride 1), the product is one gemm over the whole batch, and the bias is
 //! part of the op. Tested against candle's conv and by finite differences (`tests/gradients.rs`).
 
-use crate::fused::{gemm_serial, SharedMut};
+use crate::fused::{gemm_threads, threads_per_product, SharedMut};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -133,17 +133,23 @@ fn row_segments(g: Geom, p0: usize, p1: usize) -> Vec<(usize, usize, usize, usiz
     out
 }
 
-/// The adjoint of [`im2col_band`]: adds the columns `cols[r * ld + p - p0]` of output pixels
-/// `[p0, p1)` into one image's input-gradient planes `dx` (`C x H x W`).
-fn col2im_band<T: WithDType>(cols: &[T], g: Geom, p0: usize, p1: usize, dx: &mut [T], ld: usize) {
-    let n = p1 - p0;
-    let segments = row_segments(g, p0, p1);
-    for r in 0..g.rows() {
-        let row = &cols[r * ld..][..n];
-        let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
-        let plane = &mut dx[c * g.h * g.w..][..g.h * g.w];
+/// The adjoint of [`im2col_band`] for one channel `c`: adds the columns `cols[r * ld + p - p0]`
+/// of its rows `r` (`(c, kh, kw)`, in that order) over the output pixels of `segments`
+/// ([`row_segments`] of the band) into the channel's input-gradient plane (`H x W`).
+fn col2im_band_channel<T: WithDType>(
+    cols: &[T],
+    g: Geom,
+    segments: &[(usize, usize, usize, usize)],
+    c: usize,
+    plane: &mut [T],
+    ld: usize,
+) {
+    let kk = g.k * g.k;
+    for r in c * kk..(c + 1) * kk {
+        let row = &cols[r * ld..];
+        let (kh, kw) = ((r / g.k) % g.k, r % g.k);
         let (lo, hi) = ((g.pad.saturating_sub(kw)), (g.w + g.pad).saturating_sub(kw));
-        for &(oy, ox0, ox1, at) in &segments {
+        for &(oy, ox0, ox1, at) in segments {
             let src = &row[at..][..ox1 - ox0];
             let iy = (oy * g.stride + kh) as isize - g.pad as isize;
             if iy < 0 || iy >= g.h as isize {
@@ -308,6 +314,7 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
         (wk, crate::conv_direct::k_block(c_out, band_len::<T>(g).min(l), rows))
     });
     let dst = SharedMut(out.as_mut_ptr());
+    let inner = threads_per_product(g.b * bands);
     let buffers = || (Vec::new(), Vec::new(), Vec::new());
     (0..g.b * bands).into_par_iter().for_each_init(buffers, |(slab, cols, acc), task| {
         let (b, j) = (task / bands, task % bands);
@@ -341,7 +348,8 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
                 }
                 // SAFETY: w is c_out x rows, cols rows x n, acc c_out x n (row strides rows, n, n).
                 unsafe {
-                    gemm_serial(
+                    gemm_threads(
+                        inner,
                         (c_out, n, rows),
                         acc.as_mut_ptr(),
                         n,
@@ -386,6 +394,7 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
     let band = band_len::<T>(g);
     let bands = l.div_ceil(band);
     let dst = SharedMut(out.as_mut_ptr());
+    let inner = threads_per_product(g.b * bands);
     (0..g.b * bands).into_par_iter().for_each_init(Vec::new, |cols, task| {
         let (b, j) = (task / bands, task % bands);
         let (p0, p1) = (j * band, ((j + 1) * band).min(l));
@@ -411,7 +420,7 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
         };
         // SAFETY: w is c_out x rows, rhs rows x n with row stride rhs_rs, d c_out x n with row
         // stride l; without a bias the product does not read d (`read_dst` false), it writes it.
-        unsafe { gemm_serial((c_out, n, rows), d, l, bias.is_some(), (w.as_ptr(), rows, 1), (rhs, rhs_rs, 1)) };
+        unsafe { gemm_threads(inner, (c_out, n, rows), d, l, bias.is_some(), (w.as_ptr(), rows, 1), (rhs, rhs_rs, 1)) };
     });
     // SAFETY: the tasks (every image, bands covering [0, l)) wrote all `total` elements.
     unsafe { out.set_len(total) };
@@ -419,7 +428,7 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
 }
 
 /// The input gradient of [`conv_forward`], cut the same way: `W^T x grad` per band of an image
-/// into a buffer, added into the image's planes by [`col2im_band`] (1x1 stride 1: written
+/// into a buffer, added into the image's planes by [`col2im_band_channel`] (1x1 stride 1: written
 /// directly).
 pub(crate) fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
     if let (Some(grad), Some(w)) = (as_f32(grad), as_f32(w)) {
@@ -490,35 +499,75 @@ fn conv_input_grad_direct(grad: &[f32], w: &[f32], g: Geom, c_out: usize) -> Vec
     dx
 }
 
-/// The input gradient by im2col's adjoint: bands of output pixels, `Wᵀ x grad` per band, col2im.
+/// The input gradient by im2col's adjoint: `Wᵀ x grad` per (image, band of output pixels) into a
+/// buffer, then col2im. The products of as many tasks as there are threads run at once, then
+/// their col2im in parallel over the (image, channel) planes, each plane taking the tasks in
+/// order: every element is summed in the order one thread would sum it, whatever the thread
+/// count, and a batch of one image (Stable Diffusion's LoRA step) uses every core (one thread
+/// per image ran the products at half the machine's speed there).
 fn conv_input_grad_bands<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
     let l = g.out_h() * g.out_w();
     let rows = g.rows();
-    let plane = g.c * g.h * g.w;
+    let hw = g.h * g.w;
+    let plane = g.c * hw;
     let mut dx = vec![T::zero(); g.b * plane];
     // lhs = W^T: element (r, co) at w[co * rows + r].
     let lhs = |w: &[T]| (w.as_ptr(), 1, rows);
     let band = band_len::<T>(g);
-    dx.par_chunks_mut(plane).enumerate().for_each(|(b, dxb)| {
-        let gb = &grad[b * c_out * l..][..c_out * l];
-        let mut cols = Vec::new();
-        for p0 in (0..l).step_by(band) {
-            let n = band.min(l - p0);
-            if is_pointwise(g) {
-                // SAFETY: dxb is rows x l; this writes its columns [p0, p0 + n).
-                unsafe {
-                    gemm_serial((rows, n, c_out), dxb[p0..].as_mut_ptr(), l, false, lhs(w), (gb[p0..].as_ptr(), l, 1))
-                };
-            } else {
-                cols.resize(rows * n, T::zero());
-                // SAFETY: cols is rows x n (row stride n), gb's band c_out x n with row stride l.
-                unsafe {
-                    gemm_serial((rows, n, c_out), cols.as_mut_ptr(), n, false, lhs(w), (gb[p0..].as_ptr(), l, 1))
-                };
-                col2im_band(&cols[..rows * n], g, p0, p0 + n, dxb, n);
+    let bands = l.div_ceil(band);
+    let tasks = g.b * bands;
+    // Task t: image t / bands, output pixels [p0, p0 + n).
+    let span = |t: usize| {
+        let (b, p0) = (t / bands, (t % bands) * band);
+        (b, p0, band.min(l - p0))
+    };
+    let inner = threads_per_product(tasks);
+    if is_pointwise(g) {
+        let dst = SharedMut(dx.as_mut_ptr());
+        (0..tasks).into_par_iter().for_each(|t| {
+            let (b, p0, n) = span(t);
+            let gb = &grad[b * c_out * l..][..c_out * l];
+            // SAFETY: image b's gradient is rows x l; this task alone writes its columns
+            // [p0, p0 + n).
+            unsafe {
+                gemm_threads(
+                    inner,
+                    (rows, n, c_out),
+                    dst.ptr().add(b * plane + p0),
+                    l,
+                    false,
+                    lhs(w),
+                    (gb[p0..].as_ptr(), l, 1),
+                )
+            };
+        });
+        return dx;
+    }
+    let window = rayon::current_num_threads().max(1);
+    let mut cols: Vec<Vec<T>> = (0..window).map(|_| Vec::new()).collect();
+    for first in (0..tasks).step_by(window) {
+        let group = first..(first + window).min(tasks);
+        cols.par_iter_mut().zip(group.clone()).for_each(|(cols, t)| {
+            let (b, p0, n) = span(t);
+            let gb = &grad[b * c_out * l..][..c_out * l];
+            cols.resize(rows * n, T::zero());
+            // SAFETY: cols is rows x n (row stride n), gb's band c_out x n with row stride l.
+            unsafe {
+                gemm_threads(inner, (rows, n, c_out), cols.as_mut_ptr(), n, false, lhs(w), (gb[p0..].as_ptr(), l, 1))
+            };
+        });
+        let segments: Vec<_> = group.clone().map(|t| row_segments(g, span(t).1, span(t).1 + span(t).2)).collect();
+        let (b0, b1) = (span(group.start).0, span(group.end - 1).0 + 1);
+        dx[b0 * plane..b1 * plane].par_chunks_mut(hw).enumerate().for_each(|(i, dplane)| {
+            let (b, c) = (b0 + i / g.c, i % g.c);
+            for ((t, cols), segments) in group.clone().zip(&cols).zip(&segments) {
+                let (tb, _, n) = span(t);
+                if tb == b {
+                    col2im_band_channel(cols, g, segments, c, dplane, n);
+                }
             }
-        }
-    });
+        });
+    }
     dx
 }
 
@@ -763,6 +812,36 @@ mod tests {
         let (ours, banded) = (conv_input_grad_direct(&grad, &w, g, c_out), conv_input_grad_bands(&grad, &w, g, c_out));
         let worst = ours.iter().zip(&banded).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0f32, f32::max);
         assert!(worst < 1e-5, "{worst}");
+    }
+
+    /// The banded input gradient and forward give the same bits on one thread and on three:
+    /// batches of one image with several bands (products split over threads, col2im over
+    /// planes) and of several images; stride 1 and 2, and a 1x1 kernel.
+    #[test]
+    fn banded_paths_do_not_depend_on_the_thread_count() {
+        for (b, c, c_out, hw, k, stride, pad) in
+            [(1, 1000, 16, 10, 3, 1, 1), (2, 160, 24, 11, 3, 2, 1), (1, 300, 40, 9, 1, 1, 0), (3, 8, 8, 6, 3, 1, 1)]
+        {
+            let g = Geom { b, c, h: hw, w: hw, k, stride, pad };
+            let l = g.out_h() * g.out_w();
+            let values = |n: usize, f: f64| (0..n).map(|i| ((i as f64 * f).sin() * 0.5) as f32).collect::<Vec<f32>>();
+            let (x, w, grad) =
+                (values(b * c * hw * hw, 0.31), values(c_out * g.rows(), 0.17), values(b * c_out * l, 0.23));
+            let bias = values(c_out, 0.7);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let dx = conv_input_grad_bands(&grad, &w, g, c_out);
+                    let y = conv_forward_bands(&x, &w, Some(&bias), g, c_out);
+                    (
+                        dx.into_iter().map(f32::to_bits).collect::<Vec<_>>(),
+                        y.into_iter().map(f32::to_bits).collect::<Vec<_>>(),
+                    )
+                })
+            };
+            assert!(band_len::<f32>(g) < l || b > 1 || k == 1, "several tasks");
+            assert_eq!(run(1), run(3), "{g:?}");
+        }
     }
 
     #[test]

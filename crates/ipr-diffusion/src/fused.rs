@@ -76,6 +76,25 @@ impl<T> SharedMut<T> {
 /// # Safety
 /// The pointers must address matrices of these shapes and strides, `dst` not aliasing the others.
 pub(crate) unsafe fn gemm_serial<T: WithDType>(
+    mnk: (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+) {
+    gemm_threads(1, mnk, dst, dst_rs, accumulate, lhs, rhs)
+}
+
+/// [`gemm_serial`] on `threads` rayon threads: `gemm` splits the output among them and cuts
+/// each element's sum over `K` as on one thread (its blocks depend on the sizes alone), so the
+/// bits are those of [`gemm_serial`] (tested). For products too few to keep every core busy
+/// one per thread (a batch of one image).
+///
+/// # Safety
+/// As [`gemm_serial`].
+pub(crate) unsafe fn gemm_threads<T: WithDType>(
+    threads: usize,
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
@@ -83,6 +102,7 @@ pub(crate) unsafe fn gemm_serial<T: WithDType>(
     (lhs, lhs_rs, lhs_cs): (*const T, usize, usize),
     (rhs, rhs_rs, rhs_cs): (*const T, usize, usize),
 ) {
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     gemm::gemm(
         m,
         n,
@@ -102,8 +122,19 @@ pub(crate) unsafe fn gemm_serial<T: WithDType>(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     )
+}
+
+/// The threads each of `tasks` independent products should take: all of them when there are too
+/// few tasks to share out evenly (fewer than two per thread), else one.
+pub(crate) fn threads_per_product(tasks: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if tasks < 2 * threads {
+        threads
+    } else {
+        1
+    }
 }
 
 struct SoftmaxLastDim;
@@ -642,6 +673,35 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// A product on several threads has the bits of the one-thread product (gemm splits the
+    /// output, not the sums), large enough for gemm to use the threads.
+    #[test]
+    fn threaded_gemm_has_the_serial_bits() {
+        for (m, n, k, accumulate) in [(320, 96, 2880, false), (640, 64, 1500, true), (37, 300, 700, false)] {
+            let lhs: Vec<f32> = (0..m * k).map(|i| ((i as f64 * 0.618).sin() * 0.5) as f32).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| ((i as f64 * 0.377).cos() * 0.5) as f32).collect();
+            let start: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 * 0.25).collect();
+            let run = |threads: usize| {
+                let mut dst = start.clone();
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+                // SAFETY: lhs m x k, rhs k x n, dst m x n, row-major.
+                pool.install(|| unsafe {
+                    gemm_threads(
+                        threads,
+                        (m, n, k),
+                        dst.as_mut_ptr(),
+                        n,
+                        accumulate,
+                        (lhs.as_ptr(), k, 1),
+                        (rhs.as_ptr(), n, 1),
+                    )
+                });
+                dst.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+            };
+            assert_eq!(run(1), run(3), "{m}x{n}x{k}");
+        }
     }
 
     /// The f32 linear forward has the bits of candle's `matmul` + `broadcast_add`, with and
