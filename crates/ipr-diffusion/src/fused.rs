@@ -401,7 +401,7 @@ pub fn conv2d_fast_backward(x: &Tensor, w: &Tensor, padding: usize, stride: usiz
     Ok(Some(x.apply_op2(w, Conv2dFastBackward { padding, stride, y })?))
 }
 
-/// `x W^T (+ b)` (x `(N, in)`, W `(out, in)`) whose backward computes only the gradients of the
+/// `x W^T (+ b)` (x `(..., in)`, W `(out, in)`) whose backward computes only the gradients of the
 /// operands that track them: candle's matmul backward always computes both operands' gradients,
 /// so a frozen weight (LoRA training) would cost a weight-gradient matmul and its storage per
 /// layer and step (docs/stack-notes.md). On the CPU in f32 the forward is [`LinearForward`] on
@@ -454,8 +454,11 @@ impl candle_core::CustomOp3 for LinearSkipFrozen {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = if x.track_op() { Some(matmul_no_fill(grad, &w.detach())?) } else { None };
-        let dw = if w.track_op() { Some(grad.t()?.matmul(x)?) } else { None };
+        // `x` of any rank as the matrix `(rows, in)` (a view: no node of the graph).
+        let (rows, n) = (grad.elem_count() / w.dim(0)?.max(1), w.dim(0)?);
+        let grad = grad.reshape((rows, n))?;
+        let dx = if x.track_op() { Some(matmul_no_fill(&grad, &w.detach())?.reshape(x.dims())?) } else { None };
+        let dw = if w.track_op() { Some(grad.t()?.matmul(&x.detach().reshape((rows, w.dim(1)?))?)?) } else { None };
         let db = if b.track_op() { Some(grad.sum(0)?) } else { None };
         Ok((dx, dw, db))
     }
@@ -475,7 +478,14 @@ impl LinearForward {
         wl: &Layout,
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let ((m, k), n) = (xl.shape().dims2()?, wl.shape().dims2()?.0);
+        // `x` of any rank as the matrix `(m, k)`; the result keeps its leading dimensions.
+        let (dims, n) = (xl.shape().dims(), wl.shape().dims2()?.0);
+        let k = *dims.last().unwrap_or(&1);
+        let m = xl.shape().elem_count() / k.max(1);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
         let (CpuStorage::F32(x), CpuStorage::F32(w)) = (x, w) else {
             return Err(candle_core::Error::UnsupportedDTypeForOp(x.dtype(), "linear forward"));
         };
@@ -490,7 +500,7 @@ impl LinearForward {
             use rayon::prelude::*;
             y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &b)| *v += b));
         }
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
 }
 
@@ -624,23 +634,24 @@ pub fn linear_forward_no_grad(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> 
     }))
 }
 
-/// Whether [`LinearForward`] computes this product: 2-d f32 tensors on the CPU of matching sizes.
-fn linear_forward_applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
+/// Whether [`LinearForward`] computes this product: f32 tensors on the CPU of matching sizes, `x`
+/// of rank 2 or more (`(..., in)`, contiguous beyond rank 2).
+pub(crate) fn linear_forward_applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu()
-        && x.rank() == 2
+        && (x.rank() == 2 || (x.rank() > 2 && x.is_contiguous()))
         && w.rank() == 2
         && [Some(x), Some(w), bias].into_iter().flatten().all(|t| t.dtype() == DType::F32)
-        && x.dims()[1] == w.dims()[1]
+        && x.dims().last() == Some(&w.dims()[1])
         && bias.is_none_or(|b| b.dims() == [w.dims()[0]])
 }
 
-/// `x.matmul(w.t())` (`+ bias`) for a 2-d `x`, with the backward above when a gradient is needed
-/// (CPU and CUDA); `None` where the caller should use candle's matmul (no gradient needed, or
-/// another device).
+/// `x.matmul(w.t())` (`+ bias`) for a 2-d `x` (of any rank `(..., in)` on the CPU in f32: no
+/// reshape nodes around it), with the backward above when a gradient is needed (CPU and CUDA);
+/// `None` where the caller should use candle's matmul (no gradient needed, or another device).
 pub fn linear_no_frozen_grad(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let device_ok = x.device().is_cpu() || x.device().is_cuda();
     let tracks = x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op());
-    if !device_ok || !tracks {
+    if !device_ok || !tracks || (x.rank() != 2 && !linear_forward_applies(x, w, bias)) {
         return Ok(None);
     }
     // On the CPU in f32 the op computes its forward itself; elsewhere candle computes it here.
@@ -673,6 +684,43 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// The frozen-weight linear on an input of rank 3 gives the bits of the same op on its 2-d
+    /// view, output and gradients (of the input, and of a trained weight and bias).
+    #[test]
+    fn linear_op_on_any_rank_has_the_2d_bits() {
+        let d = Device::Cpu;
+        let t = |dims: &[usize], f: f64| {
+            let n: usize = dims.iter().product();
+            Tensor::from_vec((0..n).map(|i| ((i as f64 * f).sin() * 0.7) as f32).collect::<Vec<_>>(), dims, &d).unwrap()
+        };
+        for train_w in [false, true] {
+            let x = Var::from_tensor(&t(&[3, 70, 48], 0.37)).unwrap();
+            let w = Var::from_tensor(&t(&[40, 48], 0.11)).unwrap();
+            let b = Var::from_tensor(&t(&[40], 0.5)).unwrap();
+            let (w, b) = if train_w {
+                (w.as_tensor().clone(), b.as_tensor().clone())
+            } else {
+                (w.as_tensor().detach(), b.as_tensor().detach())
+            };
+            let r = t(&[3, 70, 40], 0.23);
+            let nd = linear_no_frozen_grad(x.as_tensor(), &w, Some(&b)).unwrap().unwrap();
+            let flat =
+                linear_no_frozen_grad(&x.as_tensor().reshape((210, 48)).unwrap(), &w, Some(&b)).unwrap().unwrap();
+            let flat = flat.reshape((3, 70, 40)).unwrap();
+            let bits = |t: &Tensor| {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&nd), bits(&flat));
+            let g1 = (&nd * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&flat * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert_eq!(bits(g1.get(x.as_tensor()).unwrap()), bits(g2.get(x.as_tensor()).unwrap()));
+            if train_w {
+                assert_eq!(bits(g1.get(&w).unwrap()), bits(g2.get(&w).unwrap()));
+                assert_eq!(bits(g1.get(&b).unwrap()), bits(g2.get(&b).unwrap()));
+            }
+        }
     }
 
     /// A product on several threads has the bits of the one-thread product (gemm splits the

@@ -16,7 +16,7 @@ use crate::fused::{frozen_linear_forward, matmul_no_fill};
 use crate::lora::LoraAdapter;
 
 struct LoraLinearOp {
-    /// The op's operands, detached: the forward computes from these.
+    /// The op's operands, detached (`x` as the matrix `(rows, in)`): the forward computes from these.
     x: Tensor,
     a: Tensor,
     b: Tensor,
@@ -25,6 +25,8 @@ struct LoraLinearOp {
     scale: f64,
     /// `x Aᵀ`, kept for `B`'s gradient.
     u: Mutex<Option<Tensor>>,
+    /// The input's leading dimensions and the output features.
+    out_dims: Vec<usize>,
 }
 
 impl LoraLinearOp {
@@ -64,8 +66,7 @@ impl CustomOp3 for LoraLinearOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let shape = Shape::from((self.x.dim(0)?, self.w.dim(0)?));
-        Ok((CpuStorage::F32(self.forward()?), shape))
+        Ok((CpuStorage::F32(self.forward()?), Shape::from(self.out_dims.clone())))
     }
 
     /// The composed nodes' backward: `gs = grad * scale`; `B`'s gradient `(uᵀ gs)ᵀ`, `u`'s
@@ -80,7 +81,7 @@ impl CustomOp3 for LoraLinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let u = self.u.lock().expect("lora linear: poisoned lock");
         let u = u.as_ref().ok_or_else(|| candle_core::Error::Msg("lora linear: forward not run".into()))?;
-        let grad = grad.contiguous()?;
+        let grad = grad.contiguous()?.reshape((self.x.dim(0)?, self.w.dim(0)?))?;
         let gs = grad.affine(self.scale, 0.0)?;
         let (at, bt) = (self.a.t()?, self.b.t()?);
         let du = gs.matmul(&bt.t()?)?;
@@ -88,7 +89,7 @@ impl CustomOp3 for LoraLinearOp {
         let da = a.track_op().then(|| self.x.t()?.matmul(&du)?.t()).transpose()?;
         let dx = if x.track_op() {
             let frozen = matmul_no_fill(&grad, &self.w)?;
-            Some((frozen + du.matmul(&at.t()?)?)?)
+            Some((frozen + du.matmul(&at.t()?)?)?.reshape(x.dims())?)
         } else {
             None
         };
@@ -96,10 +97,11 @@ impl CustomOp3 for LoraLinearOp {
     }
 }
 
-/// `x Wᵀ + s (x Aᵀ) Bᵀ (+ bias)` for a 2-d `x` as one op, where it applies: f32 on the CPU,
-/// `W` and the bias frozen, the adapter trained and unmerged, no dropout. `x` must be the layer's
-/// own 2-d view of its input (read by no other op: the composed nodes' two gradients of `x` are
-/// then one sum, in either order). `None` elsewhere (the caller composes the layer).
+/// `x Wᵀ + s (x Aᵀ) Bᵀ (+ bias)` for `x` of shape `(..., in)` as one op, where it applies: f32
+/// on the CPU, `x` contiguous, `W` and the bias frozen, the adapter trained and unmerged, no
+/// dropout. (The composed layer read a 2-d view of `x` that no other op read, so its two gradients
+/// of `x` were one sum, in either order: the op's sum.) `None` elsewhere (the caller composes the
+/// layer).
 pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: &LoraAdapter) -> Result<Option<Tensor>> {
     let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
     let frozen = [Some(w), bias].into_iter().flatten();
@@ -107,22 +109,29 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: &LoraAda
     if lora.merged
         || (lora.training && lora.dropout > 0.0)
         || !x.device().is_cpu()
-        || x.rank() != 2
+        || x.rank() < 2
         || !x.is_contiguous()
+        || x.dims().last() != Some(&w.dim(1)?)
         || all.clone().any(|t| t.dtype() != DType::F32 || !t.device().is_cpu())
         || frozen.clone().any(|t| t.track_op())
         || !(a.track_op() || b.track_op())
     {
         return Ok(None);
     }
+    let in_dim = w.dim(1)?;
+    let mut out_dims = x.dims().to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = w.dim(0)?;
+    }
     let op = LoraLinearOp {
-        x: x.detach(),
+        x: x.detach().reshape((x.elem_count() / in_dim.max(1), in_dim))?,
         a: a.detach(),
         b: b.detach(),
         w: w.detach(),
         bias: bias.map(|b| b.detach()),
         scale: lora.scale,
         u: Mutex::new(None),
+        out_dims,
     };
     Ok(Some(x.apply_op3(a, b, op)?))
 }
@@ -163,9 +172,12 @@ mod tests {
     /// with and without a bias, at a token count that takes `gemm`'s large-product path.
     #[test]
     fn equals_the_composed_layer_bit_for_bit() {
-        for (batch, tokens, d_in, d_out, rank, with_bias, train_x) in
-            [(2, 64, 64, 64, 4, false, true), (3, 5, 24, 40, 8, true, false), (2, 300, 32, 48, 4, true, true)]
-        {
+        for (batch, tokens, d_in, d_out, rank, with_bias, train_x) in [
+            (2, 64, 64, 64, 4, false, true),
+            (3, 5, 24, 40, 8, true, false),
+            (2, 300, 32, 48, 4, true, true),
+            (1, 7, 16, 8, 2, true, true),
+        ] {
             let w = tensor(&[d_out, d_in], 1);
             let bias = with_bias.then(|| tensor(&[d_out], 2));
             let lora =
@@ -175,7 +187,14 @@ mod tests {
             let r = tensor(&[batch * tokens, d_out], 7);
             let x2 = x3.reshape((batch * tokens, d_in)).unwrap();
 
-            let fused = lora_linear(&x2, &w, bias.as_ref(), &lora).unwrap().expect("the op applies");
+            // Odd cases on the layer's 2-d view of its input, even ones on the 3-d input itself.
+            let fused = if tokens % 2 == 1 {
+                lora_linear(&x2, &w, bias.as_ref(), &lora).unwrap().expect("the op applies")
+            } else {
+                let y = lora_linear(&x3, &w, bias.as_ref(), &lora).unwrap().expect("the op applies");
+                assert_eq!(y.dims(), [batch, tokens, d_out]);
+                y.reshape((batch * tokens, d_out)).unwrap()
+            };
             let x2b = x3.reshape((batch * tokens, d_in)).unwrap();
             let reference = composed(&x2b, &w, bias.as_ref(), &lora);
             assert_eq!(bits(&fused), bits(&reference), "output ({batch}x{tokens}, {d_in} -> {d_out})");

@@ -56,6 +56,18 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
+        // In a graph on the CPU in f32 the ops take `x` of any rank: no reshape nodes, whose
+        // gradients candle would zero-fill and add.
+        if x.rank() > 2 && crate::fused::linear_forward_applies(x, &self.weight, self.bias.as_ref()) {
+            let y = match self.lora.as_ref().filter(|l| !l.merged) {
+                Some(lora) => crate::lora_linear::lora_linear(x, &self.weight, self.bias.as_ref(), lora)?,
+                None => crate::fused::linear_no_frozen_grad(x, &self.weight, self.bias.as_ref())?,
+            };
+            if let Some(y) = y {
+                crate::flops::add_product(2 * rows * in_dim * self.out_features());
+                return Ok(y);
+            }
+        }
         let x2 = x.reshape((rows, in_dim))?;
         // An unmerged adapter's delta is added before the bias (the order of the sums is the
         // same on every path).
