@@ -114,6 +114,27 @@ pub(crate) fn forward_f32(x: &[f32], w: &[f32], b: &[f32], v: View) -> Vec<f32> 
         |(r, (o, xr))| {
             let g = r % v.groups;
             let (mean, inv) = stats_f32(xr, v.eps);
+            if v.s == 1 {
+                // Layer norm: one element per channel, so one loop over the row's channels (the
+                // same operations per element, vectorised across channels, not one call each).
+                let (wg, bg) = (&w[g * v.cg..][..v.cg], &b[g * v.cg..][..v.cg]);
+                let terms = o.iter_mut().zip(xr).zip(wg.iter().zip(bg));
+                let affine = |x: f32, wc: f32, bc: f32| {
+                    let scale = inv * wc as f64;
+                    x * scale as f32 + (bc as f64 - mean * scale) as f32
+                };
+                if v.silu {
+                    terms.for_each(|((o, &x), (&wc, &bc))| {
+                        let u = affine(x, wc, bc);
+                        o.write(u * sigmoid_f32(u));
+                    });
+                } else {
+                    terms.for_each(|((o, &x), (&wc, &bc))| {
+                        o.write(affine(x, wc, bc));
+                    });
+                }
+                return;
+            }
             for c in 0..v.cg {
                 let ch = g * v.cg + c;
                 let scale = inv * w[ch] as f64;
@@ -149,20 +170,33 @@ pub(crate) fn backward_x_f32(x: &[f32], dy: &[f32], w: &[f32], b: &[f32], v: Vie
             let g = r % v.groups;
             let (mean, inv) = stats_f32(xr, v.eps);
             let (inv32, shift) = (inv as f32, (-mean * inv) as f32);
-            for c in 0..v.cg {
-                let ch = g * v.cg + c;
-                let (wc, bc) = (w[ch], b[ch]);
-                let span = c * v.s..(c + 1) * v.s;
-                let (xn, dxn) = (&mut xn[span.clone()], &mut dxn[span.clone()]);
-                for (((n, d), &x), &dy) in xn.iter_mut().zip(dxn.iter_mut()).zip(&xr[span.clone()]).zip(&gr[span]) {
-                    *n = x * inv32 + shift;
-                    let mut du = dy;
-                    if v.silu {
-                        let u = *n * wc + bc;
-                        let sg = sigmoid_f32(u);
-                        du *= sg * (1.0 + u * (1.0 - sg));
+            let term = |n: &mut f32, d: &mut f32, x: f32, dy: f32, wc: f32, bc: f32| {
+                *n = x * inv32 + shift;
+                let mut du = dy;
+                if v.silu {
+                    let u = *n * wc + bc;
+                    let sg = sigmoid_f32(u);
+                    du *= sg * (1.0 + u * (1.0 - sg));
+                }
+                *d = du * wc;
+            };
+            if v.s == 1 {
+                // Layer norm: one loop over the row's channels (as in the forward).
+                let (wg, bg) = (&w[g * v.cg..][..v.cg], &b[g * v.cg..][..v.cg]);
+                for (((n, d), (&x, &dy)), (&wc, &bc)) in
+                    xn.iter_mut().zip(dxn.iter_mut()).zip(xr.iter().zip(gr)).zip(wg.iter().zip(bg))
+                {
+                    term(n, d, x, dy, wc, bc);
+                }
+            } else {
+                for c in 0..v.cg {
+                    let ch = g * v.cg + c;
+                    let (wc, bc) = (w[ch], b[ch]);
+                    let span = c * v.s..(c + 1) * v.s;
+                    let (xn, dxn) = (&mut xn[span.clone()], &mut dxn[span.clone()]);
+                    for (((n, d), &x), &dy) in xn.iter_mut().zip(dxn.iter_mut()).zip(&xr[span.clone()]).zip(&gr[span]) {
+                        term(n, d, x, dy, wc, bc);
                     }
-                    *d = du * wc;
                 }
             }
             let len = row_len as f64;
@@ -388,6 +422,43 @@ mod tests {
     /// The f32 kernels (vectorised, f32 element math) agree with the f64 ones on the same data,
     /// forward and input gradient, for group norm with and without SiLU and for layer norm, on
     /// rows whose length is not a multiple of the 8 accumulation lanes.
+    /// The layer-norm rows (one element per channel, one loop over the row) compute each element
+    /// as the group-norm form does per channel: the f64 scale and shift rounded to f32, then
+    /// `x * scale + shift`; the same bits as that form written out, forward and input gradient.
+    #[test]
+    fn layer_norm_rows_have_the_per_channel_bits() {
+        let (n, d) = (5, 40);
+        let x: Vec<f32> = (0..n * d).map(|i| ((i as f64 * 0.37).sin() * 3.0 + 0.5) as f32).collect();
+        let dy: Vec<f32> = (0..n * d).map(|i| ((i as f64 * 0.11).cos()) as f32).collect();
+        let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..d).map(|i| i as f32 * 0.03 - 0.5).collect();
+        for silu in [false, true] {
+            let v = View { groups: 1, cg: d, s: 1, eps: 1e-5, silu };
+            let (y, dx) = (forward_f32(&x, &w, &b, v), backward_x_f32(&x, &dy, &w, &b, v));
+            // The same rows as d channels of one element in a (n, 1, d, 1) view, through the
+            // per-channel loops (s > 1 takes them; here the loop body is written out).
+            for r in 0..n {
+                let xr = &x[r * d..][..d];
+                let (mean, inv) = stats_f32(xr, 1e-5);
+                for c in 0..d {
+                    let scale = inv * w[c] as f64;
+                    let u = xr[c] * scale as f32 + (b[c] as f64 - mean * scale) as f32;
+                    let e = if silu { u * sigmoid_f32(u) } else { u };
+                    assert_eq!(y[r * d + c].to_bits(), e.to_bits(), "forward row {r} channel {c}");
+                }
+            }
+            let v1 = View { groups: n, cg: 1, s: d, eps: 1e-5, silu: false };
+            if !silu {
+                // With w = 1, b = 0 the layer norm of a row is the group norm of one channel.
+                let (ones, zeros) = (vec![1f32; d], vec![0f32; d]);
+                let ln = backward_x_f32(&x, &dy, &ones, &zeros, v);
+                let gn = backward_x_f32(&x, &dy, &vec![1f32; n], &vec![0f32; n], v1);
+                assert_eq!(ln, gn);
+            }
+            assert!(dx.iter().all(|v| v.is_finite()));
+        }
+    }
+
     #[test]
     fn f32_kernels_agree_with_f64() {
         let d = Device::Cpu;
