@@ -45,6 +45,7 @@ pub mod fastmath;
 pub mod flops;
 pub mod fused;
 pub mod geglu;
+pub mod graph_attention;
 pub mod image_file;
 pub mod inference_attention;
 pub mod init;

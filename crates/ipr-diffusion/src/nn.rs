@@ -319,6 +319,11 @@ pub(crate) fn attention_graph(
     let (b, lq, inner) = q.dims3()?;
     let lk = k.dim(1)?;
     let d = inner / heads;
+    if mask.is_none() && crate::attention::block_rows(b * heads, lq, lk).is_none() {
+        if let Some(y) = crate::graph_attention::graph_attention(q, k, v, heads)? {
+            return Ok(y);
+        }
+    }
     let split =
         |t: &Tensor, l: usize| -> Result<Tensor> { Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?) };
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
