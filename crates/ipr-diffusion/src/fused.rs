@@ -19,6 +19,16 @@ pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Res
     Ok(&data[start..end])
 }
 
+/// `f` on the contiguous f32 data of a CPU tensor (held, not copied); an error naming `op`
+/// otherwise. For kernels that read tensors they hold rather than the storages of a `cpu_fwd`.
+pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cpu(CpuStorage::F32(d)) => f(contiguous(d, l, op)?),
+        _ => Err(candle_core::Error::Msg(format!("{op}: expected an f32 CPU tensor"))),
+    }
+}
+
 fn rows<'a, T: WithDType>(data: &'a [T], layout: &Layout) -> Result<(&'a [T], usize)> {
     let n = *layout.dims().last().unwrap_or(&1);
     Ok((contiguous(data, layout, "fused op")?, n.max(1)))

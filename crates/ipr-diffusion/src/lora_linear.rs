@@ -10,9 +10,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use crate::fused::{frozen_linear_forward, matmul_no_fill};
+use crate::fused::{frozen_linear_forward, matmul_no_fill, with_f32};
 use crate::lora::LoraAdapter;
 
 struct LoraLinearOp {
@@ -38,15 +38,15 @@ impl LoraLinearOp {
         let d = u.matmul(&self.b.t()?)?.affine(self.scale, 0.0)?;
         *self.u.lock().expect("lora linear: poisoned lock") = Some(u);
         let n = self.w.dim(0)?;
-        let (ds, dl) = d.storage_and_layout();
-        let Storage::Cpu(CpuStorage::F32(ds)) = &*ds else {
-            return Err(candle_core::Error::Msg("lora linear: expected f32 CPU tensors".into()));
-        };
-        let ds = crate::fused::contiguous(ds, dl, "lora linear")?;
-        y.iter_mut().zip(ds).for_each(|(y, &d)| *y += d);
+        with_f32(&d, "lora linear", |d| {
+            y.iter_mut().zip(d).for_each(|(y, &d)| *y += d);
+            Ok(())
+        })?;
         if let Some(bias) = &self.bias {
-            let bias = bias.to_vec1::<f32>()?;
-            y.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(&bias).for_each(|(y, &b)| *y += b));
+            with_f32(bias, "lora linear", |bias| {
+                y.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(bias).for_each(|(y, &b)| *y += b));
+                Ok(())
+            })?;
         }
         Ok(y)
     }

@@ -58,7 +58,7 @@ impl Linear {
         let rows = x.elem_count() / in_dim.max(1);
         // In a graph on the CPU in f32 the ops take `x` of any rank: no reshape nodes, whose
         // gradients candle would zero-fill and add.
-        if x.rank() > 2 && crate::fused::linear_forward_applies(x, &self.weight, self.bias.as_ref()) {
+        if crate::fused::linear_forward_applies(x, &self.weight, self.bias.as_ref()) {
             let y = match self.lora.as_ref().filter(|l| !l.merged) {
                 Some(lora) => crate::lora_linear::lora_linear(x, &self.weight, self.bias.as_ref(), lora)?,
                 None => crate::fused::linear_no_frozen_grad(x, &self.weight, self.bias.as_ref())?,
@@ -73,13 +73,7 @@ impl Linear {
         // same on every path).
         let y = match self.lora.as_ref().filter(|l| !l.merged) {
             None => affine(&x2, &self.weight, self.bias.as_ref())?,
-            Some(lora) => match crate::lora_linear::lora_linear(&x2, &self.weight, self.bias.as_ref(), lora)? {
-                Some(y) => {
-                    crate::flops::add_product(2 * rows * in_dim * self.out_features());
-                    y
-                }
-                None => add_bias((affine(&x2, &self.weight, None)? + lora.delta(&x2)?)?, self.bias.as_ref())?,
-            },
+            Some(lora) => add_bias((affine(&x2, &self.weight, None)? + lora.delta(&x2)?)?, self.bias.as_ref())?,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_features();

@@ -13,7 +13,7 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use crate::conv::{conv_forward, conv_input_grad, Geom};
 use crate::nn::{Conv2d, GroupNorm};
@@ -60,11 +60,7 @@ struct BranchOp {
 
 /// `f` on the contiguous f32 data of a CPU tensor.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(CpuStorage::F32(d)) => f(crate::fused::contiguous(d, l, "resnet branch")?),
-        _ => Err(candle_core::Error::Msg("resnet branch: expected an f32 CPU tensor".into())),
-    }
+    crate::fused::with_f32(t, "resnet branch", f)
 }
 
 impl Norm {

@@ -19,23 +19,22 @@ pub fn upsample_nearest(x: &Tensor, target: (usize, usize)) -> Result<Option<Ten
     }
     let f = th / h;
     let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else { return Ok(None) };
-    let src = crate::fused::contiguous(data, layout, "upsample")?;
     let mut out = vec![0f32; b * c * th * tw];
-    out.par_chunks_mut(th * tw).zip(src.par_chunks(h * w)).for_each(|(dst, plane)| {
-        for (y, row) in plane.chunks_exact(w).enumerate() {
-            let first = &mut dst[y * f * tw..][..tw];
-            for (o, &v) in first.chunks_exact_mut(f).zip(row) {
-                o.fill(v);
+    crate::fused::with_f32(&x, "upsample", |src| {
+        out.par_chunks_mut(th * tw).zip(src.par_chunks(h * w)).for_each(|(dst, plane)| {
+            for (y, row) in plane.chunks_exact(w).enumerate() {
+                let first = &mut dst[y * f * tw..][..tw];
+                for (o, &v) in first.chunks_exact_mut(f).zip(row) {
+                    o.fill(v);
+                }
+                for r in 1..f {
+                    let (done, rest) = dst[y * f * tw..].split_at_mut(r * tw);
+                    rest[..tw].copy_from_slice(&done[..tw]);
+                }
             }
-            for r in 1..f {
-                let (done, rest) = dst[y * f * tw..].split_at_mut(r * tw);
-                rest[..tw].copy_from_slice(&done[..tw]);
-            }
-        }
-    });
-    drop(storage);
+        });
+        Ok(())
+    })?;
     Ok(Some(Tensor::from_vec(out, (b, c, th, tw), x.device())?))
 }
 
