@@ -181,7 +181,12 @@ fn col2im_band_channel<T: WithDType>(
 /// the thread count. (Products over groups of small images, packing the kernel once per group,
 /// measured 2-5% slower at toy size than one image per task.)
 pub(crate) fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
-    if padded_rows(g) || direct_kernels::<T>(g, c_out) {
+    if let Some(direct) = as_f32(w).and_then(|w| DirectForward::new(w, g, c_out)) {
+        let y = direct.run(as_f32(x).expect("f32 like w"), bias.and_then(as_f32));
+        // SAFETY: T is f32 (as_f32 returned Some): the vector is reinterpreted as itself.
+        let mut y = std::mem::ManuallyDrop::new(y);
+        unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast::<T>(), y.len(), y.capacity()) }
+    } else if padded_rows(g) {
         conv_forward_padded_rows(x, w, bias, g, c_out)
     } else {
         conv_forward_bands(x, w, bias, g, c_out)
@@ -202,6 +207,14 @@ fn direct_kernels<T: WithDType>(g: Geom, c_out: usize) -> bool {
         && g.c <= DIRECT_MAX_CHANNELS
         && g.out_h() * g.out_w() >= 2
         && crate::conv_direct::available()
+}
+
+/// Whether [`DirectForward`] computes the forward: [`direct_kernels`] on a "same"
+/// convolution (`2 pad + 1 = k`, output rows as wide as the input's) of at most
+/// [`crate::conv_direct::FORWARD_MAX_K`]. (1x1 convolutions, the resnets' shortcuts, run as
+/// fast through `gemm`, measured.)
+fn direct_forward(g: Geom, c_out: usize) -> bool {
+    direct_kernels::<f32>(g, c_out) && 2 * g.pad + 1 == g.k && g.k <= crate::conv_direct::FORWARD_MAX_K
 }
 
 /// The most channels the direct kernels take: they read the weights and the planes again for
@@ -286,33 +299,17 @@ unsafe fn copy_out_rows<T: Copy>(
 /// copied out. One `memcpy` per im2col row instead of a fill / copy / fill per output row,
 /// which cost about as much as the copying itself at toy size (`perf`: im2col was a third of
 /// the convolution). The product and the bias are those of [`conv_forward_bands`], so are the
-/// results, bit for bit (tested). The direct kernels' rows are `W + pad` apart (see below).
+/// results, bit for bit (tested).
 fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geom, c_out: usize) -> Vec<T> {
     let (ho, wo) = (g.out_h(), g.out_w());
     let l = ho * wo;
-    // The direct kernels read rows `W + pad` apart: each row's `pad` leading zeros are also the
-    // previous row's trailing ones, so each output row carries `pad` extra columns, not `2 pad`
-    // (at the toy's 8x8 a ninth of the product instead of a fifth). The gemm product keeps
-    // `W + 2 pad`: its size, hence how gemm cuts its sums, stays that of the banded path.
-    let direct_kernels = direct_kernels::<T>(g, c_out);
-    let wp = if direct_kernels { g.w + g.pad } else { g.w + 2 * g.pad };
+    let wp = g.w + 2 * g.pad;
     let rows = g.rows();
     let image_len = g.c * g.h * g.w;
     let total = g.b * c_out * l;
     let mut out: Vec<T> = Vec::with_capacity(total);
     let band_rows = (band_len::<T>(g) / wo).clamp(1, ho);
     let bands = ho.div_ceil(band_rows);
-    // f32 on an AVX-512 CPU: the product without columns, the weights packed term-major, the
-    // sum cut where gemm cuts that of the banded path (one band's product).
-    let direct: Option<(Vec<f32>, usize)> = as_f32(w).filter(|_| direct_kernels).map(|w| {
-        let mut wk = vec![0f32; rows * c_out];
-        for (o, row) in w.chunks(rows).enumerate() {
-            for (t, &v) in row.iter().enumerate() {
-                wk[t * c_out + o] = v;
-            }
-        }
-        (wk, crate::conv_direct::k_block(c_out, band_len::<T>(g).min(l), rows))
-    });
     let dst = SharedMut(out.as_mut_ptr());
     let inner = threads_per_product(g.b * bands);
     let buffers = || (Vec::new(), Vec::new(), Vec::new());
@@ -321,64 +318,137 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
         let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(ho));
         let n = (oy1 - oy0) * wp;
         let image = &x[b * image_len..][..image_len];
-        // The band's input rows oy0 - pad .. oy1 - 1 - pad + k - 1, zero-padded (and the direct
-        // kernel's whole blocks of pixels after the last plane).
+        // The band's input rows oy0 - pad .. oy1 - 1 - pad + k - 1, zero-padded.
         let band = PaddedBand::new(oy0 as isize - g.pad as isize, oy1 - oy0 + g.k - 1, wp, g.pad, g.k);
-        let slack = if direct.is_some() { crate::conv_direct::SLACK } else { 0 };
-        band.fill(image, g.c, (g.h, g.w), slack, slab);
+        band.fill(image, g.c, (g.h, g.w), 0, slab);
         let plane = band.plane;
-        // Accumulator rows `ld` apart: whole blocks of pixels for the direct kernel.
-        let block = crate::conv_direct::forward_block(n);
-        let ld = if direct.is_some() { n.next_multiple_of(block) } else { n };
         acc.clear();
         match bias {
-            Some(bias) => bias.iter().for_each(|&v| acc.extend(std::iter::repeat_n(v, ld))),
-            None => acc.resize(c_out * ld, T::zero()),
+            Some(bias) => bias.iter().for_each(|&v| acc.extend(std::iter::repeat_n(v, n))),
+            None => acc.resize(c_out * n, T::zero()),
         }
-        match (&direct, as_f32(slab), as_f32_mut(acc)) {
-            (Some((wk, kc)), Some(data), Some(acc)) => {
-                let planes = crate::conv_direct::Planes { data, c: g.c, plane, wp, k: g.k };
-                crate::conv_direct::product(&planes, wk, c_out, acc, ld, block, *kc, bias.is_some());
-            }
-            _ => {
-                cols.resize(rows * n, T::zero());
-                for r in 0..rows {
-                    let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
-                    cols[r * n..][..n].copy_from_slice(&slab[c * plane + kh * wp + kw..][..n]);
-                }
-                // SAFETY: w is c_out x rows, cols rows x n, acc c_out x n (row strides rows, n, n).
-                unsafe {
-                    gemm_threads(
-                        inner,
-                        (c_out, n, rows),
-                        acc.as_mut_ptr(),
-                        n,
-                        bias.is_some(),
-                        (w.as_ptr(), rows, 1),
-                        (cols.as_ptr(), n, 1),
-                    )
-                };
-            }
+        cols.resize(rows * n, T::zero());
+        for r in 0..rows {
+            let (c, kh, kw) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
+            cols[r * n..][..n].copy_from_slice(&slab[c * plane + kh * wp + kw..][..n]);
         }
+        // SAFETY: w is c_out x rows, cols rows x n, acc c_out x n (row strides rows, n, n).
+        unsafe {
+            gemm_threads(
+                inner,
+                (c_out, n, rows),
+                acc.as_mut_ptr(),
+                n,
+                bias.is_some(),
+                (w.as_ptr(), rows, 1),
+                (cols.as_ptr(), n, 1),
+            )
+        };
         // SAFETY: task (b, j) alone writes output rows [oy0, oy1) of image b, inside the
         // allocation of `total` elements; writes only.
-        unsafe { copy_out_rows(acc, c_out, ld, wp, oy1 - oy0, (ho, wo), oy0, dst.ptr().add(b * c_out * l)) };
+        unsafe { copy_out_rows(acc, c_out, n, wp, oy1 - oy0, (ho, wo), oy0, dst.ptr().add(b * c_out * l)) };
     });
     // SAFETY: the tasks (every image, bands covering every output row) wrote all elements.
     unsafe { out.set_len(total) };
     out
 }
 
+/// A "same" stride-1 convolution by [`crate::conv_direct::product`] (f32, AVX-512; see
+/// [`direct_forward`]) per (image, band of output rows), reading the image as it is (the
+/// padding is the kernel's masks), the output written in place when the band's pixels are
+/// whole blocks of the kernel (the toy's images), else into a buffer copied out plane by plane.
+/// The sums are those of the im2col + gemm paths, so are the results, bit for bit (tested).
+///
+/// Prepared once per weight and image size (the weights packed term-major, each band's masks),
+/// so that callers running one image at a time do not repeat that work per image.
+pub(crate) struct DirectForward {
+    /// One image's geometry (`b` = 1).
+    g: Geom,
+    c_out: usize,
+    wk: Vec<f32>,
+    kc: usize,
+    offsets: Vec<isize>,
+    /// Per band: output pixels `[p0, p0 + n)` in blocks of `block`, and the kernel's masks.
+    bands: Vec<(usize, usize, usize, Vec<u16>)>,
+}
+
+impl DirectForward {
+    /// `None` where [`direct_forward`] does not apply.
+    pub(crate) fn new(w: &[f32], g: Geom, c_out: usize) -> Option<Self> {
+        let g = Geom { b: 1, ..g };
+        if !direct_forward(g, c_out) || w.len() != c_out * g.rows() {
+            return None;
+        }
+        let (h, wd, rows) = (g.h, g.w, g.rows());
+        let mut wk = vec![0f32; rows * c_out];
+        for (o, row) in w.chunks(rows).enumerate() {
+            for (t, &v) in row.iter().enumerate() {
+                wk[t * c_out + o] = v;
+            }
+        }
+        // The sum cut where gemm cuts that of the banded path's product.
+        let kc = crate::conv_direct::k_block(c_out, band_len::<f32>(g).min(h * wd), rows);
+        let band_rows = (band_len::<f32>(g) / wd).clamp(1, h);
+        let bands = (0..h.div_ceil(band_rows))
+            .map(|j| {
+                let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(h));
+                let (p0, n) = (oy0 * wd, (oy1 - oy0) * wd);
+                let block = crate::conv_direct::forward_block(n);
+                (p0, n, block, crate::conv_direct::masks((h, wd), g.k, p0, n, block))
+            })
+            .collect();
+        let offsets = crate::conv_direct::offsets_of(g.c, (h, wd), g.k);
+        Some(Self { g, c_out, wk, kc, offsets, bands })
+    }
+
+    /// The convolution of the images of `x` (`B x C x H x W`).
+    pub(crate) fn run(&self, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let (g, c_out) = (self.g, self.c_out);
+        let l = g.h * g.w;
+        let b = x.len() / (g.c * l);
+        assert!(x.len() == b * g.c * l && bias.is_none_or(|v| v.len() == c_out), "direct conv: operand sizes");
+        let total = b * c_out * l;
+        let mut out: Vec<f32> = Vec::with_capacity(total);
+        let dst = SharedMut(out.as_mut_ptr());
+        let bands = self.bands.len();
+        (0..b * bands).into_par_iter().for_each_init(Vec::new, |acc: &mut Vec<f32>, task| {
+            let (i, (p0, n, block, masks)) = (task / bands, &self.bands[task % bands]);
+            let (p0, n, block) = (*p0, *n, *block);
+            let image =
+                crate::conv_direct::Image { data: &x[i * g.c * l..][..g.c * l], c: g.c, h: g.h, w: g.w, k: g.k };
+            // SAFETY: task (i, j) alone writes pixels [p0, p0 + n) of image i's planes.
+            let out_band = unsafe { dst.ptr().add(i * c_out * l + p0) };
+            if n % block == 0 {
+                let d = crate::conv_direct::Dst { ptr: out_band, ld: l, p0, n, block };
+                // SAFETY: `c_out` rows of `n` (whole blocks) from `out_band`, `l` apart, are
+                // this task's pixels of image i, inside the allocation of `total` elements.
+                unsafe {
+                    crate::conv_direct::product(&image, &self.offsets, masks, &self.wk, c_out, bias, &d, self.kc)
+                };
+            } else {
+                let ld = n.next_multiple_of(block);
+                acc.resize(c_out * ld, 0.0);
+                let d = crate::conv_direct::Dst { ptr: acc.as_mut_ptr(), ld, p0, n, block };
+                // SAFETY: `acc` holds `c_out` rows of `ld`, the rounded pixels.
+                unsafe {
+                    crate::conv_direct::product(&image, &self.offsets, masks, &self.wk, c_out, bias, &d, self.kc)
+                };
+                for o in 0..c_out {
+                    // SAFETY: as above, pixels [p0, p0 + n) of plane o of image i; writes only.
+                    unsafe { std::ptr::copy_nonoverlapping(acc[o * ld..].as_ptr(), out_band.add(o * l), n) };
+                }
+            }
+        });
+        // SAFETY: the tasks (every image, bands covering every output row) wrote all elements.
+        unsafe { out.set_len(total) };
+        out
+    }
+}
+
 /// The slice as f32 when `T` is f32.
 fn as_f32<T: WithDType>(s: &[T]) -> Option<&[f32]> {
     // SAFETY: T is f32 (same type id), so the slice is reinterpreted as itself.
     (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) })
-}
-
-/// [`as_f32`] for a mutable slice.
-fn as_f32_mut<T: WithDType>(s: &mut [T]) -> Option<&mut [f32]> {
-    // SAFETY: as in `as_f32`.
-    (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) })
 }
 
 /// The general case: bands of output pixels, each band's im2col columns built piece by piece
@@ -715,14 +785,16 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
     }
 
-    /// The padded-rows forward (with the direct AVX-512 product where the CPU has it) gives the
-    /// bits of the banded im2col + gemm one on the toy UNet's stride-1 shapes (f32; sums over
-    /// `K` of up to 1152, which gemm cuts in blocks, also as it does for products of at most 64
-    /// x 64 at 8x8; output channels in blocks of 8, 4, 2 and 1; several bands at 40 channels x
-    /// 64 pixels).
+    /// The forward's two stride-1 paths give the bits of the banded im2col + gemm one: the direct
+    /// AVX-512 kernel (on "same" convolutions where the CPU has it) and the padded-rows im2col +
+    /// gemm. On the toy UNet's shapes (f32; sums over `K` of up to 1152, which gemm cuts in
+    /// blocks, also as it does for products of at most 64 x 64 at 8x8; output channels in blocks
+    /// of 8, 6, 4, 2 and 1 with pixels in blocks of 48, 64 and 80; several bands at 40 channels x
+    /// 64 pixels, written in place, and at 100 x 37, through the buffer; 5x5 and 7x7 kernels).
     #[test]
-    fn padded_rows_forward_has_the_banded_forwards_bits() {
+    fn forward_paths_have_the_banded_forwards_bits() {
         let d = Device::Cpu;
+        let mut direct = 0;
         for (c, c_out, hw, b, bias, k, pad) in [
             (16, 16, 32, 2, true, 3, 1),
             (48, 16, 32, 1, true, 3, 1),
@@ -736,12 +808,14 @@ mod tests {
             (128, 64, 8, 1, true, 3, 1),
             (96, 64, 8, 1, false, 3, 1),
             (32, 6, 8, 1, true, 3, 1),
+            (7, 11, 5, 2, true, 3, 1),
+            (100, 5, 37, 1, true, 3, 1),
             (8, 8, 12, 1, true, 3, 0),
             (6, 9, 20, 1, true, 5, 2),
+            (4, 5, 13, 1, true, 7, 3),
             (12, 10, 9, 2, false, 3, 2),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k, stride: 1, pad };
-            assert!(padded_rows(g) || direct_kernels::<f32>(g, c_out));
             let x =
                 Tensor::randn(0f32, 1., (b, c, hw, hw), &d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let w = Tensor::randn(0f32, 0.1, (c_out, c, k, k), &d)
@@ -752,10 +826,23 @@ mod tests {
                 .unwrap();
             let bv: Vec<f32> = (0..c_out).map(|i| i as f32 * 0.37 - 1.0).collect();
             let bias = bias.then_some(&bv[..]);
-            let (ours, plain) =
-                (conv_forward_padded_rows(&x, &w, bias, g, c_out), conv_forward_bands(&x, &w, bias, g, c_out));
-            assert!(ours.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{c}->{c_out} at {hw}");
+            let plain = conv_forward_bands(&x, &w, bias, g, c_out);
+            let same = |y: &[f32]| y.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits());
+            if direct_forward(g, c_out) {
+                let direct_conv = DirectForward::new(&w, g, c_out).expect("applies");
+                assert!(same(&direct_conv.run(&x, bias)), "direct: {c}->{c_out} at {hw}, k{k}");
+                direct += 1;
+            }
+            if padded_rows(g) {
+                assert!(same(&conv_forward_padded_rows(&x, &w, bias, g, c_out)), "padded rows: {c}->{c_out} at {hw}");
+            }
+            assert!(same(&conv_forward(&x, &w, bias, g, c_out)), "{c}->{c_out} at {hw}, k{k}");
         }
+        assert!(
+            direct == 0 || direct == 15,
+            "the direct kernel took {direct} of the 15 same convolutions of 3 or more channels"
+        );
+        assert_eq!(direct > 0, crate::conv_direct::available());
     }
 
     /// The direct input gradient (on AVX-512 CPUs) gives the bits of the im2col + col2im one on

@@ -1,39 +1,44 @@
-//! The product of [`crate::conv`]'s padded-rows convolution without im2col columns, as an
-//! AVX-512 kernel that reads the zero-padded input planes directly: for a block of 8 output
-//! channels x 48 output pixels (24 accumulator registers), each term (channel, kh, kw) is three
-//! loads at offset `c plane + kh Wp + kw` and 24 fused multiply-adds with the broadcast weights.
+//! The products of [`crate::conv`]'s stride-1 convolutions without im2col columns, as AVX-512
+//! kernels that read the input planes directly.
+//!
+//! The forward ([`product`]) reads the input planes as they are: for a block of output channels
+//! x pixels, each term (channel, kh, kw) is a few 16-lane loads at offset `c plane + (kh - pad)
+//! W + kw - pad` from the pixel, the lanes whose input pixel falls outside the image (the zero
+//! padding) masked to zero, and a fused multiply-add per accumulator with the broadcast weight.
+//! No padded copy of the input, no padding columns computed (rows `W + pad` apart cost a ninth
+//! more at 8x8), and the output planes written in place.
+//! The input gradient ([`input_grad_product`]) reads zero-padded rows.
 //!
 //! Why: building the im2col columns copied the input 9 times (for 3x3) before the product read
 //! it again; at toy size that copying cost about a third as much as the product (`perf`).
 //!
 //! The sums are those of the `gemm` crate's AVX-512 kernel on the im2col product, bit for bit
 //! (tested): one accumulator per output element, a fused multiply-add per term in the order
-//! (channel, kh, kw), the sum cut into blocks of `K` where `gemm` cuts it ([`k_block`]), each
-//! block's sum added to the destination (the bias, or nothing for the first block without one).
+//! (channel, kh, kw) (a masked lane adds `0 x w`, as the padding's zero did), the sum cut into
+//! blocks of `K` where `gemm` cuts it ([`k_block`]), each block's sum added to the destination
+//! (the bias, or nothing for the first block without one).
 
-/// Pixels per block of the input-gradient kernel, and of the forward kernel on wide rows:
-/// three 16-lane vectors (x 8 channels: 24 accumulators).
+/// Pixels per block of the input-gradient kernel: three 16-lane vectors (x 8 channels: 24
+/// accumulators).
 pub(crate) const PIXELS: usize = 48;
 
-/// Pixels per block of the forward kernel where that pads less: five vectors (x 4 channels),
-/// the 80 pixels of an 8 x 8 image in rows of 10.
-const WIDE_PIXELS: usize = 80;
+/// Zeros the padded planes of the input gradient need after their last element: a block reads
+/// up to [`PIXELS`] pixels past the end of the output domain.
+pub(crate) const SLACK: usize = PIXELS;
 
-/// Zeros the input planes need after their last element: a block reads up to [`WIDE_PIXELS`]
-/// pixels past the end of the output domain.
-pub(crate) const SLACK: usize = WIDE_PIXELS;
+/// The forward kernel's blocks of pixels: 48 (8 channels x 3 vectors), 64 (6 x 4) or 80 (4 x 5).
+const FORWARD_BLOCKS: [usize; 3] = [64, 48, 80];
 
-/// The forward kernel's pixels per block for `n` output pixels: whichever of 48 and 80 pads
-/// `n` less (48 on ties).
+/// The widest kernel the forward takes (its column masks are kept per `kw`).
+pub(crate) const FORWARD_MAX_K: usize = 7;
+
+/// The forward kernel's pixels per block for `n` output pixels: the one of [`FORWARD_BLOCKS`]
+/// that pads `n` least (64 first on ties, then 48).
 pub(crate) fn forward_block(n: usize) -> usize {
-    if n.next_multiple_of(WIDE_PIXELS) < n.next_multiple_of(PIXELS) {
-        WIDE_PIXELS
-    } else {
-        PIXELS
-    }
+    FORWARD_BLOCKS.into_iter().min_by_key(|&b| n.next_multiple_of(b)).expect("blocks")
 }
 
-/// Whether the kernel runs here (the CPU has AVX-512F).
+/// Whether the kernels run here (the CPU has AVX-512F).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -56,8 +61,8 @@ pub(crate) fn k_block(rows: usize, n: usize, k: usize) -> usize {
     }
 }
 
-/// The padded input of one band: `c` planes `plane` elements apart, rows `wp` apart, followed by
-/// at least [`SLACK`] zeros.
+/// The padded input of one band for the input gradient: `c` planes `plane` elements apart, rows
+/// `wp` apart, followed by at least [`SLACK`] zeros.
 pub(crate) struct Planes<'a> {
     pub data: &'a [f32],
     pub c: usize,
@@ -66,40 +71,106 @@ pub(crate) struct Planes<'a> {
     pub k: usize,
 }
 
-/// `acc[o * ld + p] (+)= sum over (channel, kh, kw) of wk[term * c_out + o] x
-/// planes[c plane + kh wp + kw + p]` for every output channel `o` and pixel `p < ld` in blocks
-/// of `block` ([`forward_block`]; pixels past the output's get values that are ignored), the
-/// sum cut every `kc` terms ([`k_block`] of the im2col product this replaces). `acc` starts as
-/// the bias (`has_bias`), else its old contents are not read.
+/// The input of the forward of a "same" convolution (`2 pad + 1 = k`): one image's `c` planes
+/// of `h x w`, as they are.
+pub(crate) struct Image<'a> {
+    pub data: &'a [f32],
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+}
+
+/// Where the output pixels `p0 .. p0 + n` of one image go: `c_out` rows of them, `ld` elements
+/// apart, from `ptr` (pixel `p0` of the first). `n` is a multiple of `block` ([`forward_block`])
+/// unless the rows have room for the rounding.
+pub(crate) struct Dst {
+    pub ptr: *mut f32,
+    pub ld: usize,
+    pub p0: usize,
+    pub n: usize,
+    pub block: usize,
+}
+
+/// `dst[o ld + p] (+)= sum over (channel, kh, kw) of wk[term c_out + o] x x[channel, y + kh - pad,
+/// x + kw - pad]` (zero outside the image) for output pixel `p0 + p = (y, x)`, every output
+/// channel `o` and `p < n` rounded up to `dst.block` (pixels past `n` get values that are
+/// ignored), the sum cut every `kc` terms ([`k_block`] of the im2col product this replaces).
+/// `dst` starts as the bias when there is one (added to the first block's sum), else is written.
+///
+/// # Safety
+/// `dst.ptr` must address `c_out` rows of `n.next_multiple_of(dst.block)` elements `dst.ld`
+/// apart that no other thread reads or writes meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn product(
-    x: &Planes,
+pub(crate) unsafe fn product(
+    x: &Image,
+    offsets: &[isize],
+    masks: &[u16],
     wk: &[f32],
     c_out: usize,
-    acc: &mut [f32],
-    ld: usize,
-    block: usize,
+    bias: Option<&[f32]>,
+    dst: &Dst,
     kc: usize,
-    has_bias: bool,
 ) {
-    let terms = x.c * x.k * x.k;
-    assert!(block == PIXELS || block == WIDE_PIXELS);
-    assert!(wk.len() >= terms * c_out && ld.is_multiple_of(block) && acc.len() >= c_out * ld && kc > 0);
-    let offsets: Vec<usize> =
-        (0..terms).map(|t| (t / (x.k * x.k)) * x.plane + ((t / x.k) % x.k) * x.wp + t % x.k).collect();
-    assert!(offsets.last().is_none_or(|&o| o + ld <= x.data.len()), "planes lack their slack");
+    let (k, plane) = (x.k, x.h * x.w);
+    let terms = x.c * k * k;
+    assert!(FORWARD_BLOCKS.contains(&dst.block) && k % 2 == 1 && k <= FORWARD_MAX_K);
+    assert!(wk.len() >= terms * c_out && bias.is_none_or(|b| b.len() >= c_out) && kc > 0);
+    assert!(x.data.len() >= x.c * plane && dst.p0 + dst.n <= plane);
+    // The last term's offset bounds the reads (the masks keep them inside the image).
+    let last = ((x.c - 1) * plane + (k - 1) * x.w + k - 1) as isize - ((k - 1) / 2 * (x.w + 1)) as isize;
+    assert!(offsets.len() == terms && offsets.last().is_none_or(|&o| o == last), "offsets of another image size");
+    assert_eq!(masks.len(), dst.n.next_multiple_of(dst.block) / 16 * k * k, "masks of another band");
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available());
-        // SAFETY: AVX-512F is present (checked); the reads stay inside `x.data` (the last
-        // offset plus `ld` is inside, asserted) and the writes inside `acc` (c_out rows of ld).
-        unsafe { avx512::product(x.data, &offsets, wk, c_out, ld, block, acc, kc, has_bias) }
+        // SAFETY: AVX-512F is present (checked); the loads read only the lanes the masks enable,
+        // pixels of the image's planes (inside `x.data`); the writes stay inside the caller's rows.
+        unsafe { avx512::product(x.data, offsets, masks, k, wk, c_out, bias, dst, kc) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, wk, c_out, acc, ld, block, has_bias, kc, offsets);
+        let _ = (wk, c_out, bias, dst, kc, offsets, masks);
         unreachable!("conv_direct::product without AVX-512");
     }
+}
+
+/// The offsets [`product`] takes for `c` planes of `h x w` and a `k x k` kernel: term (c, kh,
+/// kw) reads from `c plane + (kh - pad) w + kw - pad` past the pixel.
+pub(crate) fn offsets_of(c: usize, (h, w): (usize, usize), k: usize) -> Vec<isize> {
+    let pad = (k - 1) / 2;
+    (0..c * k * k)
+        .map(|t| ((t / (k * k)) * h * w + ((t / k) % k) * w + t % k) as isize - (pad * w + pad) as isize)
+        .collect()
+}
+
+/// The masks [`product`] takes for output pixels `p0 .. p0 + n` (rounded up to whole blocks)
+/// of `h x w` images and a `k x k` kernel: for every 16 pixels and every `(kh, kw)` in order,
+/// the lanes whose input pixel `(y + kh - pad, x + kw - pad)` lies inside the image,
+/// `masks[(v k + kh) k + kw]` for vector `v`. The same for every image and channel: computed
+/// once per band.
+pub(crate) fn masks((h, w): (usize, usize), k: usize, p0: usize, n: usize, block: usize) -> Vec<u16> {
+    let pad = (k - 1) / 2;
+    let vectors = n.next_multiple_of(block) / 16;
+    let mut out = vec![0u16; vectors * k * k];
+    let (mut y, mut col) = (p0 / w, p0 % w);
+    for m in out.chunks_mut(k * k) {
+        let (mut rows, mut cols) = ([0u16; FORWARD_MAX_K], [0u16; FORWARD_MAX_K]);
+        for lane in 0..16 {
+            for kk in 0..k {
+                rows[kk] |= u16::from(y + kk >= pad && y + kk < h + pad) << lane;
+                cols[kk] |= u16::from(col + kk >= pad && col + kk < w + pad) << lane;
+            }
+            col += 1;
+            if col == w {
+                (y, col) = (y + 1, 0);
+            }
+        }
+        for (t, m) in m.iter_mut().enumerate() {
+            *m = rows[t / k] & cols[t % k];
+        }
+    }
+    out
 }
 
 /// The input gradient of a stride-1 convolution in the padded-width domain of `x.wp` columns:
@@ -131,33 +202,37 @@ pub(crate) fn input_grad_product(x: &Planes, wt: &[f32], c_in: usize, acc: &mut 
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::PIXELS;
+    use super::{Dst, PIXELS};
     use std::arch::x86_64::*;
 
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn product(
         x: &[f32],
-        offsets: &[usize],
+        offsets: &[isize],
+        masks: &[u16],
+        k: usize,
         wk: &[f32],
         c_out: usize,
-        ld: usize,
-        pixels: usize,
-        acc: &mut [f32],
+        bias: Option<&[f32]>,
+        dst: &Dst,
         kc: usize,
-        has_bias: bool,
     ) {
-        let f = Forward { x, offsets, wk, c_out, ld, kc, has_bias };
+        let f = Forward { x, offsets, masks, kk: k * k, wk, c_out, bias, dst, kc };
         let mut o = 0;
         while o < c_out {
-            o += match (c_out - o, pixels) {
-                (8.., PIXELS) => f.block::<8, 3>(o, acc),
-                (4.., PIXELS) => f.block::<4, 3>(o, acc),
-                (2..=3, PIXELS) => f.block::<2, 3>(o, acc),
-                (_, PIXELS) => f.block::<1, 3>(o, acc),
-                (4.., _) => f.block::<4, 5>(o, acc),
-                (2..=3, _) => f.block::<2, 5>(o, acc),
-                _ => f.block::<1, 5>(o, acc),
+            o += match (c_out - o, dst.block) {
+                (8.., 48) => f.block::<8, 3>(o),
+                (4..=7, 48) => f.block::<4, 3>(o),
+                (6.., 64) => f.block::<6, 4>(o),
+                (4..=5, 64) => f.block::<4, 4>(o),
+                (4.., _) => f.block::<4, 5>(o),
+                (2..=3, 48) => f.block::<2, 3>(o),
+                (2..=3, 64) => f.block::<2, 4>(o),
+                (2..=3, _) => f.block::<2, 5>(o),
+                (_, 48) => f.block::<1, 3>(o),
+                (_, 64) => f.block::<1, 4>(o),
+                _ => f.block::<1, 5>(o),
             };
         }
     }
@@ -165,30 +240,38 @@ mod avx512 {
     /// The operands of the forward kernel.
     struct Forward<'a> {
         x: &'a [f32],
-        offsets: &'a [usize],
+        offsets: &'a [isize],
+        masks: &'a [u16],
+        kk: usize,
         wk: &'a [f32],
         c_out: usize,
-        ld: usize,
+        bias: Option<&'a [f32]>,
+        dst: &'a Dst,
         kc: usize,
-        has_bias: bool,
     }
 
     impl Forward<'_> {
         /// Output channels `o0 .. o0 + CB`, every block of `16 NV` pixels; returns `CB`.
         #[inline(always)]
-        unsafe fn block<const CB: usize, const NV: usize>(&self, o0: usize, acc: &mut [f32]) -> usize {
+        unsafe fn block<const CB: usize, const NV: usize>(&self, o0: usize) -> usize {
             let terms = self.offsets.len();
-            for p0 in (0..self.ld).step_by(16 * NV) {
+            for p in (0..self.dst.n).step_by(16 * NV) {
+                // The pixel's address; a term's lanes outside the image are masked off, never read.
+                let base = self.x.as_ptr().wrapping_add(self.dst.p0 + p);
+                let masks = self.masks.as_ptr().add(p / 16 * self.kk);
                 let mut start = 0;
                 while start < terms {
                     let end = (start + self.kc).min(terms);
                     let mut a = [[_mm512_setzero_ps(); NV]; CB];
+                    let mut kk = start % self.kk;
                     for (t, &off) in self.offsets.iter().enumerate().take(end).skip(start) {
-                        let src = self.x.as_ptr().add(off + p0);
+                        let src = base.wrapping_offset(off);
                         let mut v = [_mm512_setzero_ps(); NV];
                         for (i, v) in v.iter_mut().enumerate() {
-                            *v = _mm512_loadu_ps(src.add(16 * i));
+                            let m = *masks.add(i * self.kk + kk);
+                            *v = _mm512_maskz_loadu_ps(m, src.wrapping_add(16 * i));
                         }
+                        kk = if kk + 1 == self.kk { 0 } else { kk + 1 };
                         let w = self.wk.as_ptr().add(t * self.c_out + o0);
                         for (j, a) in a.iter_mut().enumerate() {
                             let wj = _mm512_set1_ps(*w.add(j));
@@ -197,12 +280,16 @@ mod avx512 {
                             }
                         }
                     }
-                    let first_alone = start == 0 && !self.has_bias;
                     for (j, a) in a.iter().enumerate() {
-                        let dst = acc.as_mut_ptr().add((o0 + j) * self.ld + p0);
+                        let d = self.dst.ptr.add((o0 + j) * self.dst.ld + p);
+                        let bias = self.bias.map(|b| _mm512_set1_ps(b[o0 + j]));
                         for (i, &a) in a.iter().enumerate() {
-                            let d = dst.add(16 * i);
-                            let r = if first_alone { a } else { _mm512_add_ps(_mm512_loadu_ps(d), a) };
+                            let d = d.add(16 * i);
+                            let r = match (start, bias) {
+                                (0, None) => a,
+                                (0, Some(b)) => _mm512_add_ps(b, a),
+                                _ => _mm512_add_ps(_mm512_loadu_ps(d), a),
+                            };
                             _mm512_storeu_ps(d, r);
                         }
                     }

@@ -40,11 +40,21 @@ fn contiguous<'a, T>(d: &'a [T], l: &Layout) -> Result<&'a [T]> {
 
 /// One row: `out = f(a, gate)` for the halves `[a, gate]` of `row`.
 #[inline(always)]
-fn forward_row<T: Copy>(o: &mut [T], row: &[T], n: usize, f: impl Fn(T, T) -> T) {
+fn forward_row<T: Copy>(o: &mut [std::mem::MaybeUninit<T>], row: &[T], n: usize, f: impl Fn(T, T) -> T) {
     let (a, gate) = row.split_at(n);
     for ((o, &a), &g) in o.iter_mut().zip(a).zip(gate) {
-        *o = f(a, g);
+        o.write(f(a, g));
     }
+}
+
+/// `rows` of `n` outputs, each written once by `row` (no zero fill first: it cost a quarter as
+/// much as the GELUs).
+fn rows_out<T: Send>(len: usize, n: usize, row: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(n).enumerate().for_each(|(i, o)| row(i, o));
+    // SAFETY: the chunks cover all `len` elements, each written by `row` (`forward_row`).
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// One row: `[dy * gelu(gate), dy * a * gelu'(gate)]` through `f(a, gate, dy)`.
@@ -60,9 +70,7 @@ fn backward_row<T: Copy>(o: &mut [T], row: &[T], g: &[T], n: usize, f: impl Fn(T
 crate::fastmath::simd_dispatch! {
     /// Rows of `2n` in, rows of `n` out, f32.
     fn forward_f32(h: &[f32], n: usize) -> Vec<f32> {
-        let mut out = vec![0f32; h.len() / 2];
-        out.par_chunks_mut(n).zip(h.par_chunks(2 * n)).for_each(|(o, row)| forward_row(o, row, n, |a, g| a * gelu_f32(g)));
-        out
+        rows_out(h.len() / 2, n, |i, o| forward_row(o, &h[i * 2 * n..][..2 * n], n, |a, g| a * gelu_f32(g)))
     }
 }
 
@@ -79,9 +87,7 @@ crate::fastmath::simd_dispatch! {
 
 /// The f64 forward (the reference precision).
 fn forward_f64(h: &[f64], n: usize) -> Vec<f64> {
-    let mut out = vec![0f64; h.len() / 2];
-    out.par_chunks_mut(n).zip(h.par_chunks(2 * n)).for_each(|(o, row)| forward_row(o, row, n, |a, g| a * gelu_f64(g)));
-    out
+    rows_out(h.len() / 2, n, |i, o| forward_row(o, &h[i * 2 * n..][..2 * n], n, |a, g| a * gelu_f64(g)))
 }
 
 /// The f64 backward.
