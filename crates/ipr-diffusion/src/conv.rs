@@ -209,12 +209,20 @@ fn direct_kernels<T: WithDType>(g: Geom, c_out: usize) -> bool {
         && crate::conv_direct::available()
 }
 
-/// Whether [`DirectForward`] computes the forward: [`direct_kernels`] on a "same"
-/// convolution (`2 pad + 1 = k`, output rows as wide as the input's) of at most
-/// [`crate::conv_direct::FORWARD_MAX_K`]. (1x1 convolutions, the resnets' shortcuts, run as
-/// fast through `gemm`, measured.)
+/// Whether [`DirectForward`] computes the forward: f32 (the caller's), a shape the kernel
+/// takes (`conv_direct::Shape::applies`: "same" stride-1 convolutions up to 7x7 and the 3x3
+/// stride-2 downsamplers on even sizes, as [`direct_kernels`] not 1x1 ones, which run as fast
+/// through `gemm`, measured), 3 to [`DIRECT_MAX_CHANNELS`] output channels and at most that many
+/// input channels, two output pixels or more, an AVX-512 CPU.
 fn direct_forward(g: Geom, c_out: usize) -> bool {
-    direct_kernels::<f32>(g, c_out) && 2 * g.pad + 1 == g.k && g.k <= crate::conv_direct::FORWARD_MAX_K
+    let shape = crate::conv_direct::Shape { c: g.c, h: g.h, w: g.w, k: g.k, stride: g.stride };
+    g.k > 1
+        && 2 * g.pad + 1 == g.k
+        && shape.applies()
+        && (3..=DIRECT_MAX_CHANNELS).contains(&c_out)
+        && g.c <= DIRECT_MAX_CHANNELS
+        && g.out_h() * g.out_w() >= 2
+        && crate::conv_direct::available()
 }
 
 /// The most channels the direct kernels take: they read the weights and the planes again for
@@ -353,23 +361,22 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
     out
 }
 
-/// A "same" stride-1 convolution by [`crate::conv_direct::product`] (f32, AVX-512; see
-/// [`direct_forward`]) per (image, band of output rows), reading the image as it is (the
-/// padding is the kernel's masks), the output written in place when the band's pixels are
-/// whole blocks of the kernel (the toy's images), else into a buffer copied out plane by plane.
-/// The sums are those of the im2col + gemm paths, so are the results, bit for bit (tested).
+/// A convolution by [`crate::conv_direct::product`] (f32, AVX-512; see [`direct_forward`]: the
+/// "same" stride-1 ones and the stride-2 downsamplers) per (image, band of output rows), reading
+/// the image as it is (stride 2: its phase planes, one copy), the padding being the kernel's
+/// masked lanes, the output written in place when the band's pixels are whole blocks of the
+/// kernel (the toy's images), else into a buffer copied out plane by plane. The sums are those
+/// of the im2col + gemm paths, so are the results, bit for bit (tested).
 ///
-/// Prepared once per weight and image size (the weights packed term-major, each band's masks),
-/// so that callers running one image at a time do not repeat that work per image.
+/// Prepared once per weight and image size (the weights packed term-major, the kernel's
+/// [`crate::conv_direct::Plan`]), so that callers running one image at a time do not repeat
+/// that work per image.
 pub(crate) struct DirectForward {
-    /// One image's geometry (`b` = 1).
-    g: Geom,
+    shape: crate::conv_direct::Shape,
     c_out: usize,
     wk: Vec<f32>,
     kc: usize,
-    offsets: Vec<isize>,
-    /// Per band: output pixels `[p0, p0 + n)` in blocks of `block`, and the kernel's masks.
-    bands: Vec<(usize, usize, usize, Vec<u16>)>,
+    plan: crate::conv_direct::Plan,
 }
 
 impl DirectForward {
@@ -379,59 +386,65 @@ impl DirectForward {
         if !direct_forward(g, c_out) || w.len() != c_out * g.rows() {
             return None;
         }
-        let (h, wd, rows) = (g.h, g.w, g.rows());
+        let rows = g.rows();
         let mut wk = vec![0f32; rows * c_out];
         for (o, row) in w.chunks(rows).enumerate() {
             for (t, &v) in row.iter().enumerate() {
                 wk[t * c_out + o] = v;
             }
         }
-        // The sum cut where gemm cuts that of the banded path's product.
-        let kc = crate::conv_direct::k_block(c_out, band_len::<f32>(g).min(h * wd), rows);
-        let band_rows = (band_len::<f32>(g) / wd).clamp(1, h);
-        let bands = (0..h.div_ceil(band_rows))
-            .map(|j| {
-                let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(h));
-                let (p0, n) = (oy0 * wd, (oy1 - oy0) * wd);
-                let block = crate::conv_direct::forward_block(n);
-                (p0, n, block, crate::conv_direct::masks((h, wd), g.k, p0, n, block))
-            })
-            .collect();
-        let offsets = crate::conv_direct::offsets_of(g.c, (h, wd), g.k);
-        Some(Self { g, c_out, wk, kc, offsets, bands })
+        let (ho, wo) = (g.out_h(), g.out_w());
+        // The sum cut where gemm cuts that of the banded path's product, bands of as many rows.
+        let kc = crate::conv_direct::k_block(c_out, band_len::<f32>(g).min(ho * wo), rows);
+        let band_rows = (band_len::<f32>(g) / wo).clamp(1, ho);
+        let shape = crate::conv_direct::Shape { c: g.c, h: g.h, w: g.w, k: g.k, stride: g.stride };
+        Some(Self { shape, c_out, wk, kc, plan: crate::conv_direct::Plan::new(shape, band_rows) })
     }
 
     /// The convolution of the images of `x` (`B x C x H x W`).
     pub(crate) fn run(&self, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-        let (g, c_out) = (self.g, self.c_out);
-        let l = g.h * g.w;
-        let b = x.len() / (g.c * l);
-        assert!(x.len() == b * g.c * l && bias.is_none_or(|v| v.len() == c_out), "direct conv: operand sizes");
+        let (shape, c_out) = (self.shape, self.c_out);
+        let image_len = shape.c * shape.h * shape.w;
+        let l = shape.out().0 * shape.out().1;
+        let b = x.len() / image_len;
+        assert!(x.len() == b * image_len && bias.is_none_or(|v| v.len() == c_out), "direct conv: operand sizes");
         let total = b * c_out * l;
         let mut out: Vec<f32> = Vec::with_capacity(total);
         let dst = SharedMut(out.as_mut_ptr());
-        let bands = self.bands.len();
-        (0..b * bands).into_par_iter().for_each_init(Vec::new, |acc: &mut Vec<f32>, task| {
-            let (i, (p0, n, block, masks)) = (task / bands, &self.bands[task % bands]);
-            let (p0, n, block) = (*p0, *n, *block);
-            let image =
-                crate::conv_direct::Image { data: &x[i * g.c * l..][..g.c * l], c: g.c, h: g.h, w: g.w, k: g.k };
+        let bands = self.plan.bands().len();
+        let buffers = || (Vec::new(), Vec::new());
+        (0..b * bands).into_par_iter().for_each_init(buffers, |(acc, phases): &mut (Vec<f32>, Vec<f32>), task| {
+            let (i, j) = (task / bands, task % bands);
+            let band = &self.plan.bands()[j];
+            let (p0, n, block) = (band.p0, band.n, band.block);
+            let mut image = &x[i * image_len..][..image_len];
+            if shape.stride > 1 {
+                crate::conv_direct::phases(image, shape, phases);
+                image = phases;
+            }
             // SAFETY: task (i, j) alone writes pixels [p0, p0 + n) of image i's planes.
             let out_band = unsafe { dst.ptr().add(i * c_out * l + p0) };
             if n % block == 0 {
-                let d = crate::conv_direct::Dst { ptr: out_band, ld: l, p0, n, block };
                 // SAFETY: `c_out` rows of `n` (whole blocks) from `out_band`, `l` apart, are
                 // this task's pixels of image i, inside the allocation of `total` elements.
                 unsafe {
-                    crate::conv_direct::product(&image, &self.offsets, masks, &self.wk, c_out, bias, &d, self.kc)
+                    crate::conv_direct::product(&self.plan, j, image, &self.wk, c_out, bias, (out_band, l), self.kc)
                 };
             } else {
                 let ld = n.next_multiple_of(block);
                 acc.resize(c_out * ld, 0.0);
-                let d = crate::conv_direct::Dst { ptr: acc.as_mut_ptr(), ld, p0, n, block };
                 // SAFETY: `acc` holds `c_out` rows of `ld`, the rounded pixels.
                 unsafe {
-                    crate::conv_direct::product(&image, &self.offsets, masks, &self.wk, c_out, bias, &d, self.kc)
+                    crate::conv_direct::product(
+                        &self.plan,
+                        j,
+                        image,
+                        &self.wk,
+                        c_out,
+                        bias,
+                        (acc.as_mut_ptr(), ld),
+                        self.kc,
+                    )
                 };
                 for o in 0..c_out {
                     // SAFETY: as above, pixels [p0, p0 + n) of plane o of image i; writes only.
@@ -843,6 +856,38 @@ mod tests {
             "the direct kernel took {direct} of the 15 same convolutions of 3 or more channels"
         );
         assert_eq!(direct > 0, crate::conv_direct::available());
+    }
+
+    /// The direct forward of the 3x3 stride-2 downsamplers (on AVX-512 CPUs, through the input's
+    /// phase planes) gives the bits of the banded im2col + gemm one: the toy's two (16 channels
+    /// at 32x32, 32 at 16x16), 64 channels at 8x8, a 6x6 image whose 9 output pixels go through
+    /// the buffer, and a rectangular one.
+    #[test]
+    fn direct_forward_at_stride_2_has_the_banded_bits() {
+        if !crate::conv_direct::available() {
+            return;
+        }
+        let d = Device::Cpu;
+        for (c, c_out, h, w, b, bias) in [
+            (16, 16, 32, 32, 2, true),
+            (32, 32, 16, 16, 1, true),
+            (64, 64, 8, 8, 2, false),
+            (8, 5, 6, 6, 1, true),
+            (12, 7, 10, 14, 2, true),
+        ] {
+            let g = Geom { b, c, h, w, k: 3, stride: 2, pad: 1 };
+            let x = Tensor::randn(0f32, 1., b * c * h * w, &d).unwrap().to_vec1::<f32>().unwrap();
+            let wt = Tensor::randn(0f32, 0.1, c_out * c * 9, &d).unwrap().to_vec1::<f32>().unwrap();
+            let bv: Vec<f32> = (0..c_out).map(|i| i as f32 * 0.37 - 1.0).collect();
+            let bias = bias.then_some(&bv[..]);
+            let direct = DirectForward::new(&wt, g, c_out).expect("applies").run(&x, bias);
+            let plain = conv_forward_bands(&x, &wt, bias, g, c_out);
+            assert_eq!(direct.len(), plain.len());
+            assert!(direct.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{c}->{c_out} at {h}x{w}");
+        }
+        // Odd sizes stay on the banded path.
+        assert!(DirectForward::new(&[0.0; 9 * 4 * 4], Geom { b: 1, c: 4, h: 9, w: 8, k: 3, stride: 2, pad: 1 }, 4)
+            .is_none());
     }
 
     /// The direct input gradient (on AVX-512 CPUs) gives the bits of the im2col + col2im one on

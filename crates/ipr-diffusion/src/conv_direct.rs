@@ -71,99 +71,108 @@ pub(crate) struct Planes<'a> {
     pub k: usize,
 }
 
-/// The input of the forward of a "same" convolution (`2 pad + 1 = k`): one image's `c` planes
-/// of `h x w`, as they are.
-pub(crate) struct Image<'a> {
-    pub data: &'a [f32],
+/// A convolution the forward kernel computes: `c` input planes of `h x w`, a `k x k` kernel with
+/// padding `(k - 1) / 2`, stride 1 ("same": `k` odd, at most [`FORWARD_MAX_K`]) or 2 (`k` = 3,
+/// `h` and `w` even: the downsamplers). The kernel reads the input as `stride²` phase planes per
+/// channel, phase `(a, b)` holding the pixels `(stride y + a, stride x + b)` ([`phases`]; at
+/// stride 1 the image as it is), so that every term reads the output's pixels at one offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Shape {
     pub c: usize,
     pub h: usize,
     pub w: usize,
     pub k: usize,
+    pub stride: usize,
 }
 
-/// Where the output pixels `p0 .. p0 + n` of one image go: `c_out` rows of them, `ld` elements
-/// apart, from `ptr` (pixel `p0` of the first). `n` is a multiple of `block` ([`forward_block`])
-/// unless the rows have room for the rounding.
-pub(crate) struct Dst {
-    pub ptr: *mut f32,
-    pub ld: usize,
+impl Shape {
+    /// Whether the kernel computes this shape.
+    pub(crate) fn applies(&self) -> bool {
+        let sized = self.c > 0 && self.h > 0 && self.w > 0;
+        let same = self.stride == 1 && self.k % 2 == 1 && self.k <= FORWARD_MAX_K;
+        let down = self.stride == 2 && self.k == 3 && self.h.is_multiple_of(2) && self.w.is_multiple_of(2);
+        sized && (same || down)
+    }
+
+    /// Output rows and columns.
+    pub(crate) fn out(&self) -> (usize, usize) {
+        (self.h / self.stride, self.w / self.stride)
+    }
+
+    /// Kernel row (or column) `kh` reads input row `stride (y + d) + a` for output row `y`:
+    /// `(a, d)`.
+    fn tap(&self, kh: usize) -> (usize, isize) {
+        let r = kh as isize - ((self.k - 1) / 2) as isize;
+        let s = self.stride as isize;
+        (r.rem_euclid(s) as usize, r.div_euclid(s))
+    }
+}
+
+/// One band of output pixels `p0 .. p0 + n` of an image, computed in blocks of `block`
+/// ([`forward_block`]); `masks[(v k + kh) k + kw]` holds the lanes of its `v`-th 16 pixels whose
+/// input pixel for `(kh, kw)` lies inside the image (the others are the zero padding).
+pub(crate) struct Band {
     pub p0: usize,
     pub n: usize,
     pub block: usize,
+    masks: Vec<u16>,
 }
 
-/// `dst[o ld + p] (+)= sum over (channel, kh, kw) of wk[term c_out + o] x x[channel, y + kh - pad,
-/// x + kw - pad]` (zero outside the image) for output pixel `p0 + p = (y, x)`, every output
-/// channel `o` and `p < n` rounded up to `dst.block` (pixels past `n` get values that are
-/// ignored), the sum cut every `kc` terms ([`k_block`] of the im2col product this replaces).
-/// `dst` starts as the bias when there is one (added to the first block's sum), else is written.
-///
-/// # Safety
-/// `dst.ptr` must address `c_out` rows of `n.next_multiple_of(dst.block)` elements `dst.ld`
-/// apart that no other thread reads or writes meanwhile.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn product(
-    x: &Image,
-    offsets: &[isize],
-    masks: &[u16],
-    wk: &[f32],
-    c_out: usize,
-    bias: Option<&[f32]>,
-    dst: &Dst,
-    kc: usize,
-) {
-    let (k, plane) = (x.k, x.h * x.w);
-    let terms = x.c * k * k;
-    assert!(FORWARD_BLOCKS.contains(&dst.block) && k % 2 == 1 && k <= FORWARD_MAX_K);
-    assert!(wk.len() >= terms * c_out && bias.is_none_or(|b| b.len() >= c_out) && kc > 0);
-    assert!(x.data.len() >= x.c * plane && dst.p0 + dst.n <= plane);
-    // The last term's offset bounds the reads (the masks keep them inside the image).
-    let last = ((x.c - 1) * plane + (k - 1) * x.w + k - 1) as isize - ((k - 1) / 2 * (x.w + 1)) as isize;
-    assert!(offsets.len() == terms && offsets.last().is_none_or(|&o| o == last), "offsets of another image size");
-    assert_eq!(masks.len(), dst.n.next_multiple_of(dst.block) / 16 * k * k, "masks of another band");
-    #[cfg(target_arch = "x86_64")]
-    {
-        assert!(available());
-        // SAFETY: AVX-512F is present (checked); the loads read only the lanes the masks enable,
-        // pixels of the image's planes (inside `x.data`); the writes stay inside the caller's rows.
-        unsafe { avx512::product(x.data, offsets, masks, k, wk, c_out, bias, dst, kc) }
+/// What the forward kernel needs for one [`Shape`], the same for every image and channel, so
+/// computed once: each term's offset from the output pixel in the phase planes, and the bands.
+pub(crate) struct Plan {
+    shape: Shape,
+    offsets: Vec<isize>,
+    bands: Vec<Band>,
+}
+
+impl Plan {
+    /// The plan for `shape` (which must [`Shape::applies`]) in bands of `band_rows` output rows.
+    pub(crate) fn new(shape: Shape, band_rows: usize) -> Self {
+        assert!(shape.applies() && band_rows > 0, "conv_direct: {shape:?} is not a direct convolution");
+        let (k, s) = (shape.k, shape.stride);
+        let (ho, wo) = shape.out();
+        // Term (c, kh, kw) reads phase (a, b) of channel c at the output pixel shifted by (dy, dx).
+        let offsets = (0..shape.c * k * k)
+            .map(|t| {
+                let ((a, dy), (b, dx)) = (shape.tap((t / k) % k), shape.tap(t % k));
+                ((t / (k * k)) * s * s * ho * wo + (a * s + b) * ho * wo) as isize + dy * wo as isize + dx
+            })
+            .collect();
+        let bands = (0..ho.div_ceil(band_rows))
+            .map(|j| {
+                let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(ho));
+                let (p0, n) = (oy0 * wo, (oy1 - oy0) * wo);
+                let block = forward_block(n);
+                Band { p0, n, block, masks: masks(shape, p0, n.next_multiple_of(block)) }
+            })
+            .collect();
+        Self { shape, offsets, bands }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (wk, c_out, bias, dst, kc, offsets, masks);
-        unreachable!("conv_direct::product without AVX-512");
+
+    pub(crate) fn bands(&self) -> &[Band] {
+        &self.bands
     }
 }
 
-/// The offsets [`product`] takes for `c` planes of `h x w` and a `k x k` kernel: term (c, kh,
-/// kw) reads from `c plane + (kh - pad) w + kw - pad` past the pixel.
-pub(crate) fn offsets_of(c: usize, (h, w): (usize, usize), k: usize) -> Vec<isize> {
-    let pad = (k - 1) / 2;
-    (0..c * k * k)
-        .map(|t| ((t / (k * k)) * h * w + ((t / k) % k) * w + t % k) as isize - (pad * w + pad) as isize)
-        .collect()
-}
-
-/// The masks [`product`] takes for output pixels `p0 .. p0 + n` (rounded up to whole blocks)
-/// of `h x w` images and a `k x k` kernel: for every 16 pixels and every `(kh, kw)` in order,
-/// the lanes whose input pixel `(y + kh - pad, x + kw - pad)` lies inside the image,
-/// `masks[(v k + kh) k + kw]` for vector `v`. The same for every image and channel: computed
-/// once per band.
-pub(crate) fn masks((h, w): (usize, usize), k: usize, p0: usize, n: usize, block: usize) -> Vec<u16> {
-    let pad = (k - 1) / 2;
-    let vectors = n.next_multiple_of(block) / 16;
-    let mut out = vec![0u16; vectors * k * k];
-    let (mut y, mut col) = (p0 / w, p0 % w);
+/// The lanes of every 16 output pixels from `p0` on (`len` of them) whose input pixel for
+/// `(kh, kw)` lies inside the image: that of its row times that of its column.
+fn masks(shape: Shape, p0: usize, len: usize) -> Vec<u16> {
+    let k = shape.k;
+    let (ho, wo) = shape.out();
+    let inside = |v: usize, d: isize, size: usize| (0..size as isize).contains(&(v as isize + d));
+    let mut out = vec![0u16; len / 16 * k * k];
+    let (mut y, mut x) = (p0 / wo, p0 % wo);
     for m in out.chunks_mut(k * k) {
         let (mut rows, mut cols) = ([0u16; FORWARD_MAX_K], [0u16; FORWARD_MAX_K]);
         for lane in 0..16 {
             for kk in 0..k {
-                rows[kk] |= u16::from(y + kk >= pad && y + kk < h + pad) << lane;
-                cols[kk] |= u16::from(col + kk >= pad && col + kk < w + pad) << lane;
+                rows[kk] |= u16::from(inside(y, shape.tap(kk).1, ho)) << lane;
+                cols[kk] |= u16::from(inside(x, shape.tap(kk).1, wo)) << lane;
             }
-            col += 1;
-            if col == w {
-                (y, col) = (y + 1, 0);
+            x += 1;
+            if x == wo {
+                (y, x) = (y + 1, 0);
             }
         }
         for (t, m) in m.iter_mut().enumerate() {
@@ -171,6 +180,61 @@ pub(crate) fn masks((h, w): (usize, usize), k: usize, p0: usize, n: usize, block
         }
     }
     out
+}
+
+/// One image (`c x h x w`) as the kernel reads it at stride 2: each channel's four phase planes
+/// into `out` (at stride 1 the kernel reads the image itself).
+pub(crate) fn phases(x: &[f32], shape: Shape, out: &mut Vec<f32>) {
+    let (s, (ho, wo)) = (shape.stride, shape.out());
+    assert!(x.len() == shape.c * shape.h * shape.w && ho * s == shape.h && wo * s == shape.w);
+    out.clear();
+    for plane in x.chunks(shape.h * shape.w) {
+        for (a, b) in (0..s).flat_map(|a| (0..s).map(move |b| (a, b))) {
+            for y in 0..ho {
+                out.extend(plane[(s * y + a) * shape.w..][..shape.w].iter().skip(b).step_by(s));
+            }
+        }
+    }
+}
+
+/// `dst[o ld + p] (+)= sum over (channel, kh, kw) of wk[term c_out + o] x x[channel, stride y +
+/// kh - pad, stride x + kw - pad]` (zero outside the image) for output pixel `p0 + p = (y, x)` of
+/// band `band` of the plan, every output channel `o` and `p < n` rounded up to the band's block
+/// (pixels past `n` get values that are ignored), the sum cut every `kc` terms ([`k_block`] of
+/// the im2col product this replaces). `dst` starts as the bias when there is one (added to the
+/// first block's sum), else is written. `x` is the image as [`phases`] lays it out (at stride 1,
+/// as it is).
+///
+/// # Safety
+/// `dst` must address `c_out` rows of the band's `n.next_multiple_of(block)` elements `ld` apart
+/// that no other thread reads or writes meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product(
+    plan: &Plan,
+    band: usize,
+    x: &[f32],
+    wk: &[f32],
+    c_out: usize,
+    bias: Option<&[f32]>,
+    (dst, ld): (*mut f32, usize),
+    kc: usize,
+) {
+    let (shape, band) = (plan.shape, &plan.bands[band]);
+    assert!(x.len() == shape.c * shape.h * shape.w, "conv_direct: an image of another shape");
+    assert!(wk.len() >= plan.offsets.len() * c_out && bias.is_none_or(|b| b.len() >= c_out) && kc > 0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(available());
+        // SAFETY: AVX-512F is present (checked); the loads read only the lanes the plan's masks
+        // enable, whose input pixels lie in the phase planes of `x` (its size checked); the
+        // writes stay inside the caller's rows.
+        unsafe { avx512::product(x, &plan.offsets, band, shape.k * shape.k, wk, c_out, bias, (dst, ld), kc) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, wk, c_out, bias, dst, ld, kc, band);
+        unreachable!("conv_direct::product without AVX-512");
+    }
 }
 
 /// The input gradient of a stride-1 convolution in the padded-width domain of `x.wp` columns:
@@ -202,7 +266,7 @@ pub(crate) fn input_grad_product(x: &Planes, wt: &[f32], c_in: usize, acc: &mut 
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Dst, PIXELS};
+    use super::{Band, PIXELS};
     use std::arch::x86_64::*;
 
     #[allow(clippy::too_many_arguments)]
@@ -210,18 +274,18 @@ mod avx512 {
     pub(super) unsafe fn product(
         x: &[f32],
         offsets: &[isize],
-        masks: &[u16],
-        k: usize,
+        band: &Band,
+        kk: usize,
         wk: &[f32],
         c_out: usize,
         bias: Option<&[f32]>,
-        dst: &Dst,
+        (dst, ld): (*mut f32, usize),
         kc: usize,
     ) {
-        let f = Forward { x, offsets, masks, kk: k * k, wk, c_out, bias, dst, kc };
+        let f = Forward { x, offsets, band, kk, wk, c_out, bias, dst, ld, kc };
         let mut o = 0;
         while o < c_out {
-            o += match (c_out - o, dst.block) {
+            o += match (c_out - o, band.block) {
                 (8.., 48) => f.block::<8, 3>(o),
                 (4..=7, 48) => f.block::<4, 3>(o),
                 (6.., 64) => f.block::<6, 4>(o),
@@ -241,12 +305,13 @@ mod avx512 {
     struct Forward<'a> {
         x: &'a [f32],
         offsets: &'a [isize],
-        masks: &'a [u16],
+        band: &'a Band,
         kk: usize,
         wk: &'a [f32],
         c_out: usize,
         bias: Option<&'a [f32]>,
-        dst: &'a Dst,
+        dst: *mut f32,
+        ld: usize,
         kc: usize,
     }
 
@@ -255,10 +320,10 @@ mod avx512 {
         #[inline(always)]
         unsafe fn block<const CB: usize, const NV: usize>(&self, o0: usize) -> usize {
             let terms = self.offsets.len();
-            for p in (0..self.dst.n).step_by(16 * NV) {
+            for p in (0..self.band.n).step_by(16 * NV) {
                 // The pixel's address; a term's lanes outside the image are masked off, never read.
-                let base = self.x.as_ptr().wrapping_add(self.dst.p0 + p);
-                let masks = self.masks.as_ptr().add(p / 16 * self.kk);
+                let base = self.x.as_ptr().wrapping_add(self.band.p0 + p);
+                let masks = self.band.masks.as_ptr().add(p / 16 * self.kk);
                 let mut start = 0;
                 while start < terms {
                     let end = (start + self.kc).min(terms);
@@ -281,7 +346,7 @@ mod avx512 {
                         }
                     }
                     for (j, a) in a.iter().enumerate() {
-                        let d = self.dst.ptr.add((o0 + j) * self.dst.ld + p);
+                        let d = self.dst.add((o0 + j) * self.ld + p);
                         let bias = self.bias.map(|b| _mm512_set1_ps(b[o0 + j]));
                         for (i, &a) in a.iter().enumerate() {
                             let d = d.add(16 * i);
