@@ -55,13 +55,18 @@ impl Counted {
 
 /// The machine's measured matrix-product peak in GFLOP/s: the best of several f32 products of
 /// two `n x n` matrices through candle (the `gemm` crate's kernels on all of rayon's threads on
-/// the CPU), the same kernels the models use.
+/// the CPU), the same kernels the models use; `n` = 1536 on the CPU, 8192 on a GPU.
 pub fn peak_gflops(device: &candle_core::Device) -> crate::Result<f64> {
-    let n = if device.is_cpu() { 1536 } else { 8192 };
+    matmul_gflops(device, if device.is_cpu() { 1536 } else { 8192 }, 6)
+}
+
+/// GFLOP/s of the best of `reps` f32 products of two `n x n` matrices through candle (`ipr bench
+/// gemm`; its twins are PyTorch's and NumPy's, in `scripts/bench/gemm.py`).
+pub fn matmul_gflops(device: &candle_core::Device, n: usize, reps: usize) -> crate::Result<f64> {
     let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?;
     let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?;
     let mut best = f64::INFINITY;
-    for _ in 0..6 {
+    for _ in 0..reps.max(1) {
         let start = std::time::Instant::now();
         let c = a.matmul(&b)?;
         device.synchronize()?;

@@ -66,10 +66,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// GFLOP/s of f32 n x n matrix products through the `gemm` crate (the kernels of the models'
+    /// products), best of `iters`, for each `n`. Twin: scripts/bench/gemm.py (MKL through
+    /// PyTorch, OpenBLAS through NumPy).
+    Gemm {
+        #[arg(long, value_delimiter = ',', default_value = "256,512,1024,1536,2048")]
+        n: Vec<usize>,
+        #[arg(long, default_value_t = 6)]
+        iters: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Gemm { n, iters, device } => {
+            let device = ipr_diffusion::sample::device_from_name(&device)?;
+            for n in n {
+                let gflops = ipr_diffusion::flops::matmul_gflops(&device, n, iters)?;
+                println!(
+                    "{}",
+                    serde_json::json!({ "n": n, "gflop_per_s": gflops, "threads": rayon::current_num_threads() })
+                );
+            }
+            Ok(())
+        }
         Command::Sample { model, batch, steps, guidance, iters, parallel, device, json } => {
             let device = ipr_diffusion::sample::device_from_name(&device)?;
             let parallel = parallel.unwrap_or_else(rayon::current_num_threads);
