@@ -144,6 +144,17 @@ fn bench_sample_runs_the_built_in_model_from_anywhere() {
     assert!(!exported.exists(), "the exported model was left at {}", exported.display());
 }
 
+/// `ipr bench gemm` prints one JSON line per size with the rate of that product.
+#[test]
+fn bench_gemm_prints_a_line_per_size() {
+    let o = ipr(&["bench", "gemm", "--n", "32,96", "--iters", "1"]);
+    check(&o);
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().map(|v| v["n"].as_u64().unwrap()).collect::<Vec<_>>(), [32, 96]);
+    assert!(lines.iter().all(|v| v["gflop_per_s"].as_f64().unwrap() > 0.0));
+}
+
 /// `--timestep-range` takes `LO,HI` and refuses an empty or malformed range by name.
 #[test]
 fn timestep_range_flag_is_checked() {
