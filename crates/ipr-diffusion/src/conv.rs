@@ -193,27 +193,14 @@ pub(crate) fn conv_forward<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g
     }
 }
 
-/// Whether [`crate::conv_direct`]'s kernels compute the convolution's forward (the padded-rows
-/// product) and its input gradient: f32, stride 1, a kernel wider than one pixel, 3 to
-/// [`DIRECT_MAX_CHANNELS`] output channels and at most that many input channels, an AVX-512
-/// CPU. Rows of any width: the kernels sum where the banded path's `gemm` would, so narrow rows
-/// keep their bits too. (Fewer than 3 output channels or a single output pixel would send that
+/// Whether [`DirectForward`] computes the forward (and, at stride 1, [`conv_input_grad_direct`]
+/// the input gradient): f32 (the caller's), a shape the kernels take (`conv_direct::Shape::applies`:
+/// "same" stride-1 convolutions up to 7x7 and the 3x3 stride-2 downsamplers on even sizes; not
+/// 1x1 ones, which run as fast through `gemm`, measured), 3 to [`DIRECT_MAX_CHANNELS`] output
+/// channels and at most that many input channels, two output pixels or more, an AVX-512 CPU.
+/// Rows of any width: the kernels sum where the banded path's `gemm` would, so narrow rows keep
+/// their bits too. (Fewer than 3 output channels or a single output pixel would send that
 /// path's products through `gemm`'s vector routines, which sum in another order.)
-fn direct_kernels<T: WithDType>(g: Geom, c_out: usize) -> bool {
-    T::DTYPE == DType::F32
-        && g.stride == 1
-        && !is_pointwise(g)
-        && (3..=DIRECT_MAX_CHANNELS).contains(&c_out)
-        && g.c <= DIRECT_MAX_CHANNELS
-        && g.out_h() * g.out_w() >= 2
-        && crate::conv_direct::available()
-}
-
-/// Whether [`DirectForward`] computes the forward: f32 (the caller's), a shape the kernel
-/// takes (`conv_direct::Shape::applies`: "same" stride-1 convolutions up to 7x7 and the 3x3
-/// stride-2 downsamplers on even sizes, as [`direct_kernels`] not 1x1 ones, which run as fast
-/// through `gemm`, measured), 3 to [`DIRECT_MAX_CHANNELS`] output channels and at most that many
-/// input channels, two output pixels or more, an AVX-512 CPU.
 fn direct_forward(g: Geom, c_out: usize) -> bool {
     let shape = crate::conv_direct::Shape { c: g.c, h: g.h, w: g.w, k: g.k, stride: g.stride };
     g.k > 1
@@ -233,7 +220,7 @@ fn direct_forward(g: Geom, c_out: usize) -> bool {
 const DIRECT_MAX_CHANNELS: usize = 128;
 
 /// Whether [`conv_forward_padded_rows`] computes this convolution with im2col columns (where
-/// [`direct_kernels`] does not apply): stride 1 with a kernel wider than one pixel, on rows of
+/// [`direct_forward`] does not apply): stride 1 with a kernel wider than one pixel, on rows of
 /// at least 16 output pixels. On narrower rows its `k - 1` extra columns per row cost more of
 /// the product (25% at 8 pixels), and the toy's 8x8 products, at most 64 x 64, would change
 /// size class in the `gemm` crate, which blocks the sum over `K` differently below that size:
@@ -259,10 +246,10 @@ impl PaddedBand {
         Self { row0, rows, wp, left, plane: rows * wp + k - 1 }
     }
 
-    /// The band of the `planes` planes (`h x w`) of `src` into `slab`, then `slack` zeros.
-    fn fill<T: WithDType>(&self, src: &[T], planes: usize, (h, w): (usize, usize), slack: usize, slab: &mut Vec<T>) {
+    /// The band of the `planes` planes (`h x w`) of `src` into `slab`.
+    fn fill<T: WithDType>(&self, src: &[T], planes: usize, (h, w): (usize, usize), slab: &mut Vec<T>) {
         slab.clear();
-        slab.resize(planes * self.plane + slack, T::zero());
+        slab.resize(planes * self.plane, T::zero());
         for c in 0..planes {
             for t in 0..self.rows {
                 let y = self.row0 + t as isize;
@@ -328,7 +315,7 @@ fn conv_forward_padded_rows<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, 
         let image = &x[b * image_len..][..image_len];
         // The band's input rows oy0 - pad .. oy1 - 1 - pad + k - 1, zero-padded.
         let band = PaddedBand::new(oy0 as isize - g.pad as isize, oy1 - oy0 + g.k - 1, wp, g.pad, g.k);
-        band.fill(image, g.c, (g.h, g.w), 0, slab);
+        band.fill(image, g.c, (g.h, g.w), slab);
         let plane = band.plane;
         acc.clear();
         match bias {
@@ -515,7 +502,7 @@ fn conv_forward_bands<T: WithDType>(x: &[T], w: &[T], bias: Option<&[T]>, g: Geo
 /// directly).
 pub(crate) fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out: usize) -> Vec<T> {
     if let (Some(grad), Some(w)) = (as_f32(grad), as_f32(w)) {
-        if direct_kernels::<f32>(g, c_out) {
+        if direct_forward(g, c_out) && g.stride == 1 {
             let dx = conv_input_grad_direct(grad, w, g, c_out);
             // SAFETY: T is f32 (as_f32 returned Some): the vector is reinterpreted as itself.
             let mut dx = std::mem::ManuallyDrop::new(dx);
@@ -525,22 +512,18 @@ pub(crate) fn conv_input_grad<T: WithDType>(grad: &[T], w: &[T], g: Geom, c_out:
     conv_input_grad_bands(grad, w, g, c_out)
 }
 
-/// The input gradient of a stride-1 convolution by [`crate::conv_direct::input_grad_product`]
-/// over bands of input rows, each from the output gradient's rows it needs, zero-padded by
-/// `q = k - 1 - pad` (its `Wp = Wo + q` wide domain, the zeros between two rows serving both: the
-/// extra columns are dropped when the band is copied out). No `Wᵀ x grad` columns and no col2im; each element's sum is that of
+/// The input gradient of a "same" stride-1 convolution by [`crate::conv_direct::input_grad`]
+/// (see [`direct_forward`]) per (image, band of input rows), reading the output gradient's
+/// planes as they are (the padding is the kernel's masked lanes) and writing the input
+/// gradient's planes in place (through a buffer where a band is not whole blocks of pixels). No
+/// `Wᵀ x grad` columns, no col2im, no padded copy; each element's sum is that of
 /// [`conv_input_grad_bands`] when the latter's output pixels fit one band (the toy's images;
 /// larger images add the bands' parts in another order).
 fn conv_input_grad_direct(grad: &[f32], w: &[f32], g: Geom, c_out: usize) -> Vec<f32> {
-    let (ho, wo) = (g.out_h(), g.out_w());
-    let l = ho * wo;
+    assert!(direct_forward(g, c_out) && g.stride == 1, "conv: {g:?} has no direct input gradient");
+    let l = g.h * g.w;
     let rows = g.rows();
     let kk = g.k * g.k;
-    let q = g.k - 1 - g.pad;
-    // Rows `wo + q` apart, each row's `q` leading zeros also the previous row's trailing ones
-    // (as in the forward).
-    let wp = wo + q;
-    let plane_len = g.c * g.h * g.w;
     // W packed as [(kh k + kw) c_out + co] x c_in.
     let mut wt = vec![0f32; kk * c_out * g.c];
     for co in 0..c_out {
@@ -553,32 +536,35 @@ fn conv_input_grad_direct(grad: &[f32], w: &[f32], g: Geom, c_out: usize) -> Vec
     // The sum over co is cut where gemm cuts that of the banded path's product.
     let kc = crate::conv_direct::k_block(rows, band_len::<f32>(g).min(l), c_out);
     let band_rows = (band_len::<f32>(g) / g.w).clamp(1, g.h);
-    let bands = g.h.div_ceil(band_rows);
-    let mut dx: Vec<f32> = Vec::with_capacity(g.b * plane_len);
+    let shape = crate::conv_direct::Shape { c: c_out, h: g.h, w: g.w, k: g.k, stride: 1 };
+    let plan = crate::conv_direct::GradPlan::new(shape, band_rows);
+    let bands = plan.bands().len();
+    let mut dx: Vec<f32> = Vec::with_capacity(g.b * g.c * l);
     let dst = SharedMut(dx.as_mut_ptr());
-    (0..g.b * bands).into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(slab, acc): &mut (Vec<f32>, Vec<f32>), task| {
-            let (b, j) = (task / bands, task % bands);
-            let (y0, y1) = (j * band_rows, ((j + 1) * band_rows).min(g.h));
-            let n = (y1 - y0) * wp;
-            let ld = n.next_multiple_of(crate::conv_direct::PIXELS);
-            let gb = &grad[b * c_out * l..][..c_out * l];
-            // Output-gradient rows y0 - q .. y1 - 1 + pad, zero-padded by q on each side.
-            let band = PaddedBand::new(y0 as isize - q as isize, y1 - y0 + g.k - 1, wp, q, g.k);
-            band.fill(gb, c_out, (ho, wo), crate::conv_direct::SLACK, slab);
-            let plane = band.plane;
-            acc.clear();
+    (0..g.b * bands).into_par_iter().for_each_init(Vec::new, |acc: &mut Vec<f32>, task| {
+        let (b, j) = (task / bands, task % bands);
+        let band = &plan.bands()[j];
+        let (p0, n, block) = (band.p0, band.n, band.block);
+        let gb = &grad[b * c_out * l..][..c_out * l];
+        // SAFETY: task (b, j) alone writes pixels [p0, p0 + n) of image b's input-gradient planes.
+        let out_band = unsafe { dst.ptr().add(b * g.c * l + p0) };
+        if n % block == 0 {
+            // SAFETY: `g.c` rows of `n` (whole blocks) from `out_band`, `l` apart, are this
+            // task's pixels of image b, inside the allocation.
+            unsafe { crate::conv_direct::input_grad(&plan, j, gb, &wt, g.c, (out_band, l), kc) };
+        } else {
+            let ld = n.next_multiple_of(block);
             acc.resize(g.c * ld, 0.0);
-            let planes = crate::conv_direct::Planes { data: slab, c: c_out, plane, wp, k: g.k };
-            crate::conv_direct::input_grad_product(&planes, &wt, g.c, acc, ld, kc);
-            // SAFETY: task (b, j) alone writes input rows [y0, y1) of image b, inside the
-            // allocation; writes only.
-            unsafe { copy_out_rows(acc, g.c, ld, wp, y1 - y0, (g.h, g.w), y0, dst.ptr().add(b * plane_len)) };
-        },
-    );
+            // SAFETY: `acc` holds `g.c` rows of `ld`, the rounded pixels.
+            unsafe { crate::conv_direct::input_grad(&plan, j, gb, &wt, g.c, (acc.as_mut_ptr(), ld), kc) };
+            for c in 0..g.c {
+                // SAFETY: as above, pixels [p0, p0 + n) of plane c of image b; writes only.
+                unsafe { std::ptr::copy_nonoverlapping(acc[c * ld..].as_ptr(), out_band.add(c * l), n) };
+            }
+        }
+    });
     // SAFETY: the tasks (every image, bands covering every input row) wrote all elements.
-    unsafe { dx.set_len(g.b * plane_len) };
+    unsafe { dx.set_len(g.b * g.c * l) };
     dx
 }
 
@@ -891,8 +877,9 @@ mod tests {
     }
 
     /// The direct input gradient (on AVX-512 CPUs) gives the bits of the im2col + col2im one on
-    /// stride-1 shapes whose output fits one band: the toy's, sums over 64 output channels,
-    /// input channels in blocks of 8, 4, 2, 1; and a 5x5 kernel with padding 2.
+    /// "same" stride-1 shapes whose output fits one band: the toy's, sums over 64 output
+    /// channels, input channels in blocks of 8, 6, 4, 2, 1; 5x5 and 7x7 kernels; a 5x5 image
+    /// whose 25 pixels go through the buffer. (Other paddings take the banded path.)
     #[test]
     fn direct_input_grad_has_the_banded_bits() {
         if !crate::conv_direct::available() {
@@ -906,13 +893,13 @@ mod tests {
             (64, 64, 16, 1, 3, 1),
             (15, 7, 16, 1, 3, 1),
             (6, 9, 20, 1, 5, 2),
+            (5, 4, 11, 1, 7, 3),
             (128, 64, 8, 2, 3, 1),
             (64, 64, 8, 1, 3, 1),
-            (8, 8, 12, 1, 3, 0),
-            (12, 10, 9, 2, 3, 2),
+            (32, 16, 5, 2, 3, 1),
         ] {
             let g = Geom { b, c, h: hw, w: hw, k, stride: 1, pad };
-            assert!(direct_kernels::<f32>(g, c_out) && band_len::<f32>(g) >= g.out_h() * g.out_w(), "one band");
+            assert!(direct_forward(g, c_out) && band_len::<f32>(g) >= g.out_h() * g.out_w(), "one band");
             let l = g.out_h() * g.out_w();
             let grad = Tensor::randn(0f32, 1., b * c_out * l, &d).unwrap().to_vec1::<f32>().unwrap();
             let w = Tensor::randn(0f32, 0.1, c_out * c * k * k, &d).unwrap().to_vec1::<f32>().unwrap();

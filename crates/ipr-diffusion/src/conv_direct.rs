@@ -7,7 +7,7 @@
 //! padding) masked to zero, and a fused multiply-add per accumulator with the broadcast weight.
 //! No padded copy of the input, no padding columns computed (rows `W + pad` apart cost a ninth
 //! more at 8x8), and the output planes written in place.
-//! The input gradient ([`input_grad_product`]) reads zero-padded rows.
+//! The input gradient ([`input_grad`]) reads the output gradient's planes the same way.
 //!
 //! Why: building the im2col columns copied the input 9 times (for 3x3) before the product read
 //! it again; at toy size that copying cost about a third as much as the product (`perf`).
@@ -17,14 +17,6 @@
 //! (channel, kh, kw) (a masked lane adds `0 x w`, as the padding's zero did), the sum cut into
 //! blocks of `K` where `gemm` cuts it ([`k_block`]), each block's sum added to the destination
 //! (the bias, or nothing for the first block without one).
-
-/// Pixels per block of the input-gradient kernel: three 16-lane vectors (x 8 channels: 24
-/// accumulators).
-pub(crate) const PIXELS: usize = 48;
-
-/// Zeros the padded planes of the input gradient need after their last element: a block reads
-/// up to [`PIXELS`] pixels past the end of the output domain.
-pub(crate) const SLACK: usize = PIXELS;
 
 /// The forward kernel's blocks of pixels: 48 (8 channels x 3 vectors), 64 (6 x 4) or 80 (4 x 5).
 const FORWARD_BLOCKS: [usize; 3] = [64, 48, 80];
@@ -59,16 +51,6 @@ pub(crate) fn k_block(rows: usize, n: usize, k: usize) -> usize {
     } else {
         gemm_common::cache::kernel_params(n, rows, k, 64, 6, std::mem::size_of::<f32>()).kc
     }
-}
-
-/// The padded input of one band for the input gradient: `c` planes `plane` elements apart, rows
-/// `wp` apart, followed by at least [`SLACK`] zeros.
-pub(crate) struct Planes<'a> {
-    pub data: &'a [f32],
-    pub c: usize,
-    pub plane: usize,
-    pub wp: usize,
-    pub k: usize,
 }
 
 /// A convolution the forward kernel computes: `c` input planes of `h x w`, a `k x k` kernel with
@@ -139,14 +121,7 @@ impl Plan {
                 ((t / (k * k)) * s * s * ho * wo + (a * s + b) * ho * wo) as isize + dy * wo as isize + dx
             })
             .collect();
-        let bands = (0..ho.div_ceil(band_rows))
-            .map(|j| {
-                let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(ho));
-                let (p0, n) = (oy0 * wo, (oy1 - oy0) * wo);
-                let block = forward_block(n);
-                Band { p0, n, block, masks: masks(shape, p0, n.next_multiple_of(block)) }
-            })
-            .collect();
+        let bands = bands(shape, band_rows, |kh| shape.tap(kh).1);
         Self { shape, offsets, bands }
     }
 
@@ -155,9 +130,24 @@ impl Plan {
     }
 }
 
-/// The lanes of every 16 output pixels from `p0` on (`len` of them) whose input pixel for
-/// `(kh, kw)` lies inside the image: that of its row times that of its column.
-fn masks(shape: Shape, p0: usize, len: usize) -> Vec<u16> {
+/// The shape's output rows in bands of `band_rows`, each with the masks of its pixels for the
+/// taps `tap(kh)` (the row and column shift of kernel row or column `kh`).
+fn bands(shape: Shape, band_rows: usize, tap: impl Fn(usize) -> isize) -> Vec<Band> {
+    let (ho, wo) = shape.out();
+    (0..ho.div_ceil(band_rows))
+        .map(|j| {
+            let (oy0, oy1) = (j * band_rows, ((j + 1) * band_rows).min(ho));
+            let (p0, n) = (oy0 * wo, (oy1 - oy0) * wo);
+            let block = forward_block(n);
+            Band { p0, n, block, masks: masks(shape, p0, n.next_multiple_of(block), &tap) }
+        })
+        .collect()
+}
+
+/// The lanes of every 16 output pixels from `p0` on (`len` of them) whose pixel read for `(kh,
+/// kw)` (shifted by `tap(kh)` rows and `tap(kw)` columns) lies inside the planes: that of its
+/// row times that of its column.
+fn masks(shape: Shape, p0: usize, len: usize, tap: &impl Fn(usize) -> isize) -> Vec<u16> {
     let k = shape.k;
     let (ho, wo) = shape.out();
     let inside = |v: usize, d: isize, size: usize| (0..size as isize).contains(&(v as isize + d));
@@ -167,8 +157,8 @@ fn masks(shape: Shape, p0: usize, len: usize) -> Vec<u16> {
         let (mut rows, mut cols) = ([0u16; FORWARD_MAX_K], [0u16; FORWARD_MAX_K]);
         for lane in 0..16 {
             for kk in 0..k {
-                rows[kk] |= u16::from(inside(y, shape.tap(kk).1, ho)) << lane;
-                cols[kk] |= u16::from(inside(x, shape.tap(kk).1, wo)) << lane;
+                rows[kk] |= u16::from(inside(y, tap(kk), ho)) << lane;
+                cols[kk] |= u16::from(inside(x, tap(kk), wo)) << lane;
             }
             x += 1;
             if x == wo {
@@ -238,36 +228,77 @@ pub(crate) unsafe fn product(
     }
 }
 
-/// The input gradient of a stride-1 convolution in the padded-width domain of `x.wp` columns:
-/// `acc[c * ld + p] += sum over (kh, kw) in order of (sum over co of wt[(kk c_out + co) c_in +
-/// c] x g[co plane + (k-1-kh) wp + (k-1-kw) + p])`, `kk = kh k + kw`, where `x` holds the output
-/// gradient's `c_out` planes zero-padded by `k - 1 - pad`. These are the sums of the im2col path
-/// (`Wᵀ x grad` by `gemm`, its sum over `co` cut at `kc` = [`k_block`] of that product, then
-/// col2im adding each (kh, kw) in order) for each element, so its bits (tested). `acc` starts
-/// at zero (the caller's).
-pub(crate) fn input_grad_product(x: &Planes, wt: &[f32], c_in: usize, acc: &mut [f32], ld: usize, kc: usize) {
-    let kk = x.k * x.k;
-    assert!(wt.len() >= kk * x.c * c_in && ld.is_multiple_of(PIXELS) && acc.len() >= c_in * ld && kc > 0);
-    let shifts: Vec<usize> = (0..kk).map(|t| (x.k - 1 - t / x.k) * x.wp + (x.k - 1 - t % x.k)).collect();
-    let last = (x.c.max(1) - 1) * x.plane + shifts.first().copied().unwrap_or(0) + ld;
-    assert!(last <= x.data.len(), "planes lack their slack");
+/// The input gradient of a "same" stride-1 convolution, reading the output gradient's `shape.c`
+/// planes of `shape.h x shape.w` as they are: `dst[c ld + p] = sum over (kh, kw) in order of (sum
+/// over co of wt[(kk c_out + co) c_in + c] x g[co, y + pad - kh, x + pad - kw])` (zero outside
+/// the planes), `kk = kh k + kw`, for input pixel `p0 + p = (y, x)` of band `band` and every
+/// input channel `c`, each term's sum over `co` cut at `kc` ([`k_block`] of the `Wᵀ x grad`
+/// product this replaces) and the terms added in order from zero, as col2im added them: the
+/// bits of the im2col path (tested; a zero may differ in sign where col2im skips the padding).
+///
+/// # Safety
+/// `dst` must address `c_in` rows of the band's `n.next_multiple_of(block)` elements `ld` apart
+/// that no other thread reads or writes meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn input_grad(
+    plan: &GradPlan,
+    band: usize,
+    g: &[f32],
+    wt: &[f32],
+    c_in: usize,
+    (dst, ld): (*mut f32, usize),
+    kc: usize,
+) {
+    let (shape, band) = (plan.shape, &plan.bands[band]);
+    let kk = shape.k * shape.k;
+    assert!(g.len() == shape.c * shape.h * shape.w, "conv_direct: an output gradient of another shape");
+    assert!(wt.len() >= kk * shape.c * c_in && kc > 0);
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available());
-        // SAFETY: AVX-512F is present (checked); every read is below `last`, inside `x.data`
-        // (the largest shift is the first), and the writes stay in `acc` (c_in rows of ld).
-        unsafe { avx512::input_grad(x.data, x.plane, x.c, &shifts, wt, c_in, ld, acc, kc) }
+        // SAFETY: AVX-512F is present (checked); the loads read only the lanes the plan's masks
+        // enable, pixels of the planes of `g` (its size checked); the writes stay inside the
+        // caller's rows.
+        unsafe { avx512::input_grad(g, shape.h * shape.w, shape.c, &plan.offsets, band, wt, c_in, (dst, ld), kc) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (wt, c_in, acc, kc, shifts);
-        unreachable!("conv_direct::input_grad_product without AVX-512");
+        let _ = (g, wt, c_in, dst, ld, kc, band, kk);
+        unreachable!("conv_direct::input_grad without AVX-512");
+    }
+}
+
+/// What [`input_grad`] needs for the output gradient's planes of one [`Shape`] (stride 1, `c`
+/// its channels): each `(kh, kw)`'s offset `(pad - kh) w + pad - kw` from the input pixel, and
+/// the bands of input pixels with their masks.
+pub(crate) struct GradPlan {
+    shape: Shape,
+    offsets: Vec<isize>,
+    bands: Vec<Band>,
+}
+
+impl GradPlan {
+    pub(crate) fn new(shape: Shape, band_rows: usize) -> Self {
+        assert!(
+            shape.applies() && shape.stride == 1 && band_rows > 0,
+            "conv_direct: {shape:?} has no direct input gradient"
+        );
+        let k = shape.k;
+        let pad = ((k - 1) / 2) as isize;
+        let tap = |kh: usize| pad - kh as isize;
+        let offsets = (0..k * k).map(|t| tap(t / k) * shape.w as isize + tap(t % k)).collect();
+        let bands = bands(shape, band_rows, tap);
+        Self { shape, offsets, bands }
+    }
+
+    pub(crate) fn bands(&self) -> &[Band] {
+        &self.bands
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Band, PIXELS};
+    use super::Band;
     use std::arch::x86_64::*;
 
     #[allow(clippy::too_many_arguments)]
@@ -372,58 +403,67 @@ mod avx512 {
         g: &[f32],
         plane: usize,
         c_out: usize,
-        shifts: &[usize],
+        offsets: &[isize],
+        band: &Band,
         wt: &[f32],
         c_in: usize,
-        ld: usize,
-        acc: &mut [f32],
+        (dst, ld): (*mut f32, usize),
         kc: usize,
     ) {
+        let a = Grad { g, plane, c_out, offsets, band, wt, c_in, dst, ld, kc };
         let mut c = 0;
         while c < c_in {
-            let cb = match c_in - c {
-                8.. => 8,
-                4..=7 => 4,
-                2..=3 => 2,
-                _ => 1,
+            c += match (c_in - c, band.block) {
+                (8.., 48) => a.block::<8, 3>(c),
+                (4..=7, 48) => a.block::<4, 3>(c),
+                (6.., 64) => a.block::<6, 4>(c),
+                (4..=5, 64) => a.block::<4, 4>(c),
+                (4.., _) => a.block::<4, 5>(c),
+                (2..=3, 48) => a.block::<2, 3>(c),
+                (2..=3, 64) => a.block::<2, 4>(c),
+                (2..=3, _) => a.block::<2, 5>(c),
+                (_, 48) => a.block::<1, 3>(c),
+                (_, 64) => a.block::<1, 4>(c),
+                _ => a.block::<1, 5>(c),
             };
-            let a = Grad { g, plane, c_out, wt, c_in, c0: c };
-            match cb {
-                8 => a.block::<8>(shifts, ld, acc, kc),
-                4 => a.block::<4>(shifts, ld, acc, kc),
-                2 => a.block::<2>(shifts, ld, acc, kc),
-                _ => a.block::<1>(shifts, ld, acc, kc),
-            }
-            c += cb;
         }
     }
 
-    /// The operands of one block of input channels `c0 ..` of the input gradient.
+    /// The operands of the input-gradient kernel.
     struct Grad<'a> {
         g: &'a [f32],
         plane: usize,
         c_out: usize,
+        offsets: &'a [isize],
+        band: &'a Band,
         wt: &'a [f32],
         c_in: usize,
-        c0: usize,
+        dst: *mut f32,
+        ld: usize,
+        kc: usize,
     }
 
     impl Grad<'_> {
-        /// Sum over output channels `co0 .. co1` for term `kk` at pixel `p0`: FMAs from zero.
+        /// Sum over output channels `co0 .. co1` of term `kk` at the pixel block `base` (masks
+        /// `masks`): FMAs from zero.
         #[inline(always)]
-        unsafe fn terms<const CB: usize>(
+        unsafe fn terms<const CB: usize, const NV: usize>(
             &self,
             kk: usize,
-            shift: usize,
-            p0: usize,
-            co0: usize,
-            co1: usize,
-        ) -> [[__m512; 3]; CB] {
-            let mut t = [[_mm512_setzero_ps(); 3]; CB];
+            (base, masks): (*const f32, *const u16),
+            c0: usize,
+            (co0, co1): (usize, usize),
+        ) -> [[__m512; NV]; CB] {
+            let kks = self.offsets.len();
+            let mut t = [[_mm512_setzero_ps(); NV]; CB];
+            let src = base.wrapping_offset(self.offsets[kk]);
             for co in co0..co1 {
-                let src = self.g.as_ptr().add(co * self.plane + shift + p0);
-                let v = [_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(src.add(32))];
-                let w = self.wt.as_ptr().add((kk * self.c_out + co) * self.c_in + self.c0);
+                let src = src.wrapping_add(co * self.plane);
+                let mut v = [_mm512_setzero_ps(); NV];
+                for (i, v) in v.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(*masks.add(i * kks + kk), src.wrapping_add(16 * i));
+                }
+                let w = self.wt.as_ptr().add((kk * self.c_out + co) * self.c_in + c0);
                 for (j, t) in t.iter_mut().enumerate() {
                     let wj = _mm512_set1_ps(*w.add(j));
                     for (t, v) in t.iter_mut().zip(v) {
@@ -434,36 +474,38 @@ mod avx512 {
             t
         }
 
+        /// Input channels `c0 .. c0 + CB`, every block of `16 NV` pixels; returns `CB`.
         #[inline(always)]
-        unsafe fn block<const CB: usize>(&self, shifts: &[usize], ld: usize, acc: &mut [f32], kc: usize) {
-            for p0 in (0..ld).step_by(PIXELS) {
-                for (kk, &shift) in shifts.iter().enumerate() {
-                    let t = if self.c_out <= kc {
-                        self.terms::<CB>(kk, shift, p0, 0, self.c_out)
-                    } else {
-                        // gemm's blocks of the sum over co, each added to the ones before.
-                        let mut t = self.terms::<CB>(kk, shift, p0, 0, kc);
-                        let mut start = kc;
-                        while start < self.c_out {
-                            let u = self.terms::<CB>(kk, shift, p0, start, (start + kc).min(self.c_out));
+        unsafe fn block<const CB: usize, const NV: usize>(&self, c0: usize) -> usize {
+            let kks = self.offsets.len();
+            for p in (0..self.band.n).step_by(16 * NV) {
+                // The pixel's address; a term's lanes outside the planes are masked off, never read.
+                let at = (self.g.as_ptr().wrapping_add(self.band.p0 + p), self.band.masks.as_ptr().add(p / 16 * kks));
+                for kk in 0..kks {
+                    let mut t = self.terms::<CB, NV>(kk, at, c0, (0, self.c_out.min(self.kc)));
+                    // gemm's blocks of the sum over co, each added to the ones before.
+                    let mut start = self.kc;
+                    while start < self.c_out {
+                        let u = self.terms::<CB, NV>(kk, at, c0, (start, (start + self.kc).min(self.c_out)));
+                        for (t, u) in t.iter_mut().zip(u) {
                             for (t, u) in t.iter_mut().zip(u) {
-                                for (t, u) in t.iter_mut().zip(u) {
-                                    *t = _mm512_add_ps(*t, u);
-                                }
+                                *t = _mm512_add_ps(*t, u);
                             }
-                            start += kc;
                         }
-                        t
-                    };
+                        start += self.kc;
+                    }
+                    // col2im's sum over (kh, kw) in order, from zero.
                     for (j, t) in t.iter().enumerate() {
-                        let dst = acc.as_mut_ptr().add((self.c0 + j) * ld + p0);
+                        let d = self.dst.add((c0 + j) * self.ld + p);
                         for (i, &t) in t.iter().enumerate() {
-                            let d = dst.add(16 * i);
-                            _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), t));
+                            let d = d.add(16 * i);
+                            let before = if kk == 0 { _mm512_setzero_ps() } else { _mm512_loadu_ps(d) };
+                            _mm512_storeu_ps(d, _mm512_add_ps(before, t));
                         }
                     }
                 }
             }
+            CB
         }
     }
 }
