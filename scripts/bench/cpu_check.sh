@@ -37,7 +37,7 @@ fi
 if [ "${SKIP_DEMO:-0}" != 1 ]; then
   demo=$(mktemp -d)
   ipr=$(pwd)/${CARGO_TARGET_DIR:-target}/release/ipr
-  run "the demo (ipr run), wall time and peak memory" bash -c "cd '$demo' && /usr/bin/time -v '$ipr' run > log 2>&1 || true; grep -E 'Elapsed|Maximum resident' log; tail -3 log"
+  run "the demo (ipr run), wall time and peak memory" bash -c "cd '$demo' && /usr/bin/time -v '$ipr' run > log 2>&1 || true; grep -E 'Elapsed|Maximum resident|Exit status' log"
   rm -rf "$demo"
 fi
 echo "results: $OUT"
