@@ -19,7 +19,10 @@ IPR=${CARGO_TARGET_DIR:-target}/release/ipr
 for r in $(seq "$ROUNDS"); do
   echo "round $r"
   RAYON_NUM_THREADS=$THREADS "$IPR" bench gemm --n "$SIZES" --iters "$ITERS" | sed 's/^/  gemm crate (ipr) /'
-  OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS \
+  # Without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, which some machines set for older OpenBLAS
+  # builds and which slow a current one (this command only).
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
+    OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS \
     "$PY" scripts/bench/gemm.py --n "$SIZES" --iters "$ITERS" --threads "$THREADS" | sed 's/^/  /'
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

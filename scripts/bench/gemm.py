@@ -35,6 +35,13 @@ def main():
         threadpool_limits(args.threads)
     except ImportError:  # OPENBLAS_NUM_THREADS, set by the caller, then holds
         pass
+    try:  # which kernels the BLAS libraries chose (threadpoolctl, where installed)
+        from threadpoolctl import threadpool_info
+
+        for pool in threadpool_info():
+            print(json.dumps({k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}))
+    except ImportError:
+        pass
     rng = np.random.default_rng(0)
     for n in [int(x) for x in args.n.split(",")]:
         a = rng.standard_normal((n, n), dtype=np.float32)
