@@ -314,21 +314,32 @@ mod avx512 {
         (dst, ld): (*mut f32, usize),
         kc: usize,
     ) {
-        let f = Forward { x, offsets, band, kk, wk, c_out, bias, dst, ld, kc };
-        let mut o = 0;
-        while o < c_out {
-            o += match (c_out - o, band.block) {
-                (8.., 48) => f.block::<8, 3>(o),
-                (4..=7, 48) => f.block::<4, 3>(o),
-                (6.., 64) => f.block::<6, 4>(o),
-                (4..=5, 64) => f.block::<4, 4>(o),
-                (4.., _) => f.block::<4, 5>(o),
-                (2..=3, 48) => f.block::<2, 3>(o),
-                (2..=3, 64) => f.block::<2, 4>(o),
-                (2..=3, _) => f.block::<2, 5>(o),
-                (_, 48) => f.block::<1, 3>(o),
-                (_, 64) => f.block::<1, 4>(o),
-                _ => f.block::<1, 5>(o),
+        channel_blocks(&Forward { x, offsets, band, kk, wk, c_out, bias, dst, ld, kc }, c_out, band.block);
+    }
+
+    /// A kernel computing `CB` channels x blocks of `16 NV` pixels from channel `first` on.
+    trait Blocks {
+        unsafe fn block<const CB: usize, const NV: usize>(&self, first: usize) -> usize;
+    }
+
+    /// `k`'s blocks over `channels` channels, as many at once as fit 24 accumulators next to
+    /// the pixel block's vectors (8 x 3, 6 x 4, 4 x 5), then 4, 2, 1 for the remainder.
+    #[inline(always)]
+    unsafe fn channel_blocks(k: &impl Blocks, channels: usize, pixels: usize) {
+        let mut c = 0;
+        while c < channels {
+            c += match (channels - c, pixels) {
+                (8.., 48) => k.block::<8, 3>(c),
+                (4..=7, 48) => k.block::<4, 3>(c),
+                (6.., 64) => k.block::<6, 4>(c),
+                (4..=5, 64) => k.block::<4, 4>(c),
+                (4.., _) => k.block::<4, 5>(c),
+                (2..=3, 48) => k.block::<2, 3>(c),
+                (2..=3, 64) => k.block::<2, 4>(c),
+                (2..=3, _) => k.block::<2, 5>(c),
+                (_, 48) => k.block::<1, 3>(c),
+                (_, 64) => k.block::<1, 4>(c),
+                _ => k.block::<1, 5>(c),
             };
         }
     }
@@ -347,7 +358,7 @@ mod avx512 {
         kc: usize,
     }
 
-    impl Forward<'_> {
+    impl Blocks for Forward<'_> {
         /// Output channels `o0 .. o0 + CB`, every block of `16 NV` pixels; returns `CB`.
         #[inline(always)]
         unsafe fn block<const CB: usize, const NV: usize>(&self, o0: usize) -> usize {
@@ -410,23 +421,7 @@ mod avx512 {
         (dst, ld): (*mut f32, usize),
         kc: usize,
     ) {
-        let a = Grad { g, plane, c_out, offsets, band, wt, c_in, dst, ld, kc };
-        let mut c = 0;
-        while c < c_in {
-            c += match (c_in - c, band.block) {
-                (8.., 48) => a.block::<8, 3>(c),
-                (4..=7, 48) => a.block::<4, 3>(c),
-                (6.., 64) => a.block::<6, 4>(c),
-                (4..=5, 64) => a.block::<4, 4>(c),
-                (4.., _) => a.block::<4, 5>(c),
-                (2..=3, 48) => a.block::<2, 3>(c),
-                (2..=3, 64) => a.block::<2, 4>(c),
-                (2..=3, _) => a.block::<2, 5>(c),
-                (_, 48) => a.block::<1, 3>(c),
-                (_, 64) => a.block::<1, 4>(c),
-                _ => a.block::<1, 5>(c),
-            };
-        }
+        channel_blocks(&Grad { g, plane, c_out, offsets, band, wt, c_in, dst, ld, kc }, c_in, band.block);
     }
 
     /// The operands of the input-gradient kernel.
@@ -473,7 +468,9 @@ mod avx512 {
             }
             t
         }
+    }
 
+    impl Blocks for Grad<'_> {
         /// Input channels `c0 .. c0 + CB`, every block of `16 NV` pixels; returns `CB`.
         #[inline(always)]
         unsafe fn block<const CB: usize, const NV: usize>(&self, c0: usize) -> usize {
