@@ -395,54 +395,56 @@ impl DirectForward {
         let l = shape.out().0 * shape.out().1;
         let b = x.len() / image_len;
         assert!(x.len() == b * image_len && bias.is_none_or(|v| v.len() == c_out), "direct conv: operand sizes");
-        let total = b * c_out * l;
-        let mut out: Vec<f32> = Vec::with_capacity(total);
-        let dst = SharedMut(out.as_mut_ptr());
-        let bands = self.plan.bands().len();
-        let buffers = || (Vec::new(), Vec::new());
-        (0..b * bands).into_par_iter().for_each_init(buffers, |(acc, phases): &mut (Vec<f32>, Vec<f32>), task| {
-            let (i, j) = (task / bands, task % bands);
-            let band = &self.plan.bands()[j];
-            let (p0, n, block) = (band.p0, band.n, band.block);
+        let kernel = |i: usize, j: usize, phases: &mut Vec<f32>, dst: (*mut f32, usize)| {
             let mut image = &x[i * image_len..][..image_len];
             if shape.stride > 1 {
                 crate::conv_direct::phases(image, shape, phases);
                 image = phases;
             }
-            // SAFETY: task (i, j) alone writes pixels [p0, p0 + n) of image i's planes.
-            let out_band = unsafe { dst.ptr().add(i * c_out * l + p0) };
-            if n % block == 0 {
-                // SAFETY: `c_out` rows of `n` (whole blocks) from `out_band`, `l` apart, are
-                // this task's pixels of image i, inside the allocation of `total` elements.
-                unsafe {
-                    crate::conv_direct::product(&self.plan, j, image, &self.wk, c_out, bias, (out_band, l), self.kc)
-                };
-            } else {
-                let ld = n.next_multiple_of(block);
-                acc.resize(c_out * ld, 0.0);
-                // SAFETY: `acc` holds `c_out` rows of `ld`, the rounded pixels.
-                unsafe {
-                    crate::conv_direct::product(
-                        &self.plan,
-                        j,
-                        image,
-                        &self.wk,
-                        c_out,
-                        bias,
-                        (acc.as_mut_ptr(), ld),
-                        self.kc,
-                    )
-                };
-                for o in 0..c_out {
-                    // SAFETY: as above, pixels [p0, p0 + n) of plane o of image i; writes only.
-                    unsafe { std::ptr::copy_nonoverlapping(acc[o * ld..].as_ptr(), out_band.add(o * l), n) };
-                }
-            }
-        });
-        // SAFETY: the tasks (every image, bands covering every output row) wrote all elements.
-        unsafe { out.set_len(total) };
-        out
+            // SAFETY: `direct_tasks` hands each task its own rows of band j (`dst`).
+            unsafe { crate::conv_direct::product(&self.plan, j, image, &self.wk, c_out, bias, dst, self.kc) };
+        };
+        direct_tasks(b, self.plan.bands(), c_out, l, kernel)
     }
+}
+
+/// A direct kernel over every (image, band) in parallel, into a new `images x planes x l` tensor:
+/// `kernel(image, band, scratch, (dst, ld))` writes the band's pixels of the image's `planes`
+/// planes as rows `ld` apart from `dst`. They are the output's own rows where the band's pixels
+/// are whole blocks of the kernel (the toy's images), else a buffer copied out plane by plane.
+/// Every element is written once: no zero fill.
+fn direct_tasks(
+    images: usize,
+    bands: &[crate::conv_direct::Band],
+    planes: usize,
+    l: usize,
+    kernel: impl Fn(usize, usize, &mut Vec<f32>, (*mut f32, usize)) + Sync,
+) -> Vec<f32> {
+    let total = images * planes * l;
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let dst = SharedMut(out.as_mut_ptr());
+    let buffers = || (Vec::new(), Vec::new());
+    (0..images * bands.len()).into_par_iter().for_each_init(buffers, |(acc, scratch), task| {
+        let (i, j) = (task / bands.len(), task % bands.len());
+        let (p0, n, block) = (bands[j].p0, bands[j].n, bands[j].block);
+        // SAFETY: task (i, j) alone writes pixels [p0, p0 + n) of image i's planes, inside the
+        // allocation of `total` elements.
+        let out_band = unsafe { dst.ptr().add(i * planes * l + p0) };
+        if n % block == 0 {
+            kernel(i, j, scratch, (out_band, l));
+        } else {
+            let ld = n.next_multiple_of(block);
+            acc.resize(planes * ld, 0.0);
+            kernel(i, j, scratch, (acc.as_mut_ptr(), ld));
+            for c in 0..planes {
+                // SAFETY: as above, pixels [p0, p0 + n) of plane c of image i; writes only.
+                unsafe { std::ptr::copy_nonoverlapping(acc[c * ld..].as_ptr(), out_band.add(c * l), n) };
+            }
+        }
+    });
+    // SAFETY: the tasks (every image, bands covering every output row) wrote all elements.
+    unsafe { out.set_len(total) };
+    out
 }
 
 /// The slice as f32 when `T` is f32.
@@ -538,34 +540,12 @@ fn conv_input_grad_direct(grad: &[f32], w: &[f32], g: Geom, c_out: usize) -> Vec
     let band_rows = (band_len::<f32>(g) / g.w).clamp(1, g.h);
     let shape = crate::conv_direct::Shape { c: c_out, h: g.h, w: g.w, k: g.k, stride: 1 };
     let plan = crate::conv_direct::GradPlan::new(shape, band_rows);
-    let bands = plan.bands().len();
-    let mut dx: Vec<f32> = Vec::with_capacity(g.b * g.c * l);
-    let dst = SharedMut(dx.as_mut_ptr());
-    (0..g.b * bands).into_par_iter().for_each_init(Vec::new, |acc: &mut Vec<f32>, task| {
-        let (b, j) = (task / bands, task % bands);
-        let band = &plan.bands()[j];
-        let (p0, n, block) = (band.p0, band.n, band.block);
+    let kernel = |b: usize, j: usize, _: &mut Vec<f32>, dst: (*mut f32, usize)| {
         let gb = &grad[b * c_out * l..][..c_out * l];
-        // SAFETY: task (b, j) alone writes pixels [p0, p0 + n) of image b's input-gradient planes.
-        let out_band = unsafe { dst.ptr().add(b * g.c * l + p0) };
-        if n % block == 0 {
-            // SAFETY: `g.c` rows of `n` (whole blocks) from `out_band`, `l` apart, are this
-            // task's pixels of image b, inside the allocation.
-            unsafe { crate::conv_direct::input_grad(&plan, j, gb, &wt, g.c, (out_band, l), kc) };
-        } else {
-            let ld = n.next_multiple_of(block);
-            acc.resize(g.c * ld, 0.0);
-            // SAFETY: `acc` holds `g.c` rows of `ld`, the rounded pixels.
-            unsafe { crate::conv_direct::input_grad(&plan, j, gb, &wt, g.c, (acc.as_mut_ptr(), ld), kc) };
-            for c in 0..g.c {
-                // SAFETY: as above, pixels [p0, p0 + n) of plane c of image b; writes only.
-                unsafe { std::ptr::copy_nonoverlapping(acc[c * ld..].as_ptr(), out_band.add(c * l), n) };
-            }
-        }
-    });
-    // SAFETY: the tasks (every image, bands covering every input row) wrote all elements.
-    unsafe { dx.set_len(g.b * g.c * l) };
-    dx
+        // SAFETY: `direct_tasks` hands each task its own rows of band j (`dst`).
+        unsafe { crate::conv_direct::input_grad(&plan, j, gb, &wt, g.c, dst, kc) };
+    };
+    direct_tasks(g.b, plan.bands(), g.c, l, kernel)
 }
 
 /// The input gradient by im2col's adjoint: `Wᵀ x grad` per (image, band of output pixels) into a

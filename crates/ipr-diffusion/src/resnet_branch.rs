@@ -102,20 +102,13 @@ impl Conv {
         (self.g.b, self.c_out, self.g.out_h(), self.g.out_w())
     }
 
+    /// The convolution of the images of `x`, the whole batch or some of it (the same kernels:
+    /// bands and blocks of the sums depend on an image's geometry, not on the batch).
     fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         if let Some(direct) = &self.direct {
             return with_f32(&self.b, |b| Ok(direct.run(x, Some(b))));
         }
-        with_f32(&self.w, |w| with_f32(&self.b, |b| Ok(conv_forward(x, w, Some(b), self.g, self.c_out))))
-    }
-
-    /// [`Conv::forward`] of one image of the batch (the same kernels: bands and blocks of the
-    /// sums depend on the image's geometry, not the batch).
-    fn forward_image(&self, x: &[f32]) -> Result<Vec<f32>> {
-        if let Some(direct) = &self.direct {
-            return with_f32(&self.b, |b| Ok(direct.run(x, Some(b))));
-        }
-        let g = Geom { b: 1, ..self.g };
+        let g = Geom { b: x.len() / (self.g.c * self.g.h * self.g.w), ..self.g };
         with_f32(&self.w, |w| with_f32(&self.b, |b| Ok(conv_forward(x, w, Some(b), g, self.c_out))))
     }
 
@@ -165,7 +158,7 @@ impl BranchOp {
                 let images = out.spare_capacity_mut()[..g.b * out_len].par_chunks_mut(out_len).enumerate();
                 images.try_for_each(|(i, o)| -> Result<()> {
                     let n1 = self.norm1.forward(&x[i * in_len..][..in_len])?;
-                    let mut hid = self.conv1.forward_image(&n1)?;
+                    let mut hid = self.conv1.forward(&n1)?;
                     drop(n1);
                     if let Some(t) = temb {
                         // candle's broadcast add: one f32 addition per element.
@@ -175,7 +168,7 @@ impl BranchOp {
                     }
                     let n2 = self.norm2.forward(&hid)?;
                     drop(hid);
-                    let y = self.conv2.forward_image(&n2)?;
+                    let y = self.conv2.forward(&n2)?;
                     match skip {
                         // candle's `skip + branch`: one f32 addition per element.
                         Some(s) => o.iter_mut().zip(&y).zip(&s[i * out_len..]).for_each(|((o, &y), &s)| {
