@@ -101,6 +101,10 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], s: Dims) -> Vec<f32> {
     let scale = (1.0 / (s.d as f64).sqrt()) as f32;
     let mut out: Vec<f32> = Vec::with_capacity(total);
     let dst = SharedMut(out.as_mut_ptr());
+    // Whether [`small`]'s kernels take a task, decided once for full blocks of query rows and
+    // once for the last (gemm's cache model is not free at every task).
+    #[cfg(target_arch = "x86_64")]
+    let small = [small_heads(rows, s), small_heads(s.lq - blocks.saturating_sub(1) * rows, s)];
     (0..s.b * s.heads * blocks).into_par_iter().for_each_init(
         || (Vec::new(), Vec::new(), Vec::new()),
         |(scores, probs, kt): &mut (Vec<f32>, Vec<f32>, Vec<f32>), task| {
@@ -113,7 +117,7 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], s: Dims) -> Vec<f32> {
             let q_at = (b * s.lq + r0) * inner + h * s.d;
             let kv_at = b * s.lk * inner + h * s.d;
             #[cfg(target_arch = "x86_64")]
-            if small_heads(m, s) {
+            if small[usize::from(blk + 1 == blocks)] {
                 let (q, k, v) = (&q[q_at..], &k[kv_at..], &v[kv_at..]);
                 // SAFETY: the checks of `small_heads` passed (AVX-512F present); the task alone
                 // writes rows r0..r1 of head h's columns of image b's output.
