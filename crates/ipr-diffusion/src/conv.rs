@@ -764,94 +764,68 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
     }
 
-    /// The forward's two stride-1 paths give the bits of the banded im2col + gemm one: the direct
-    /// AVX-512 kernel (on "same" convolutions where the CPU has it) and the padded-rows im2col +
-    /// gemm. On the toy UNet's shapes (f32; sums over `K` of up to 1152, which gemm cuts in
-    /// blocks, also as it does for products of at most 64 x 64 at 8x8; output channels in blocks
-    /// of 8, 6, 4, 2 and 1 with pixels in blocks of 48, 64 and 80; several bands at 40 channels x
-    /// 64 pixels, written in place, and at 100 x 37, through the buffer; 5x5 and 7x7 kernels).
+    /// The forward's fast paths give the bits of the banded im2col + gemm one: the direct AVX-512
+    /// kernel (on "same" convolutions and 3x3 stride-2 downsamplers, through the input's phase
+    /// planes, where the CPU has it) and the padded-rows im2col + gemm. On the toy UNet's shapes
+    /// (f32; sums over `K` of up to 1152, which gemm cuts in blocks, also as it does for products
+    /// of at most 64 x 64 at 8x8; output channels in blocks of 8, 6, 4, 2 and 1 with pixels in
+    /// blocks of 48, 64 and 80; several bands at 40 channels x 64 pixels, written in place, and
+    /// at 100 x 37, through the buffer; 5x5 and 7x7 kernels; the toy's two downsamplers, 64
+    /// channels at 8x8, a 6x6 image whose 9 output pixels go through the buffer, a rectangle).
     #[test]
     fn forward_paths_have_the_banded_forwards_bits() {
         let d = Device::Cpu;
         let mut direct = 0;
-        for (c, c_out, hw, b, bias, k, pad) in [
-            (16, 16, 32, 2, true, 3, 1),
-            (48, 16, 32, 1, true, 3, 1),
-            (96, 32, 16, 2, true, 3, 1),
-            (128, 64, 16, 1, false, 3, 1),
-            (40, 8, 64, 1, true, 3, 1),
-            (16, 3, 32, 1, true, 3, 1),
-            (24, 15, 16, 2, false, 3, 1),
-            (72, 2, 17, 1, true, 3, 1),
-            (64, 64, 8, 2, true, 3, 1),
-            (128, 64, 8, 1, true, 3, 1),
-            (96, 64, 8, 1, false, 3, 1),
-            (32, 6, 8, 1, true, 3, 1),
-            (7, 11, 5, 2, true, 3, 1),
-            (100, 5, 37, 1, true, 3, 1),
-            (8, 8, 12, 1, true, 3, 0),
-            (6, 9, 20, 1, true, 5, 2),
-            (4, 5, 13, 1, true, 7, 3),
-            (12, 10, 9, 2, false, 3, 2),
+        for (c, c_out, (h, w), b, bias, k, stride, pad) in [
+            (16, 16, (32, 32), 2, true, 3, 1, 1),
+            (48, 16, (32, 32), 1, true, 3, 1, 1),
+            (96, 32, (16, 16), 2, true, 3, 1, 1),
+            (128, 64, (16, 16), 1, false, 3, 1, 1),
+            (40, 8, (64, 64), 1, true, 3, 1, 1),
+            (16, 3, (32, 32), 1, true, 3, 1, 1),
+            (24, 15, (16, 16), 2, false, 3, 1, 1),
+            (72, 2, (17, 17), 1, true, 3, 1, 1),
+            (64, 64, (8, 8), 2, true, 3, 1, 1),
+            (128, 64, (8, 8), 1, true, 3, 1, 1),
+            (96, 64, (8, 8), 1, false, 3, 1, 1),
+            (32, 6, (8, 8), 1, true, 3, 1, 1),
+            (7, 11, (5, 5), 2, true, 3, 1, 1),
+            (100, 5, (37, 37), 1, true, 3, 1, 1),
+            (8, 8, (12, 12), 1, true, 3, 1, 0),
+            (6, 9, (20, 20), 1, true, 5, 1, 2),
+            (4, 5, (13, 13), 1, true, 7, 1, 3),
+            (12, 10, (9, 9), 2, false, 3, 1, 2),
+            (16, 16, (32, 32), 2, true, 3, 2, 1),
+            (32, 32, (16, 16), 1, true, 3, 2, 1),
+            (64, 64, (8, 8), 2, false, 3, 2, 1),
+            (8, 5, (6, 6), 1, true, 3, 2, 1),
+            (12, 7, (10, 14), 2, true, 3, 2, 1),
         ] {
-            let g = Geom { b, c, h: hw, w: hw, k, stride: 1, pad };
-            let x =
-                Tensor::randn(0f32, 1., (b, c, hw, hw), &d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let w = Tensor::randn(0f32, 0.1, (c_out, c, k, k), &d)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let g = Geom { b, c, h, w, k, stride, pad };
+            let x = Tensor::randn(0f32, 1., b * c * h * w, &d).unwrap().to_vec1::<f32>().unwrap();
+            let wt = Tensor::randn(0f32, 0.1, c_out * c * k * k, &d).unwrap().to_vec1::<f32>().unwrap();
             let bv: Vec<f32> = (0..c_out).map(|i| i as f32 * 0.37 - 1.0).collect();
             let bias = bias.then_some(&bv[..]);
-            let plain = conv_forward_bands(&x, &w, bias, g, c_out);
-            let same = |y: &[f32]| y.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits());
+            let plain = conv_forward_bands(&x, &wt, bias, g, c_out);
+            let same =
+                |y: &[f32]| y.len() == plain.len() && y.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits());
+            let at = format!("{c}->{c_out} at {h}x{w}, k{k} stride {stride}");
             if direct_forward(g, c_out) {
-                let direct_conv = DirectForward::new(&w, g, c_out).expect("applies");
-                assert!(same(&direct_conv.run(&x, bias)), "direct: {c}->{c_out} at {hw}, k{k}");
+                let direct_conv = DirectForward::new(&wt, g, c_out).expect("applies");
+                assert!(same(&direct_conv.run(&x, bias)), "direct: {at}");
                 direct += 1;
             }
             if padded_rows(g) {
-                assert!(same(&conv_forward_padded_rows(&x, &w, bias, g, c_out)), "padded rows: {c}->{c_out} at {hw}");
+                assert!(same(&conv_forward_padded_rows(&x, &wt, bias, g, c_out)), "padded rows: {at}");
             }
-            assert!(same(&conv_forward(&x, &w, bias, g, c_out)), "{c}->{c_out} at {hw}, k{k}");
+            assert!(same(&conv_forward(&x, &wt, bias, g, c_out)), "{at}");
         }
         assert!(
-            direct == 0 || direct == 15,
-            "the direct kernel took {direct} of the 15 same convolutions of 3 or more channels"
+            direct == 0 || direct == 20,
+            "the direct kernel took {direct} of the 20 same or downsampling convolutions of 3 or more channels"
         );
         assert_eq!(direct > 0, crate::conv_direct::available());
-    }
-
-    /// The direct forward of the 3x3 stride-2 downsamplers (on AVX-512 CPUs, through the input's
-    /// phase planes) gives the bits of the banded im2col + gemm one: the toy's two (16 channels
-    /// at 32x32, 32 at 16x16), 64 channels at 8x8, a 6x6 image whose 9 output pixels go through
-    /// the buffer, and a rectangular one.
-    #[test]
-    fn direct_forward_at_stride_2_has_the_banded_bits() {
-        if !crate::conv_direct::available() {
-            return;
-        }
-        let d = Device::Cpu;
-        for (c, c_out, h, w, b, bias) in [
-            (16, 16, 32, 32, 2, true),
-            (32, 32, 16, 16, 1, true),
-            (64, 64, 8, 8, 2, false),
-            (8, 5, 6, 6, 1, true),
-            (12, 7, 10, 14, 2, true),
-        ] {
-            let g = Geom { b, c, h, w, k: 3, stride: 2, pad: 1 };
-            let x = Tensor::randn(0f32, 1., b * c * h * w, &d).unwrap().to_vec1::<f32>().unwrap();
-            let wt = Tensor::randn(0f32, 0.1, c_out * c * 9, &d).unwrap().to_vec1::<f32>().unwrap();
-            let bv: Vec<f32> = (0..c_out).map(|i| i as f32 * 0.37 - 1.0).collect();
-            let bias = bias.then_some(&bv[..]);
-            let direct = DirectForward::new(&wt, g, c_out).expect("applies").run(&x, bias);
-            let plain = conv_forward_bands(&x, &wt, bias, g, c_out);
-            assert_eq!(direct.len(), plain.len());
-            assert!(direct.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "{c}->{c_out} at {h}x{w}");
-        }
-        // Odd sizes stay on the banded path.
+        // Odd sizes at stride 2 stay on the banded path.
         assert!(DirectForward::new(&[0.0; 9 * 4 * 4], Geom { b: 1, c: 4, h: 9, w: 8, k: 3, stride: 2, pad: 1 }, 4)
             .is_none());
     }
