@@ -16,6 +16,11 @@ packages from a wheel folder); see README.md beside this file. Sections:
   train       one LoRA training step (rank 4 on to_q/to_k/to_v/to_out.0, AdamW, frozen base in
               bf16, LoRA and optimizer in f32, random inputs, 8 text tokens): `ipr bench
               train-step --json` vs diffusers + peft, toy size and SD-2.1 size; median ms/step.
+  selftest    `ipr selftest --device cuda --dtype f32|bf16 --json`: every layer op, forward and
+              backward, on the GPU against the same op on the CPU in f64 (inside the binary).
+  ops         where a step's time goes, op by op: `ipr bench sample --profile-ops` (SD-2.1 size
+              denoising step) and the train section's `ipr bench train-step --profile-ops` (each op
+              timed between device synchronisations, in extra steps after the timed ones).
   memory      every ipr and diffusers run is a child process whose GPU memory is polled (NVML via
               pynvml, else nvidia-smi) -- the same measure for both; diffusers also reports
               torch.cuda.max_memory_allocated.
@@ -555,6 +560,14 @@ class Budget:
         return max(15.0, self.hard - self.elapsed())
 
 
+def log_ops(what, report):
+    """Logs the largest rows of an op table (`ops` of an ipr bench report)."""
+    ops = report.get("ops") or []
+    step = report.get("ms_profiled_step") or 0.0
+    rows = ", ".join(f"{o['op']} {o['ms']:.1f}" for o in ops[:8])
+    log(f"ops {what}: profiled step {step:.1f} ms: {rows}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ipr", help="the ipr binary (dist/ipr-cuda on a GPU; a CPU build for --dry-run)")
@@ -684,6 +697,36 @@ def main():
             return False
         return True
 
+    def ipr_json(cmd, where):
+        """Runs an ipr command that prints one JSON line; (parsed dict or None, child result)."""
+        r = run_child(cmd, gpu, budget.child())
+        line = [l for l in r["stdout"].strip().splitlines() if l.strip().startswith("{")]
+        try:
+            v = json.loads(line[-1]) if line else None
+        except json.JSONDecodeError:
+            v = None
+        if v is None:
+            fail(where, f"rc {r['rc']}, no JSON line: " + tail(r["stderr"] or r["stdout"]))
+        return v, r
+
+    # ---- (0) the op self-test: each layer op on the device against the CPU in f64
+    if ipr and ipr.has_command("selftest") and section_time_ok("selftest", 20):
+        for dt in (["f32", "bf16"] if gpu else ["f32"]):
+            cmd = [*ipr.cmd, "selftest", "--device", device, "--dtype", dt, "--json"]
+            v, r = ipr_json(cmd, f"selftest/{dt}")
+            entry = S.setdefault("selftest", {})[dt] = {"cmd": " ".join(cmd), "rc": r["rc"], "wall_s": r["wall_s"]}
+            if v is not None:
+                entry.update(v)
+                bad = [f"{c['case']} {c['output']} {c['rel_max_diff']:.2e}" for c in v["checks"] if not c["ok"]]
+                bad += [f"{c} error: {e}" for c, e in v["errors"]]
+                log(f"selftest {dt}: {len(v['checks'])} checks, tolerance {v['tolerance']:.0e}, "
+                    f"worst {max((c['rel_max_diff'] for c in v['checks']), default=float('nan')):.2e}; "
+                    f"{'OK' if v['ok'] else 'FAIL: ' + '; '.join(bad)}")
+                if not v["ok"]:
+                    fail(f"selftest/{dt}", "; ".join(bad))
+    elif ipr:
+        skip("selftest", "this ipr binary has no `selftest` command")
+
     # ---- (a) parity on the tiny fixtures
     parity = S.setdefault("parity", {})
     fixtures = sorted(d for d in os.listdir(args.fixtures) if d.startswith("tiny-")) if os.path.isdir(args.fixtures) else []
@@ -797,8 +840,9 @@ def main():
         if not entry["diffusers"]["ok"]:
             fail(f"train/{sname}/diffusers", entry["diffusers"].get("error", ""))
         if has_train:
+            profile = [] if ipr.missing_flags(("bench", "train-step"), ["--profile-ops"]) else ["--profile-ops", "2"]
             cmd = [*ipr.cmd, "bench", "train-step", "--unet", unet_dir, "--batch", str(sz["batch"]),
-                   "--iters", str(iters), "--json", *train_flags]
+                   "--iters", str(iters), "--json", *train_flags, *profile]
             r = run_child(cmd, gpu, budget.child())
             e = {"cmd": " ".join(cmd), "wall_s": r["wall_s"], "memory": r["memory"], "ok": r["rc"] == 0}
             if r["rc"] == 0:
@@ -818,6 +862,26 @@ def main():
                 f"{entry['diffusers']['ms_per_step']:.2f} ms/step (ratio {entry['ipr_over_diffusers']:.2f})")
         elif entry["diffusers"].get("ok"):
             log(f"train {sname}: diffusers {entry['diffusers']['ms_per_step']:.2f} ms/step")
+        if entry.get("ipr", {}).get("ops"):
+            S.setdefault("ops", {}).setdefault(sname, {})["train"] = {
+                "ms_profiled_step": entry["ipr"].get("ms_profiled_step"), "ops": entry["ipr"]["ops"]}
+            log_ops(f"train {sname}", entry["ipr"])
+
+    # ---- (b3) where a denoising step's time goes, op by op (ipr only), largest size first
+    has_profile = bool(ipr) and not ipr.missing_flags(("bench", "sample"), ["--profile-ops", "--dtype", "--model"])
+    if ipr and not has_profile:
+        skip("ops", "this ipr binary's `bench sample` has no --profile-ops/--dtype")
+    for sname in (["sd21", "toy"] if has_profile else []):
+        if sname not in built or not section_time_ok(f"ops/{sname}/denoise", 40 if sname == "sd21" else 15):
+            continue
+        cmd = [*ipr.cmd, "bench", "sample", "--model", built[sname], "--batch", "1", "--steps", "2", "--iters", "1",
+               "--guidance", "5", "--dtype", dtypes[0], "--device", device, "--profile-ops", "3", "--json"]
+        v, r = ipr_json(cmd, f"ops/{sname}/denoise")
+        if v is not None:
+            S.setdefault("ops", {}).setdefault(sname, {})["denoise"] = {
+                "cmd": " ".join(cmd), "ms_profiled_step": v.get("ms_profiled_step"), "ops": v.get("ops"),
+                "steps_per_s": v.get("steps_per_s"), "memory": r["memory"]}
+            log_ops(f"denoise {sname}", v)
 
     # ---- (c) the gradient exchange: `ipr train` on the tiny pixel pipeline through the build's
     # collective (NCCL at world size 1 when the binary has the `nccl` feature) and through the

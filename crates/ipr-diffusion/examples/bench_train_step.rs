@@ -14,6 +14,7 @@ fn main() -> ipr_diffusion::Result<()> {
         shards,
         &candle_core::Device::Cpu,
         candle_core::DType::F32,
+        0,
     )?;
     println!("{}", serde_json::to_string(&r).expect("json"));
     Ok(())

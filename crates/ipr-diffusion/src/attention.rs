@@ -94,6 +94,7 @@ impl CustomOp3 for BlockwiseAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::op_profile::scope("attention.backward", grad.device());
         let dtype = q.dtype();
         // Elementwise parts and the dK/dV sums in f32 for half inputs; products in the input dtype.
         let acc = if matches!(dtype, DType::F16 | DType::BF16) { DType::F32 } else { dtype };

@@ -707,6 +707,7 @@ impl CustomOp3 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::op_profile::scope("conv.backward", grad.device());
         let g = self.g;
         let c_out = w.dim(0)?;
         let dx = if x.track_op() {

@@ -251,7 +251,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Option<Tensor>> {
     if !cpu_float(x) {
         return Ok(None);
     }
-    Ok(Some(x.contiguous()?.apply_op1(SoftmaxLastDim)?))
+    in_f32(x, |x| x.contiguous()?.apply_op1(SoftmaxLastDim)).map(Some)
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension, fused on the CPU; `None` elsewhere.
@@ -259,7 +259,17 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Option<Tensor>> {
     if !cpu_float(x) {
         return Ok(None);
     }
-    Ok(Some(x.contiguous()?.apply_op1(NormalizeLastDim { eps })?))
+    in_f32(x, |x| x.contiguous()?.apply_op1(NormalizeLastDim { eps })).map(Some)
+}
+
+/// `f(x)` computed in f32 for half inputs (the ops' backward reduces over rows, which in a half
+/// type lose the gradient: a group norm's input gradient came out twice too large in bf16),
+/// as the other devices' primitive paths do; f32 and f64 as they are.
+fn in_f32(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
+        _ => f(x),
+    }
 }
 
 /// A forward result computed (detached) before its op is applied, handed to the op's forward
@@ -341,10 +351,12 @@ macro_rules! stashed_forward3 {
 pub(crate) use stashed_forward3;
 
 /// A 2-d convolution whose forward is candle's (computed detached and handed over through a
-/// [`Stash`]) and whose input gradient, for stride 1, is a forward convolution with the flipped,
-/// transposed kernel instead of candle's `conv_transpose2d` (a direct loop on the CPU, ~4x slower:
-/// the measurement is in docs/stack-notes.md). Gradients are only computed for operands that track
-/// them, so a frozen kernel (LoRA training) costs no weight gradient.
+/// [`Stash`]) and whose input gradient is a forward convolution with the flipped, transposed
+/// kernel (for stride `s > 1`, of the output gradient with `s - 1` zeros between its pixels)
+/// instead of candle's `conv_transpose2d`: a direct loop on the CPU (~4x slower: the measurement
+/// is in docs/stack-notes.md) and a naive kernel, one thread per output with no tiling, on CUDA,
+/// where the forward convolution is im2col + cuBLAS (or cuDNN). Gradients are only computed for
+/// operands that track them, so a frozen kernel (LoRA training) costs no weight gradient.
 struct Conv2dFastBackward {
     padding: usize,
     stride: usize,
@@ -360,17 +372,28 @@ impl candle_core::CustomOp2 for Conv2dFastBackward {
         self.y.cpu(self.name())
     }
 
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.y.cuda(self.name())
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::op_profile::scope("conv.backward", grad.device());
         let (p, s) = (self.padding, self.stride);
         let (_, _, kh, kw) = w.dims4()?;
         let dx = if x.track_op() {
-            Some(if s == 1 && kh == kw && p < kh {
-                let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-                grad.conv2d(&w_t, kh - 1 - p, 1, 1, 1)?
+            let (h, wd) = (x.dim(2)?, x.dim(3)?);
+            Some(if kh == kw && p < kh {
+                conv_input_grad_by_forward(grad, w, p, s, (h, wd))?
             } else {
-                // candle's own rule (backprop.rs) for strided convolutions.
+                // candle's own rule (backprop.rs).
                 let out = (grad.dim(2)? - 1) * s + (kh - 1) + 1 - 2 * p;
-                grad.conv_transpose2d(w, p, x.dim(2)? - out, s, 1)?
+                grad.conv_transpose2d(w, p, h - out, s, 1)?
             })
         } else {
             None
@@ -387,6 +410,41 @@ impl candle_core::CustomOp2 for Conv2dFastBackward {
     }
 }
 
+/// The input gradient of `x.conv2d(w, p, s)` (square kernel `k > p`, input `(h, w)`) as a forward
+/// convolution: `dx[i] = sum_k w[k] g[(i + p - k) / s]` over the terms where `s` divides
+/// `i + p - k`, which is the stride-1 correlation of the flipped kernel with the output gradient
+/// spread out by `s` (zeros between its pixels), padded by `k - 1 - p` (and on the bottom and
+/// right by the rows and columns the forward's stride left over).
+fn conv_input_grad_by_forward(
+    grad: &Tensor,
+    w: &Tensor,
+    p: usize,
+    s: usize,
+    (h, wd): (usize, usize),
+) -> Result<Tensor> {
+    let k = w.dim(2)?;
+    let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+    if s == 1 {
+        return grad.conv2d(&w_t, k - 1 - p, 1, 1, 1);
+    }
+    let g = spread(&spread(grad, 2, s)?, 3, s)?;
+    let (extra_h, extra_w) = ((h + 2 * p - k) % s, (wd + 2 * p - k) % s);
+    let g = g.pad_with_zeros(2, 0, extra_h)?.pad_with_zeros(3, 0, extra_w)?;
+    g.conv2d(&w_t, k - 1 - p, 1, 1, 1)
+}
+
+/// `t` with `s - 1` zeros between consecutive entries along `dim` (length `n` -> `(n - 1) s + 1`).
+fn spread(t: &Tensor, dim: usize, s: usize) -> Result<Tensor> {
+    let n = t.dim(dim)?;
+    let mut dims = t.dims().to_vec();
+    let x = t.unsqueeze(dim + 1)?;
+    dims.insert(dim + 1, s - 1);
+    let zeros = Tensor::zeros(dims.as_slice(), t.dtype(), t.device())?;
+    let mut out = t.dims().to_vec();
+    out[dim] = n * s;
+    Tensor::cat(&[&x, &zeros], dim + 1)?.reshape(out.as_slice())?.narrow(dim, 0, (n - 1) * s + 1)
+}
+
 static FAST_CONV_BACKWARD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Switches [`conv2d_fast_backward`] on (the default) or off, process-wide (for benchmarks and
@@ -401,10 +459,11 @@ pub fn fast_conv_backward() -> bool {
 }
 
 /// `x.conv2d(w, padding, stride)` with the faster backward described above when a
-/// gradient is needed on the CPU; `None` where the caller should use candle's conv directly.
+/// gradient is needed on the CPU or CUDA; `None` where the caller should use candle's conv directly.
 pub fn conv2d_fast_backward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Option<Tensor>> {
     let on = FAST_CONV_BACKWARD.load(std::sync::atomic::Ordering::Relaxed);
-    if !on || !x.device().is_cpu() || !(x.track_op() || w.track_op()) {
+    let device_ok = x.device().is_cpu() || x.device().is_cuda();
+    if !on || !device_ok || !(x.track_op() || w.track_op()) {
         return Ok(None);
     }
     let y = Stash::new(x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?);
@@ -464,6 +523,7 @@ impl candle_core::CustomOp3 for LinearSkipFrozen {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::op_profile::scope("linear.backward", grad.device());
         // `x` of any rank as the matrix `(rows, in)` (a view: no node of the graph).
         let (rows, n) = (grad.elem_count() / w.dim(0)?.max(1), w.dim(0)?);
         let grad = grad.reshape((rows, n))?;
@@ -801,10 +861,15 @@ mod tests {
     #[test]
     fn conv_backward_equals_candles_and_skips_frozen_kernels() {
         let d = Device::Cpu;
-        for (k, p, s) in [(3, 1, 1), (1, 0, 1), (3, 1, 2), (3, 0, 2)] {
-            let x = Var::from_tensor(&Tensor::randn(0f64, 1., (2, 3, 9, 9), &d).unwrap()).unwrap();
+        // Odd and even sizes: a stride-2 forward over an even size leaves a row and a column over.
+        for (k, p, s, n) in [(3, 1, 1, 9), (1, 0, 1, 9), (3, 1, 2, 9), (3, 0, 2, 9), (3, 1, 2, 10), (3, 0, 2, 10)]
+            .into_iter()
+            .chain([(1, 0, 2, 9), (3, 2, 3, 11), (5, 2, 2, 10), (2, 0, 2, 9)])
+        {
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1., (2, 3, n, n), &d).unwrap()).unwrap();
             let w = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3, k, k), &d).unwrap()).unwrap();
-            let r = Tensor::randn(0f64, 1., (2, 4, (9 + 2 * p - k) / s + 1, (9 + 2 * p - k) / s + 1), &d).unwrap();
+            let o = (n + 2 * p - k) / s + 1;
+            let r = Tensor::randn(0f64, 1., (2, 4, o, o), &d).unwrap();
             let ours = conv2d_fast_backward(x.as_tensor(), w.as_tensor(), p, s).unwrap().unwrap();
             let theirs = x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1).unwrap();
             assert!(max_diff(&ours, &theirs) == 0.0);
@@ -812,7 +877,7 @@ mod tests {
             let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for v in [&x, &w] {
                 let e = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-                assert!(e < 1e-10, "k{k} p{p} s{s}: {e}");
+                assert!(e < 1e-10, "k{k} p{p} s{s} n{n}: {e}");
             }
             let frozen = w.as_tensor().detach();
             let y = conv2d_fast_backward(x.as_tensor(), &frozen, p, s).unwrap().unwrap();

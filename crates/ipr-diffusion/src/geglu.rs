@@ -119,6 +119,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _timed = crate::op_profile::scope("geglu.backward", grad.device());
         Ok(Some(arg.detach().apply_op2_no_bwd(&grad.contiguous()?, &GegluBwd)?))
     }
 }

@@ -40,6 +40,7 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::op_profile::scope("attention.backward", grad.device());
         let saved = self.saved.lock().expect("graph attention: poisoned lock");
         let [qh, kh, vh, probs] =
             saved.as_ref().ok_or_else(|| candle_core::Error::Msg("graph attention: forward not run".into()))?;

@@ -79,6 +79,7 @@ impl CustomOp3 for LoraLinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::op_profile::scope("linear.backward", grad.device());
         let u = self.u.lock().expect("lora linear: poisoned lock");
         let u = u.as_ref().ok_or_else(|| candle_core::Error::Msg("lora linear: forward not run".into()))?;
         let grad = grad.contiguous()?.reshape((self.x.dim(0)?, self.w.dim(0)?))?;

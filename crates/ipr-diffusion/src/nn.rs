@@ -53,6 +53,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timed = crate::op_profile::scope("linear", x.device());
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
@@ -101,6 +102,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timed = crate::op_profile::scope("layer_norm", x.device());
         if let Some(y) = crate::norm::layer_norm(x, &self.weight, &self.bias, self.eps)? {
             return Ok(y);
         }
@@ -125,6 +127,7 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timed = crate::op_profile::scope("group_norm", x.device());
         if let Some(y) = crate::norm::group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps, false)? {
             return Ok(y);
         }
@@ -133,6 +136,7 @@ impl GroupNorm {
 
     /// `silu(self.forward(x))`, fused on the CPU (the pattern of every resnet).
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        let _timed = crate::op_profile::scope("group_norm_silu", x.device());
         if let Some(y) = crate::norm::group_norm(x, &self.weight, &self.bias, self.num_groups, self.eps, true)? {
             return Ok(y);
         }
@@ -192,6 +196,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timed = crate::op_profile::scope("conv", x.device());
         if let Ok(dims) = x.dims4() {
             self.count_flops(dims);
         }
@@ -280,6 +285,18 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
 }
 
+/// `a * gelu(gate)` for `[a, gate]` the halves of `h`'s last dimension (diffusers' `GEGLU`):
+/// fused on the CPU ([`crate::geglu`]), tensor ops elsewhere.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let _timed = crate::op_profile::scope("geglu", h.device());
+    if let Some(y) = crate::geglu::geglu(h)? {
+        return Ok(y);
+    }
+    let inner = h.dim(D::Minus1)? / 2;
+    let (a, gate) = (h.narrow(D::Minus1, 0, inner)?, h.narrow(D::Minus1, inner, inner)?);
+    Ok((a * gelu(&gate)?)?)
+}
+
 /// `x * sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     Ok(x.silu()?)
@@ -292,6 +309,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// Outside a graph on the CPU (sampling, evaluation) without a mask, one op computes it
 /// ([`crate::inference_attention`], the same bits).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let _timed = crate::op_profile::scope("attention", q.device());
     let (b, lq, inner) = q.dims3()?;
     crate::flops::add_attention(4 * b * heads * lq * k.dim(1)? * (inner / heads));
     if mask.is_none() {

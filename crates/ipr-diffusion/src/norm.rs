@@ -251,6 +251,7 @@ impl CustomOp3 for NormFwd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::op_profile::scope("norm.backward", grad.device());
         let grad = grad.contiguous()?;
         let dx = if x.track_op() {
             Some(x.apply_op2_no_bwd(&grad, &NormBwdX { v: self.v, w: w.detach(), b: b.detach() })?)

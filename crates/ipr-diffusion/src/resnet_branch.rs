@@ -218,6 +218,7 @@ impl CustomOp1 for BranchOp {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _timed = crate::op_profile::scope("resnet_branch.backward", grad.device());
         let saved = self.saved.as_ref().ok_or_else(|| candle_core::Error::Msg("resnet branch: no backward".into()))?;
         let saved = saved.lock().expect("resnet branch: poisoned lock");
         let h = saved.as_ref().ok_or_else(|| candle_core::Error::Msg("resnet branch: forward not run".into()))?;
@@ -258,6 +259,7 @@ pub fn resnet_branch(x: &Tensor, r: &ResnetBranch) -> Result<Option<Tensor>> {
     };
     r.conv1.count_flops(dims);
     r.conv2.count_flops(mid);
+    let _timed = crate::op_profile::scope("resnet_branch", x.device());
     let x = x.contiguous()?;
     let track = x.track_op() || r.skip.track_op();
     let fold_skip = !track && r.skip.dims4()? == conv2.out_dims() && r.skip.dtype() == DType::F32;

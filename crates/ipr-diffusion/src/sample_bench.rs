@@ -1,5 +1,5 @@
 //! Timing of text-to-image denoising (the library side of `ipr bench sample`; its diffusers twin
-//! is `scripts/bench/sample.py`): a pipeline folder in f32, `batch` images with classifier-free
+//! is `scripts/bench/sample.py`): a pipeline folder (f32 unless asked otherwise), `batch` images with classifier-free
 //! guidance (the UNet sees `2 x batch` samples per step), DDIM, the empty prompt's embeddings for
 //! both halves (speed does not depend on the text). On the CPU the batch is cut into `parallel`
 //! parts denoised at once, as `ipr run` and `ipr sample` run their batches (candle's elementwise
@@ -35,21 +35,38 @@ pub struct SampleReport {
     pub gflop_per_s: f64,
     pub peak_gflop_per_s: f64,
     pub device: String,
+    pub dtype: String,
+    /// With `profile_steps > 0`: the milliseconds of one profiled denoising step (one part,
+    /// every op synchronised) and where they went, op by op ([`crate::op_profile`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ms_profiled_step: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops: Option<Vec<crate::op_profile::OpTime>>,
 }
 
-/// Runs one warm-up and `iters` timed denoising runs of `steps` DDIM steps.
-pub fn bench_sampling(
-    model: &Path,
-    batch: usize,
-    steps: usize,
-    guidance_scale: f64,
-    iters: usize,
-    parallel: usize,
-    device: &Device,
-) -> Result<SampleReport> {
+/// What `ipr bench sample` runs.
+#[derive(Debug, Clone)]
+pub struct SampleBench {
+    pub batch: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// Timed runs of `steps` steps (after one warm-up run).
+    pub iters: usize,
+    /// Parts of the batch denoised at once on the CPU.
+    pub parallel: usize,
+    /// The pipeline's weights (f32 on the CPU; bf16 is the GPU's usual setting); latents stay f32.
+    pub dtype: DType,
+    /// Denoising steps run once more, of the whole batch as one part, with op timing on (0: none).
+    pub profile_steps: usize,
+}
+
+/// Runs one warm-up and `iters` timed denoising runs of `steps` DDIM steps (then the profiled
+/// steps, if any).
+pub fn bench_sampling(model: &Path, b: &SampleBench, device: &Device) -> Result<SampleReport> {
     crate::train::cpu_runtime();
-    let pipe = Pipeline::load(model, DType::F32, device)?;
-    let parallel = if device.is_cpu() { parallel.clamp(1, batch.max(1)) } else { 1 };
+    let SampleBench { batch, steps, guidance_scale, iters, .. } = *b;
+    let pipe = Pipeline::load(model, b.dtype, device)?;
+    let parallel = if device.is_cpu() { b.parallel.clamp(1, batch.max(1)) } else { 1 };
     let params = SampleParams { num_inference_steps: steps, guidance_scale, sampler: SamplerKind::Ddim };
     let parts: Vec<usize> = (0..parallel).map(|i| batch / parallel + usize::from(i < batch % parallel)).collect();
     let inputs = parts
@@ -78,6 +95,22 @@ pub fn bench_sampling(
     }
     let per_step = Counted::now().since(before).forward() as f64 / (runs.len() * steps) as f64;
     let median = crate::train::bench::median(&runs);
+    let (ms_profiled_step, ops) = if b.profile_steps > 0 {
+        let e = pipe.empty_negative(batch)?;
+        let x = crate::noise::randn(0, pipe.latent_shape(batch), DType::F32, device)?;
+        let params = SampleParams { num_inference_steps: b.profile_steps, ..params.clone() };
+        crate::op_profile::take();
+        crate::op_profile::set_enabled(true);
+        let start = Instant::now();
+        let out = pipe.denoise(&e, &e, &x, &params).and_then(|_| Ok(device.synchronize()?));
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        crate::op_profile::set_enabled(false);
+        out?;
+        let table = crate::op_profile::per_step(crate::op_profile::take(), b.profile_steps, ms);
+        (Some(ms / b.profile_steps as f64), Some(table))
+    } else {
+        (None, None)
+    };
     Ok(SampleReport {
         steps_per_s: steps as f64 / median,
         s_runs: runs,
@@ -90,5 +123,8 @@ pub fn bench_sampling(
         gflop_per_s: per_step * steps as f64 / median / 1e9,
         peak_gflop_per_s: crate::flops::peak_gflops(device)?,
         device: format!("{:?}", device.location()),
+        dtype: b.dtype.as_str().to_string(),
+        ms_profiled_step,
+        ops,
     })
 }

@@ -48,6 +48,8 @@ enum Command {
     /// Benchmarks (speed), each beside a Python twin in scripts/bench/.
     #[command(subcommand)]
     Bench(commands::bench::Command),
+    /// Check every layer op, forward and backward, on a device and dtype against the CPU in f64.
+    Selftest(commands::selftest::SelftestArgs),
 }
 
 // mimalloc: per-thread heaps without a shared lock (the training shards allocate in parallel)
@@ -87,6 +89,7 @@ fn main() {
         Command::Detect(a) => commands::detect::run(a),
         Command::Merge(a) => commands::merge::run(a),
         Command::Bench(c) => commands::bench::run(c),
+        Command::Selftest(a) => commands::selftest::run(a),
         Command::Toy(c) => commands::toy::run(c),
         Command::Train(a) => commands::train::run(a),
         Command::Sample(a) => commands::sample::run(a),

@@ -114,6 +114,8 @@ fn train_then_sample_with_the_adapter_then_resume() {
     assert!(base.iter().zip(&adapted).any(|(a, b)| a != b), "the adapter changed nothing");
 }
 
+/// `ipr bench train-step` prints its report as JSON; with `--profile-ops` also the table of
+/// where a profiled step's time went, whose rows (the untimed rest included) add up to it.
 #[test]
 fn bench_train_step_prints_json() {
     let unet = model().join("unet");
@@ -121,6 +123,33 @@ fn bench_train_step_prints_json() {
     check(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["ms_per_step"].as_f64().unwrap() > 0.0);
+    assert!(v.get("ops").is_none());
+    let args = ["bench", "train-step", "--unet", unet.to_str().unwrap(), "--batch", "2", "--iters", "1"];
+    let o = ipr(&[&args[..], &["--profile-ops", "2", "--json"]].concat());
+    check(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ops = v["ops"].as_array().unwrap();
+    let names: Vec<&str> = ops.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    for op in ["conv", "linear", "linear.backward", "attention", "(untimed)"] {
+        assert!(names.contains(&op), "{op} missing from {names:?}");
+    }
+    let sum: f64 = ops.iter().map(|r| r["ms"].as_f64().unwrap()).sum();
+    let step = v["ms_profiled_step"].as_f64().unwrap();
+    assert!((sum - step).abs() < 1e-6 * step.max(1.0), "{sum} vs {step}");
+}
+
+/// `ipr selftest` passes on the CPU in f32 (every op against its f64 twin) and says so in JSON;
+/// a dtype the CPU cannot compute fails with a non-zero exit status naming the checks.
+#[test]
+fn selftest_passes_on_the_cpu() {
+    let o = ipr(&["selftest", "--json"]);
+    check(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["checks"].as_array().unwrap().len() > 30);
+    let o = ipr(&["selftest", "--dtype", "bf16"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("check(s) failed on Cpu in bf16"));
 }
 
 /// `ipr bench sample` with no `--model` runs the built-in toy base model from any directory,

@@ -47,6 +47,13 @@ pub struct TrainStepReport {
     pub gflop_per_step: f64,
     pub gflop_per_s: f64,
     pub peak_gflop_per_s: f64,
+    /// With `profile_steps > 0`: the milliseconds of one profiled step (unsharded, every op
+    /// synchronised: a little slower than `ms_per_step`) and where they went, op by op
+    /// ([`crate::op_profile`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ms_profiled_step: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops: Option<Vec<crate::op_profile::OpTime>>,
 }
 
 /// Builds the UNet (frozen weights) for the benchmark from a UNet folder, or from a config file
@@ -73,7 +80,8 @@ pub fn bench_unet(unet: &Path, dtype: DType, device: &Device) -> Result<UNet2DCo
 
 /// Runs one warm-up step and `iters` timed steps. The frozen UNet and the inputs are in `dtype`
 /// (f32 on the CPU; bf16 is the GPU's usual setting); LoRA weights, optimizer and loss stay f32.
-/// `shards` applies on the CPU only (a GPU computes the whole batch at once).
+/// `shards` applies on the CPU only (a GPU computes the whole batch at once). With
+/// `profile_steps > 0`, that many more steps run unsharded with op timing on.
 pub fn bench_train_step(
     unet_dir: &Path,
     batch: usize,
@@ -81,6 +89,7 @@ pub fn bench_train_step(
     shards: usize,
     device: &Device,
     dtype: DType,
+    profile_steps: usize,
 ) -> Result<TrainStepReport> {
     super::cpu_runtime();
     let device = device.clone();
@@ -98,8 +107,8 @@ pub fn bench_train_step(
     let s = c.sample_size.unwrap_or(32);
     let shape = (batch, c.in_channels, s, s);
     let (mut times, mut fwd_times, mut bwd_times) = (Vec::new(), Vec::new(), Vec::new());
-    let before = crate::flops::Counted::now();
-    for i in 0..=iters {
+    // One step: (total ms, forward ms: NaN when sharded).
+    let mut step = |i: usize, shards: usize| -> Result<(f64, f64)> {
         let seed = i as u64 * 1000;
         let b = Batch {
             x0: crate::noise::randn(seed, shape, dtype, &device)?,
@@ -122,7 +131,11 @@ pub fn bench_train_step(
         opt.step(&grads, 1e-4)?;
         // CUDA kernels run asynchronously: wait for the step before reading the clock.
         device.synchronize()?;
-        let ms = start.elapsed().as_secs_f64() * 1e3;
+        Ok((start.elapsed().as_secs_f64() * 1e3, fwd))
+    };
+    let before = crate::flops::Counted::now();
+    for i in 0..=iters {
+        let (ms, fwd) = step(i, shards)?;
         if i > 0 {
             times.push(ms);
             fwd_times.push(fwd);
@@ -130,6 +143,17 @@ pub fn bench_train_step(
         }
     }
     let flops = crate::flops::Counted::now().since(before).train_step() as f64 / (iters + 1) as f64;
+    let (ms_profiled_step, ops) = if profile_steps > 0 {
+        crate::op_profile::take();
+        crate::op_profile::set_enabled(true);
+        let total: Result<f64> = (0..profile_steps).map(|i| Ok(step(iters + 1 + i, 1)?.0)).sum();
+        crate::op_profile::set_enabled(false);
+        let total = total?;
+        let table = crate::op_profile::per_step(crate::op_profile::take(), profile_steps, total);
+        (Some(total / profile_steps as f64), Some(table))
+    } else {
+        (None, None)
+    };
     let ms_per_step = median(&times);
     Ok(TrainStepReport {
         ms_per_step,
@@ -146,6 +170,8 @@ pub fn bench_train_step(
         shards: shards.max(1),
         device: format!("{:?}", device.location()),
         dtype: dtype.as_str().to_string(),
+        ms_profiled_step,
+        ops,
     })
 }
 

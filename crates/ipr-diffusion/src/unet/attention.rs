@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::error::Result;
-use crate::nn::{attention, gelu, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
 
 /// diffusers' `Attention` with the default processor: multi-head scaled dot-product attention.
 #[derive(Debug, Clone)]
@@ -77,12 +77,7 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        if let Some(y) = crate::geglu::geglu(&h)? {
-            return self.out.forward(&y);
-        }
-        let inner = h.dim(candle_core::D::Minus1)? / 2;
-        let (a, gate) = (h.narrow(candle_core::D::Minus1, 0, inner)?, h.narrow(candle_core::D::Minus1, inner, inner)?);
-        self.out.forward(&(a * gelu(&gate)?)?)
+        self.out.forward(&crate::nn::geglu(&h)?)
     }
 }
 

@@ -125,9 +125,12 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        let up = match crate::upsample::upsample_nearest(x, (th, tw))? {
-            Some(up) => up,
-            None => x.upsample_nearest2d(th, tw)?,
+        let up = {
+            let _timed = crate::op_profile::scope("upsample", x.device());
+            match crate::upsample::upsample_nearest(x, (th, tw))? {
+                Some(up) => up,
+                None => x.upsample_nearest2d(th, tw)?,
+            }
         };
         self.conv.forward(&up)
     }

@@ -38,10 +38,14 @@ pub enum Command {
         /// The frozen UNet's and the inputs' dtype: f32, bf16 or f16 (LoRA and AdamW stay f32).
         #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
         dtype: candle_core::DType,
+        /// After the timed steps, run this many more (unsharded) with every op timed between
+        /// device synchronisations, and report where a step's time goes (`ops`).
+        #[arg(long, default_value_t = 0)]
+        profile_ops: usize,
         #[arg(long)]
         json: bool,
     },
-    /// Text-to-image denoising steps per second of a pipeline folder (f32, DDIM, classifier-free
+    /// Text-to-image denoising steps per second of a pipeline folder (DDIM, classifier-free
     /// guidance), with the FLOP/s reached against the machine's measured peak. Twin:
     /// scripts/bench/sample.py.
     Sample {
@@ -63,6 +67,13 @@ pub enum Command {
         parallel: Option<usize>,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// The pipeline's weights: f32, bf16 or f16 (latents and the sampler stay f32).
+        #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
+        dtype: candle_core::DType,
+        /// After the timed runs, denoise this many steps more (the whole batch at once) with
+        /// every op timed between device synchronisations, and report where a step's time goes.
+        #[arg(long, default_value_t = 0)]
+        profile_ops: usize,
         #[arg(long)]
         json: bool,
     },
@@ -92,7 +103,7 @@ pub fn run(cmd: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sample { model, batch, steps, guidance, iters, parallel, device, json } => {
+        Command::Sample { model, batch, steps, guidance, iters, parallel, device, dtype, profile_ops, json } => {
             let device = ipr_diffusion::sample::device_from_name(&device)?;
             let parallel = parallel.unwrap_or_else(rayon::current_num_threads);
             // The built-in toy base model goes to a temporary folder, removed afterwards.
@@ -105,8 +116,16 @@ pub fn run(cmd: Command) -> Result<()> {
                 }
             };
             let folder = model.as_deref().or(exported.as_deref()).expect("a model folder");
-            let report =
-                ipr_diffusion::sample_bench::bench_sampling(folder, batch, steps, guidance, iters, parallel, &device);
+            let bench = ipr_diffusion::sample_bench::SampleBench {
+                batch,
+                steps,
+                guidance_scale: guidance,
+                iters,
+                parallel,
+                dtype,
+                profile_steps: profile_ops,
+            };
+            let report = ipr_diffusion::sample_bench::bench_sampling(folder, &bench, &device);
             if let Some(dir) = exported {
                 std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
             }
@@ -118,9 +137,17 @@ pub fn run(cmd: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::TrainStep { unet, batch, iters, shards, device, dtype, json } => {
+        Command::TrainStep { unet, batch, iters, shards, device, dtype, profile_ops, json } => {
             let device = ipr_diffusion::sample::device_from_name(&device)?;
-            let report = ipr_diffusion::train::bench::bench_train_step(&unet, batch, iters, shards, &device, dtype)?;
+            let report = ipr_diffusion::train::bench::bench_train_step(
+                &unet,
+                batch,
+                iters,
+                shards,
+                &device,
+                dtype,
+                profile_ops,
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

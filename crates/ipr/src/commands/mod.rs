@@ -8,6 +8,7 @@ pub mod prompts;
 pub mod relabel;
 pub mod run;
 pub mod sample;
+pub mod selftest;
 pub mod toy;
 pub mod train;
 
