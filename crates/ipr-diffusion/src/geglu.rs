@@ -5,7 +5,8 @@
 //! autograd then makes a full-size gradient (and a zero tensor) per operand of each. Here it is one
 //! CPU kernel forward and one kernel for the input gradient. f32 uses the vectorisable
 //! [`crate::fastmath`] functions (libm's `erff` was ~3% of a toy LoRA training step), f64 the exact
-//! erf; the unit tests compare both with the tensor-op definition.
+//! erf; the unit tests compare both with the tensor-op definition. On CUDA (feature `cuda`) the
+//! two ops run `geglu.cu`'s kernels, beside this file (f32, bf16, f16 storage; f32 arithmetic).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -118,6 +119,15 @@ impl CustomOp1 for Geglu {
         Ok((out, Shape::from(dims)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let mut dims = l.dims().to_vec();
+        let n = dims.last().copied().unwrap_or(0) / 2;
+        *dims.last_mut().expect("geglu input has a last dimension") = n;
+        let out = launch_geglu("geglu_fwd", &[(s, l)], l)?;
+        Ok((out, Shape::from(dims)))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _timed = crate::op_profile::scope("geglu.backward", grad.device());
         Ok(Some(arg.detach().apply_op2_no_bwd(&grad.contiguous()?, &GegluBwd)?))
@@ -144,13 +154,45 @@ impl CustomOp2 for GegluBwd {
         };
         Ok((out, hl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        h: &candle_core::CudaStorage,
+        hl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((launch_geglu("geglu_bwd", &[(h, hl), (g, gl)], hl)?, hl.shape().clone()))
+    }
 }
 
-/// `a * gelu(gate)` for `[a, gate]` the halves of `h`'s last dimension; `None` off the CPU or for
-/// half types (the caller then uses tensor ops).
+/// `geglu.cu`'s kernel `kernel` with `inputs` (`h` first, `(rows, 2n)`): `rows * n` items.
+#[cfg(feature = "cuda")]
+fn launch_geglu(
+    kernel: &str,
+    inputs: &[(&candle_core::CudaStorage, &Layout)],
+    hl: &Layout,
+) -> Result<candle_core::CudaStorage> {
+    use crate::cuda_kernels::{elementwise_grid, launch, Scalars, GEGLU_PTX};
+    let n = hl.dims().last().copied().unwrap_or(0) / 2;
+    let rows = hl.shape().elem_count() / (2 * n).max(1);
+    // The forward writes `rows * n` values, the gradient `rows * 2n` (each thread two).
+    let out_len = if kernel == "geglu_fwd" { rows * n } else { rows * 2 * n };
+    let scalars = Scalars::Geglu { rows: rows as i64, n: n as i64 };
+    launch(("ipr-geglu", GEGLU_PTX, kernel), inputs, out_len, scalars, elementwise_grid(rows * n))
+}
+
+/// `a * gelu(gate)` for `[a, gate]` the halves of `h`'s last dimension; `None` where no fused
+/// kernel applies (the caller then uses tensor ops): f32/f64 on the CPU; f32, bf16, f16 on CUDA
+/// with the `cuda` feature (unless `IPR_CUDA_KERNELS=0`).
 pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
-    if !h.device().is_cpu() || !matches!(h.dtype(), DType::F32 | DType::F64) || h.dim(candle_core::D::Minus1)? % 2 != 0
-    {
+    let cpu = h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64);
+    #[cfg(feature = "cuda")]
+    let cuda = h.device().is_cuda() && crate::cuda_kernels::enabled() && crate::cuda_kernels::supports(h.dtype());
+    #[cfg(not(feature = "cuda"))]
+    let cuda = false;
+    if !(cpu || cuda) || h.dim(candle_core::D::Minus1)? % 2 != 0 {
         return Ok(None);
     }
     Ok(Some(h.contiguous()?.apply_op1(Geglu)?))

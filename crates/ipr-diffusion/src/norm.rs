@@ -8,6 +8,10 @@
 //! scale, shift and SiLU cost about a dozen full-size tensors per layer in a LoRA step. Here they
 //! cost two. Statistics are accumulated in f64. Checked by finite differences in
 //! `tests/gradients.rs` and against the primitive-op path in the unit tests below.
+//!
+//! On CUDA (feature `cuda`) the same two ops run `norm.cu`'s kernels, beside this file: f32, bf16
+//! and f16 storage, f32 statistics; `ipr selftest --device cuda` checks them against this file's
+//! f64 kernels.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -217,6 +221,34 @@ struct NormFwd {
     v: View,
 }
 
+#[cfg(feature = "cuda")]
+impl View {
+    fn kernel_scalars(&self) -> crate::cuda_kernels::Scalars {
+        crate::cuda_kernels::Scalars::Norm {
+            groups: self.groups as i32,
+            cg: self.cg as i32,
+            s: self.s as i32,
+            eps: self.eps as f32,
+            silu: i32::from(self.silu),
+        }
+    }
+
+    /// `norm.cu`'s kernel `kernel` over `inputs` (`x` first): one block per row.
+    fn launch(
+        &self,
+        kernel: &str,
+        inputs: &[(&candle_core::CudaStorage, &Layout)],
+        xl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda_kernels::{launch, row_block, NORM_PTX};
+        let len = self.cg * self.s;
+        let n = xl.shape().elem_count();
+        let grid = (n / len.max(1)) as u32;
+        let y = launch(("ipr-norm", NORM_PTX, kernel), inputs, n, self.kernel_scalars(), (grid, row_block(len)))?;
+        Ok((y, xl.shape().clone()))
+    }
+}
+
 impl CustomOp3 for NormFwd {
     fn name(&self) -> &'static str {
         "ipr-norm-affine"
@@ -241,6 +273,19 @@ impl CustomOp3 for NormFwd {
             }
             _ => return Err(candle_core::Error::UnsupportedDTypeForOp(x.dtype(), "ipr-norm-affine")),
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.v.launch("norm_fwd", &[(x, xl), (w, wl), (b, bl)], xl)
     }
 
     fn bwd(
@@ -317,11 +362,39 @@ impl CustomOp2 for NormBwdX {
             _ => return Err(candle_core::Error::UnsupportedDTypeForOp(x.dtype(), "ipr-norm-affine-bwd")),
         })
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let (bs, bl) = self.b.storage_and_layout();
+        let (candle_core::Storage::Cuda(w), candle_core::Storage::Cuda(b)) = (&*ws, &*bs) else {
+            return Err(candle_core::Error::Msg("ipr-norm-affine-bwd: parameters not on the GPU".into()));
+        };
+        self.v.launch("norm_bwd_x", &[(x, xl), (g, gl), (w, wl), (b, bl)], xl)
+    }
 }
 
-/// `silu?(group_norm(x) * w + b)` for `(B, C, ...)` inputs; `None` off the CPU or for half types.
+/// Whether the fused ops take `x` with parameters `w`: f32/f64 on the CPU; f32, bf16 and f16 on
+/// CUDA with the `cuda` feature (unless `IPR_CUDA_KERNELS=0`); parameters of `x`'s dtype.
+fn fused_applies(x: &Tensor, w: &Tensor) -> bool {
+    let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    #[cfg(feature = "cuda")]
+    let cuda = x.device().is_cuda() && crate::cuda_kernels::enabled() && crate::cuda_kernels::supports(x.dtype());
+    #[cfg(not(feature = "cuda"))]
+    let cuda = false;
+    (cpu || cuda) && w.dtype() == x.dtype()
+}
+
+/// `silu?(group_norm(x) * w + b)` for `(B, C, ...)` inputs; `None` where the fused ops do not
+/// apply ([`fused_applies`]).
 pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) || w.dtype() != x.dtype() {
+    if !fused_applies(x, w) {
         return Ok(None);
     }
     let dims = x.dims();
@@ -331,9 +404,9 @@ pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, s
     Ok(Some(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormFwd { v })?))
 }
 
-/// `layer_norm(x) * w + b` over the last dimension; `None` off the CPU or for half types.
+/// `layer_norm(x) * w + b` over the last dimension; `None` where the fused ops do not apply.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) || w.dtype() != x.dtype() {
+    if !fused_applies(x, w) {
         return Ok(None);
     }
     let d = *x.dims().last().unwrap_or(&1);
