@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 2] = ["norm", "geglu"];
+const KERNELS: [&str; 3] = ["norm", "geglu", "attention"];
 
 fn main() {
     println!("cargo::rerun-if-changed=src/cuda/common.cuh");

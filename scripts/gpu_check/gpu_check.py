@@ -709,21 +709,34 @@ def main():
             fail(where, f"rc {r['rc']}, no JSON line: " + tail(r["stderr"] or r["stdout"]))
         return v, r
 
-    # ---- (0) the op self-test: each layer op on the device against the CPU in f64
-    if ipr and ipr.has_command("selftest") and section_time_ok("selftest", 20):
+    # ---- (0) the op self-test: each layer op on the device against the CPU in f64. If it fails
+    # with the project's CUDA kernels, it runs again without them (IPR_CUDA_KERNELS=0), and so does
+    # every later ipr command, so a broken kernel costs its own numbers, not the run's.
+    def selftest(tag):
+        ok = True
         for dt in (["f32", "bf16"] if gpu else ["f32"]):
             cmd = [*ipr.cmd, "selftest", "--device", device, "--dtype", dt, "--json"]
-            v, r = ipr_json(cmd, f"selftest/{dt}")
-            entry = S.setdefault("selftest", {})[dt] = {"cmd": " ".join(cmd), "rc": r["rc"], "wall_s": r["wall_s"]}
+            v, r = ipr_json(cmd, f"selftest/{tag}{dt}")
+            entry = S.setdefault("selftest", {})[tag + dt] = {"cmd": " ".join(cmd), "rc": r["rc"], "wall_s": r["wall_s"],
+                                                              "IPR_CUDA_KERNELS": os.environ.get("IPR_CUDA_KERNELS", "1")}
+            ok = ok and v is not None and v["ok"]
             if v is not None:
                 entry.update(v)
                 bad = [f"{c['case']} {c['output']} {c['rel_max_diff']:.2e}" for c in v["checks"] if not c["ok"]]
                 bad += [f"{c} error: {e}" for c, e in v["errors"]]
-                log(f"selftest {dt}: {len(v['checks'])} checks, tolerance {v['tolerance']:.0e}, "
+                log(f"selftest {tag}{dt}: {len(v['checks'])} checks, tolerance {v['tolerance']:.0e}, "
                     f"worst {max((c['rel_max_diff'] for c in v['checks']), default=float('nan')):.2e}; "
                     f"{'OK' if v['ok'] else 'FAIL: ' + '; '.join(bad)}")
                 if not v["ok"]:
-                    fail(f"selftest/{dt}", "; ".join(bad))
+                    fail(f"selftest/{tag}{dt}", "; ".join(bad))
+        return ok
+
+    if ipr and ipr.has_command("selftest") and section_time_ok("selftest", 20):
+        if not selftest("") and gpu:
+            os.environ["IPR_CUDA_KERNELS"] = "0"
+            results["ipr_env"] = {"IPR_CUDA_KERNELS": "0"}
+            log("selftest failed: again without the project's CUDA kernels, and every later ipr command too")
+            selftest("kernels-off/")
     elif ipr:
         skip("selftest", "this ipr binary has no `selftest` command")
 
@@ -876,12 +889,24 @@ def main():
             continue
         cmd = [*ipr.cmd, "bench", "sample", "--model", built[sname], "--batch", "1", "--steps", "2", "--iters", "1",
                "--guidance", "5", "--dtype", dtypes[0], "--device", device, "--profile-ops", "3", "--json"]
-        v, r = ipr_json(cmd, f"ops/{sname}/denoise")
-        if v is not None:
-            S.setdefault("ops", {}).setdefault(sname, {})["denoise"] = {
-                "cmd": " ".join(cmd), "ms_profiled_step": v.get("ms_profiled_step"), "ops": v.get("ops"),
+        # On the GPU the SD-2.1 size also without the project's CUDA kernels: their gain, op by op.
+        off = [False, True] if gpu and sname == "sd21" and "IPR_CUDA_KERNELS" not in os.environ else [False]
+        for kernels_off in off:
+            if kernels_off and not section_time_ok(f"ops/{sname}/denoise-kernels-off", 40):
+                continue
+            key = "denoise-kernels-off" if kernels_off else "denoise"
+            env = {**os.environ, "IPR_CUDA_KERNELS": "0"} if kernels_off else None
+            r = run_child(cmd, gpu, budget.child(), env=env)
+            line = [l for l in r["stdout"].strip().splitlines() if l.strip().startswith("{")]
+            if r["rc"] != 0 or not line:
+                fail(f"ops/{sname}/{key}", f"rc {r['rc']}: " + tail(r["stderr"]))
+                continue
+            v = json.loads(line[-1])
+            S.setdefault("ops", {}).setdefault(sname, {})[key] = {
+                "cmd": ("IPR_CUDA_KERNELS=0 " if kernels_off else "") + " ".join(cmd),
+                "ms_profiled_step": v.get("ms_profiled_step"), "ops": v.get("ops"),
                 "steps_per_s": v.get("steps_per_s"), "memory": r["memory"]}
-            log_ops(f"denoise {sname}", v)
+            log_ops(f"{key} {sname}", v)
 
     # ---- (c) the gradient exchange: `ipr train` on the tiny pixel pipeline through the build's
     # collective (NCCL at world size 1 when the binary has the `nccl` feature) and through the

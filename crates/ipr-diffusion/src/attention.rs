@@ -58,6 +58,58 @@ fn softmax(x: &Tensor) -> Result<Tensor> {
     crate::nn::softmax(&x.detach()).map_err(|e| candle_core::Error::Msg(format!("attention softmax: {e}")))
 }
 
+/// `softmax(scale * scores)` over the last dimension, without a graph: on CUDA (feature `cuda`)
+/// one kernel (`attention.cu`) in the scores' dtype with f32 arithmetic; elsewhere the scale and
+/// [`softmax`] as before (the same bits on the CPU).
+pub fn scaled_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if scores.device().is_cuda()
+        && crate::cuda_kernels::enabled()
+        && crate::cuda_kernels::supports(scores.dtype())
+        && scores.rank() >= 1
+    {
+        return scores.detach().contiguous()?.apply_op1_no_bwd(&ScaledSoftmax { scale });
+    }
+    softmax(&(scores * scale)?)
+}
+
+/// [`scaled_softmax`]'s kernel as an op (CUDA only: on the CPU the scale and the fused softmax
+/// are applied as before, and `ipr selftest` compares the two).
+#[cfg(feature = "cuda")]
+struct ScaledSoftmax {
+    scale: f64,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "ipr-scaled-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("ipr-scaled-softmax runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use crate::cuda_kernels::{launch, row_block, Scalars, ATTENTION_PTX};
+        let cols = l.dims().last().copied().unwrap_or(1).max(1);
+        let n = l.shape().elem_count();
+        let scalars = Scalars::Softmax { cols: cols as i64, scale: self.scale as f32 };
+        let grid = (n / cols) as u32;
+        let y =
+            launch(("ipr-attention", ATTENTION_PTX, "softmax_scaled"), &[(s, l)], n, scalars, (grid, row_block(cols)))?;
+        Ok((y, l.shape().clone()))
+    }
+}
+
 fn query_blocks(lq: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..lq).step_by(rows.max(1)).map(move |start| (start, rows.max(1).min(lq - start)))
 }
@@ -65,10 +117,7 @@ fn query_blocks(lq: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> 
 fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
     let k_t = k.t()?;
     let blocks = query_blocks(q.dim(1)?, rows)
-        .map(|(start, n)| {
-            let scores = (q.narrow(1, start, n)?.matmul(&k_t)? * scale)?;
-            softmax(&scores)?.matmul(v)
-        })
+        .map(|(start, n)| scaled_softmax(&q.narrow(1, start, n)?.matmul(&k_t)?, scale)?.matmul(v))
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&blocks, 1)
 }
@@ -108,7 +157,7 @@ impl CustomOp3 for BlockwiseAttention {
         for (start, n) in query_blocks(qd.dim(1)?, self.rows) {
             let q_c = qd.narrow(1, start, n)?;
             let g_c = grad.narrow(1, start, n)?;
-            let p = softmax(&(q_c.matmul(&k_t)? * self.scale)?)?;
+            let p = scaled_softmax(&q_c.matmul(&k_t)?, self.scale)?;
             let dp = g_c.matmul(&v_t)?.to_dtype(acc)?;
             let ds = (p.to_dtype(acc)? * dp.broadcast_sub(&delta.narrow(1, start, n)?)?)?.to_dtype(dtype)?;
             if v.track_op() {

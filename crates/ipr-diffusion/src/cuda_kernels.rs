@@ -1,5 +1,6 @@
-//! Launching the project's CUDA kernels (`norm.cu`, `geglu.cu`, compiled to PTX by `build.rs`)
-//! from the `cuda_fwd` of the ops whose CPU kernels sit beside them (`norm.rs`, `geglu.rs`).
+//! Launching the project's CUDA kernels (`norm.cu`, `geglu.cu`, `attention.cu`, compiled to PTX by
+//! `build.rs`) from the `cuda_fwd` of the ops whose CPU kernels sit beside them (`norm.rs`,
+//! `geglu.rs`, `attention.rs`).
 //! Every kernel exists for f32, bf16 and f16 storage and computes in f32.
 //!
 //! `IPR_CUDA_KERNELS=0` switches them off (the ops then fall back to candle's primitive ops), so
@@ -12,6 +13,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
 pub(crate) const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 pub(crate) const GEGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/geglu.ptx"));
+pub(crate) const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
 /// Whether the kernels are used (`IPR_CUDA_KERNELS` is not `0`), read once.
 pub fn enabled() -> bool {
@@ -30,6 +32,8 @@ pub(crate) enum Scalars {
     Norm { groups: i32, cg: i32, s: i32, eps: f32, silu: i32 },
     /// `rows, n` of a GEGLU kernel.
     Geglu { rows: i64, n: i64 },
+    /// `cols, scale` of the attention softmax.
+    Softmax { cols: i64, scale: f32 },
 }
 
 /// Launches `kernel` (`<name>_<dtype>` in `ptx`, loaded once as `module`) on the contiguous
@@ -83,6 +87,9 @@ fn typed<T: CudaDType + DeviceRepr + WithDType>(
         }
         Scalars::Geglu { rows, n } => {
             b.arg(rows).arg(n);
+        }
+        Scalars::Softmax { cols, scale } => {
+            b.arg(cols).arg(scale);
         }
     }
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };

@@ -400,7 +400,9 @@ impl candle_core::CustomOp2 for Conv2dFastBackward {
         };
         let dw = if w.track_op() {
             // Correlate the input with the output gradient: the conv's stride becomes the dilation.
-            let g = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, p, 1, s, 1)?.transpose(0, 1)?;
+            // The gradient as a contiguous kernel (cuDNN takes no other; candle's fallback for a
+            // strided kernel on CUDA is a naive loop).
+            let g = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?.contiguous()?, p, 1, s, 1)?.transpose(0, 1)?;
             let (_, _, g0, g1) = g.dims4()?;
             Some(if g0 != kh || g1 != kw { g.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { g })
         } else {

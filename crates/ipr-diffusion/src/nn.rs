@@ -345,11 +345,17 @@ pub(crate) fn attention_graph(
         let out = crate::attention::blockwise_attention(&flat(&q, lq)?, &flat(&k, lk)?, &flat(&v, lk)?, scale, rows)?;
         return Ok(out.reshape((b, heads, lq, d))?.transpose(1, 2)?.reshape((b, lq, inner))?);
     }
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(m) = mask {
-        scores = scores.broadcast_add(m)?;
-    }
-    let probs = softmax(&scores)?;
+    let raw = q.matmul(&k.t()?)?;
+    // Without a mask or a gradient (sampling): one kernel on CUDA, the same ops as below elsewhere.
+    let probs = if mask.is_none() && !raw.track_op() {
+        crate::attention::scaled_softmax(&raw, scale)?
+    } else {
+        let mut scores = (raw * scale)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        softmax(&scores)?
+    };
     let out = probs.matmul(&v)?;
     Ok(out.transpose(1, 2)?.reshape((b, lq, inner))?)
 }

@@ -1,6 +1,6 @@
 //! The op self-test (`ipr selftest`): every layer op the models are built from (convolutions of
 //! each kind the UNet has, group norm with and without SiLU, layer norm, GEGLU, linear with and
-//! without a LoRA adapter, attention plain, cross and blockwise, softmax), forward and the
+//! without a LoRA adapter, attention plain, cross and blockwise, softmaxes), forward and the
 //! gradients training takes, on a device and dtype, against the same op on the CPU in f64 (each
 //! CPU kernel is itself tested against candle's primitive ops). A GPU run of it proves the CUDA
 //! paths correct in the same call that measures them, and it travels inside the binary (a GPU
@@ -193,6 +193,11 @@ fn cases() -> Vec<Case> {
             name: "blockwise attention",
             inputs: qkv(&[8, 45, 16], &[8, 45, 16]),
             op: Box::new(|t: &[Tensor]| Ok(crate::attention::blockwise_attention(&t[0], &t[1], &t[2], 0.25, 7)?)),
+        },
+        Case {
+            name: "attention softmax, scaled, no gradient",
+            inputs: vec![Input { name: "s", dims: vec![6, 20, 300], scale: 4.0, tracked: false, f32_always: false }],
+            op: Box::new(|t: &[Tensor]| Ok(crate::attention::scaled_softmax(&t[0], 0.125)?)),
         },
         Case {
             name: "softmax",

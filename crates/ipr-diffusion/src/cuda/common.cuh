@@ -32,3 +32,22 @@ __device__ __forceinline__ float block_sum(float v) {
   __syncthreads();
   return r;
 }
+
+// The maximum of `v` over the block, returned to every thread (as block_sum).
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float part[32];
+  __shared__ float total;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float m = lane < (int)(blockDim.x >> 5) ? part[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) total = m;
+  }
+  __syncthreads();
+  const float r = total;
+  __syncthreads();
+  return r;
+}
