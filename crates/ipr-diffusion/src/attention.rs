@@ -73,6 +73,93 @@ pub fn scaled_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     softmax(&(scores * scale)?)
 }
 
+/// The head dimensions the flash kernel is built for (`attention.cu`): a head of `d` channels runs
+/// the smallest that holds it (zero-padded), with the kernel's warps per block.
+#[cfg(feature = "cuda")]
+const FLASH_DIMS: [(usize, u32); 8] = [(16, 4), (32, 4), (48, 4), (64, 4), (80, 2), (96, 2), (128, 2), (160, 1)];
+
+/// `softmax(scale q kᵀ) v` for `(BH, L, d)` tensors without a graph, by the flash kernel of
+/// `attention.cu` (the scores never written): `Some` on CUDA (feature `cuda`, unless
+/// `IPR_CUDA_KERNELS=0`) for bf16 / f16 heads of at most 160 channels that need no gradient;
+/// `None` elsewhere (the caller takes the tensor-op paths).
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        let d = q.dim(candle_core::D::Minus1)?;
+        let usable = q.device().is_cuda()
+            && crate::cuda_kernels::enabled()
+            && matches!(q.dtype(), DType::BF16 | DType::F16)
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype()
+            && q.rank() == 3
+            && k.dims() == v.dims()
+            && k.dim(2)? == d
+            && k.dim(0)? == q.dim(0)?
+            && !(q.track_op() || k.track_op() || v.track_op())
+            && FLASH_DIMS.iter().any(|&(dim, _)| d <= dim);
+        if usable {
+            let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+            return Ok(Some(q.apply_op3_no_bwd(&k, &v, &FlashForward { scale })?));
+        }
+    }
+    let _ = (q, k, v, scale);
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+struct FlashForward {
+    scale: f64,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for FlashForward {
+    fn name(&self) -> &'static str {
+        "ipr-flash-attention-forward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("ipr-flash-attention-forward runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &candle_core::Layout,
+        k: &candle_core::CudaStorage,
+        kl: &candle_core::Layout,
+        v: &candle_core::CudaStorage,
+        vl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use crate::cuda_kernels::{launch, Scalars, ATTENTION_PTX};
+        let (bh, lq, d) = ql.shape().dims3()?;
+        let lk = kl.shape().dims()[1];
+        let &(dim, warps) = FLASH_DIMS
+            .iter()
+            .find(|&&(dim, _)| d <= dim)
+            .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dimension {d} > 160")))?;
+        let rows = 16 * warps as usize;
+        let scalars = Scalars::Flash { lq: lq as i32, lk: lk as i32, dh: d as i32, scale: self.scale as f32 };
+        let kernel = format!("flash_fwd_d{dim}");
+        let grid = ((lq.div_ceil(rows)) as u32, bh as u32);
+        let out = launch(
+            ("ipr-attention", ATTENTION_PTX, &kernel),
+            &[(q, ql), (k, kl), (v, vl)],
+            bh * lq * d,
+            scalars,
+            (grid, 32 * warps),
+        )?;
+        Ok((out, ql.shape().clone()))
+    }
+}
+
 /// [`scaled_softmax`]'s kernel as an op (CUDA only: on the CPU the scale and the fused softmax
 /// are applied as before, and `ipr selftest` compares the two).
 #[cfg(feature = "cuda")]
@@ -103,7 +190,7 @@ impl candle_core::CustomOp1 for ScaledSoftmax {
         let cols = l.dims().last().copied().unwrap_or(1).max(1);
         let n = l.shape().elem_count();
         let scalars = Scalars::Softmax { cols: cols as i64, scale: self.scale as f32 };
-        let grid = (n / cols) as u32;
+        let grid = ((n / cols) as u32, 1);
         let y =
             launch(("ipr-attention", ATTENTION_PTX, "softmax_scaled"), &[(s, l)], n, scalars, (grid, row_block(cols)))?;
         Ok((y, l.shape().clone()))

@@ -34,17 +34,19 @@ pub(crate) enum Scalars {
     Geglu { rows: i64, n: i64 },
     /// `cols, scale` of the attention softmax.
     Softmax { cols: i64, scale: f32 },
+    /// `lq, lk, dh, scale` of the flash attention forward.
+    Flash { lq: i32, lk: i32, dh: i32, scale: f32 },
 }
 
 /// Launches `kernel` (`<name>_<dtype>` in `ptx`, loaded once as `module`) on the contiguous
-/// `inputs` (all of one dtype) and a new output of `out_len` elements, with `grid x block`
-/// threads; returns the output.
+/// `inputs` (all of one dtype) and a new output of `out_len` elements, with `grid` blocks of
+/// `block` threads (a one-dimensional grid as `(n, 1)`); returns the output.
 pub(crate) fn launch(
     (module, ptx, kernel): (&str, &str, &str),
     inputs: &[(&CudaStorage, &Layout)],
     out_len: usize,
     scalars: Scalars,
-    (grid, block): (u32, u32),
+    (grid, block): ((u32, u32), u32),
 ) -> Result<CudaStorage> {
     let first = inputs.first().ok_or_else(|| candle_core::Error::Msg(format!("{kernel}: no inputs")))?;
     match first.0.dtype() {
@@ -60,7 +62,7 @@ fn typed<T: CudaDType + DeviceRepr + WithDType>(
     inputs: &[(&CudaStorage, &Layout)],
     out_len: usize,
     scalars: Scalars,
-    (grid, block): (u32, u32),
+    (grid, block): ((u32, u32), u32),
 ) -> Result<CudaStorage> {
     let dev = inputs[0].0.device().clone();
     let views = inputs
@@ -91,8 +93,11 @@ fn typed<T: CudaDType + DeviceRepr + WithDType>(
         Scalars::Softmax { cols, scale } => {
             b.arg(cols).arg(scale);
         }
+        Scalars::Flash { lq, lk, dh, scale } => {
+            b.arg(lq).arg(lk).arg(dh).arg(scale);
+        }
     }
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the argument list matches the kernel's signature in the .cu file.
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -105,6 +110,6 @@ pub(crate) fn row_block(len: usize) -> u32 {
 }
 
 /// Blocks of 256 threads for `n` elementwise items (each thread loops over the rest).
-pub(crate) fn elementwise_grid(n: usize) -> (u32, u32) {
-    (n.div_ceil(256).clamp(1, 65_535) as u32, 256)
+pub(crate) fn elementwise_grid(n: usize) -> ((u32, u32), u32) {
+    ((n.div_ceil(256).clamp(1, 65_535) as u32, 1), 256)
 }

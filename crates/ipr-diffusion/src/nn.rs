@@ -340,6 +340,12 @@ pub(crate) fn attention_graph(
         |t: &Tensor, l: usize| -> Result<Tensor> { Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?) };
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
     let scale = 1.0 / (d as f64).sqrt();
+    if mask.is_none() {
+        let flat = |t: &Tensor, l: usize| t.reshape((b * heads, l, d));
+        if let Some(out) = crate::attention::flash_attention(&flat(&q, lq)?, &flat(&k, lk)?, &flat(&v, lk)?, scale)? {
+            return Ok(out.reshape((b, heads, lq, d))?.transpose(1, 2)?.reshape((b, lq, inner))?);
+        }
+    }
     if let (None, Some(rows)) = (mask, crate::attention::block_rows(b * heads, lq, lk)) {
         let flat = |t: &Tensor, l: usize| t.reshape((b * heads, l, d));
         let out = crate::attention::blockwise_attention(&flat(&q, lq)?, &flat(&k, lk)?, &flat(&v, lk)?, scale, rows)?;

@@ -243,7 +243,7 @@ impl View {
         use crate::cuda_kernels::{launch, row_block, NORM_PTX};
         let len = self.cg * self.s;
         let n = xl.shape().elem_count();
-        let grid = (n / len.max(1)) as u32;
+        let grid = ((n / len.max(1)) as u32, 1);
         let y = launch(("ipr-norm", NORM_PTX, kernel), inputs, n, self.kernel_scalars(), (grid, row_block(len)))?;
         Ok((y, xl.shape().clone()))
     }

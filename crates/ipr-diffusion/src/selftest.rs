@@ -114,6 +114,9 @@ fn cases() -> Vec<Case> {
     let qkv = |q: &[usize], kv: &[usize]| {
         vec![input("q", q, 1.0, true), input("k", kv, 1.0, true), input("v", kv, 1.0, true)]
     };
+    let frozen_qkv = |q: &[usize], kv: &[usize]| {
+        vec![input("q", q, 1.0, false), input("k", kv, 1.0, false), input("v", kv, 1.0, false)]
+    };
     let lora = |t: &[Tensor]| -> Result<Tensor> {
         let mut adapter = crate::lora::LoraAdapter::from_tensors(&t[3], &t[4], 0.5, 0.0, 0)?;
         // The adapter takes the case's variables (its own copies would get the gradients).
@@ -193,6 +196,38 @@ fn cases() -> Vec<Case> {
             name: "blockwise attention",
             inputs: qkv(&[8, 45, 16], &[8, 45, 16]),
             op: Box::new(|t: &[Tensor]| Ok(crate::attention::blockwise_attention(&t[0], &t[1], &t[2], 0.25, 7)?)),
+        },
+        // Without a gradient (sampling; the flash kernel on CUDA): head sizes of SD 1.5 (40, 80,
+        // 160), SD 2.1 / SDXL (64) and the toy (16); lengths that are not whole tiles.
+        Case {
+            name: "attention, no gradient, 4 heads of 40",
+            inputs: frozen_qkv(&[2, 70, 160], &[2, 70, 160]),
+            op: Box::new(attention(4)),
+        },
+        Case {
+            name: "attention, no gradient, 2 heads of 64",
+            inputs: frozen_qkv(&[1, 100, 128], &[1, 100, 128]),
+            op: Box::new(attention(2)),
+        },
+        Case {
+            name: "cross-attention, no gradient, 64",
+            inputs: frozen_qkv(&[2, 70, 128], &[2, 13, 128]),
+            op: Box::new(attention(2)),
+        },
+        Case {
+            name: "attention, no gradient, 2 heads of 80",
+            inputs: frozen_qkv(&[1, 33, 160], &[1, 33, 160]),
+            op: Box::new(attention(2)),
+        },
+        Case {
+            name: "attention, no gradient, 1 head of 160",
+            inputs: frozen_qkv(&[1, 40, 160], &[1, 77, 160]),
+            op: Box::new(attention(1)),
+        },
+        Case {
+            name: "attention, no gradient, 8 heads of 16",
+            inputs: frozen_qkv(&[3, 64, 128], &[3, 64, 128]),
+            op: Box::new(attention(8)),
         },
         Case {
             name: "attention softmax, scaled, no gradient",

@@ -28,10 +28,10 @@ pub fn run(a: SelftestArgs) -> Result<()> {
         );
         for c in &report.checks {
             let verdict = if c.ok { "ok" } else { "FAIL" };
-            println!("  {:<36} {:<8} {:>10.2e}  {verdict}", c.case, c.output, c.rel_max_diff);
+            println!("  {:<40} {:<8} {:>10.2e}  {verdict}", c.case, c.output, c.rel_max_diff);
         }
         for (case, e) in &report.errors {
-            println!("  {case:<36} ERROR {e}");
+            println!("  {case:<40} ERROR {e}");
         }
     }
     if !report.ok {
