@@ -329,8 +329,29 @@ def worker_build(spec):
                             block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             sample_size=cfg["sample_size"] * 8)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if cfg.get("addition_embed_type") == "text_time":
+        # SDXL: two text encoders whose widths add up to the cross-attention width, the second's
+        # projection the pooled embedding of the added conditioning (1280 + 6 x 256 = 2816).
+        from diffusers import StableDiffusionXLPipeline
+        from transformers import CLIPTextModelWithProjection
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        te = CLIPTextModel(CLIPTextConfig(**dict(tcfg, hidden_size=hidden - pooled, intermediate_size=2 * (hidden - pooled),
+                                                 num_attention_heads=next(h for h in (16, 8, 4, 2, 1) if (hidden - pooled) % h == 0))))
+        with open(os.path.join(template, "text_encoder_2", "config.json")) as f:
+            t2 = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        for key in ("architectures", "dtype", "transformers_version", "model_type"):
+            t2.pop(key, None)
+        t2.update(hidden_size=pooled, projection_dim=pooled, num_hidden_layers=1, intermediate_size=2 * pooled,
+                  num_attention_heads=next(h for h in (16, 8, 4, 2, 1) if pooled % h == 0))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**t2))
+        tok2 = CLIPTokenizer.from_pretrained(os.path.join(template, "tokenizer_2"))
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+                                         unet=unet, scheduler=sched, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if spec.get("save_dtype") == "bf16":
+        pipe.unet.to(torch.bfloat16)  # SDXL size: 5 GB on disk instead of 10 (the GPU runs read bf16)
     pipe.save_pretrained(spec["out"], safe_serialization=True)
     n = sum(p.numel() for p in unet.parameters())
     return {"unet_parameters": n, "folder": spec["out"]}
@@ -448,12 +469,19 @@ def worker_train(spec):
     ctx = torch.randn(b, 8, cfg.cross_attention_dim, generator=g).to(dev, dtype)
     t = torch.tensor([(j * 997 + 131) % 1000 for j in range(b)]).to(dev)
     weights = torch.tensor([1.0 if j % 2 == 0 else 0.5 for j in range(b)], device=dev)
+    added = None
+    if cfg.addition_embed_type == "text_time":
+        # SDXL, as `ipr bench train-step` passes it: a random pooled embedding, a square image's time ids.
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        px = float(s * 8)
+        added = {"text_embeds": torch.randn(b, pooled, generator=g).to(dev, dtype),
+                 "time_ids": torch.tensor([[px, px, 0.0, 0.0, px, px]] * b).to(dev, dtype)}
 
     def step():
         # as scripts/bench/train_step.py (the CPU twin of `ipr bench train-step`), on `dev` in `dtype`:
         # DDPM noising, per-sample weighted MSE in f32, clip_grad_norm_(1.0), AdamW
         noisy = sched.add_noise(x0, noise, t).to(dtype)
-        pred = unet(noisy, t, ctx).sample
+        pred = unet(noisy, t, ctx, added_cond_kwargs=added).sample
         mse = ((pred.float() - noise) ** 2).mean(dim=list(range(1, pred.ndim)))
         loss = (weights * mse).sum() / b
         loss.backward()
@@ -582,6 +610,9 @@ def main():
                          "within 8 minutes; 3000 for --dry-run)")
     ap.add_argument("--sd21-batch", type=int, default=2, help="LoRA step batch at SD-2.1 size (default 2)")
     ap.add_argument("--toy-batch", type=int, default=8, help="LoRA step batch at toy size (default 8)")
+    ap.add_argument("--sdxl-batch", type=int, default=1, help="LoRA step batch at SDXL size (default 1)")
+    ap.add_argument("--sizes", default="sd21,sdxl,toy",
+                    help="model sizes to build and time, of sd21, sdxl, toy (default all; run in that order)")
     ap.add_argument("--iters", type=int, default=None, help="timed LoRA steps (default 10; 2 in --dry-run)")
     ap.add_argument("--strict", action="store_true", help="exit 1 also when a section was skipped")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -629,10 +660,21 @@ def main():
         "sd21": {"unet_config": os.path.join(HERE, "sd21_unet_config.json" if gpu else "sd21_unet_config_dry.json"),
                  "template": os.path.join(args.fixtures, "tiny-sd21"), "kind": "latent",
                  "batch": args.sd21_batch if gpu else 1, "time_steps": [4, 34] if gpu else [2, 6]},
+        # Built when its turn comes (2.6 B parameters: not before the SD-2.1 numbers), UNet saved in bf16.
+        "sdxl": {"unet_config": os.path.join(HERE, "sdxl_unet_config.json" if gpu else "sdxl_unet_config_dry.json"),
+                 "template": os.path.join(args.fixtures, "tiny-sdxl"), "kind": "latent", "lazy": True,
+                 "save_dtype": "bf16" if gpu else None,
+                 "batch": args.sdxl_batch if gpu else 1, "time_steps": [4, 24] if gpu else [2, 6]},
     }
-    builds = {n: {"unet_config": sz["unet_config"], "template": sz["template"], "kind": sz["kind"],
-                  "out": os.path.join(workdir, f"pipe-{n}"), "seed": 0} for n, sz in sizes.items()}
-    log("python versions and random pipelines (toy, sd21) ...")
+    sizes = {n: sz for n, sz in sizes.items() if n in args.sizes.split(",")}
+
+    def build_spec(n):
+        sz = sizes[n]
+        return {"unet_config": sz["unet_config"], "template": sz["template"], "kind": sz["kind"],
+                "out": os.path.join(workdir, f"pipe-{n}"), "seed": 0, "save_dtype": sz.get("save_dtype")}
+
+    builds = {n: build_spec(n) for n, sz in sizes.items() if not sz.get("lazy")}
+    log(f"python versions and random pipelines ({', '.join(builds)}) ...")
     prep = run_worker("prepare", {"device": device, "gpu": gpu, "builds": builds}, gpu, budget.child(), workdir)
     results["python"] = prep.get("versions", {"ok": False, "error": prep.get("error")})
     have_diffusers = bool(results["python"].get("diffusers")) and bool(results["python"].get("torch"))
@@ -643,14 +685,18 @@ def main():
     if gpu and have_diffusers and not results["python"].get("cuda_available"):
         fail("environment", "torch sees no CUDA device")
     built = {}
-    for sname, r in prep.get("builds", {}).items():
-        S.setdefault("models", {})[sname] = {k: r.get(k) for k in ("ok", "wall_s", "unet_parameters", "error")}
-        S["models"][sname]["unet_config"] = os.path.relpath(sizes[sname]["unet_config"], REPO)
-        if r["ok"]:
-            built[sname] = r["folder"]
-            log(f"built {sname}: {r['unet_parameters'] / 1e6:.2f} M UNet parameters in {r['wall_s']:.1f} s")
-        else:
-            fail(f"build/{sname}", r.get("error", ""))
+
+    def record_builds(prep):
+        for sname, r in prep.get("builds", {}).items():
+            S.setdefault("models", {})[sname] = {k: r.get(k) for k in ("ok", "wall_s", "unet_parameters", "error")}
+            S["models"][sname]["unet_config"] = os.path.relpath(sizes[sname]["unet_config"], REPO)
+            if r["ok"]:
+                built[sname] = r["folder"]
+                log(f"built {sname}: {r['unet_parameters'] / 1e6:.2f} M UNet parameters in {r['wall_s']:.1f} s")
+            else:
+                fail(f"build/{sname}", r.get("error", ""))
+
+    record_builds(prep)
 
     ipr = Ipr(args.ipr) if args.ipr else None
     if ipr and not ipr.help():
@@ -791,10 +837,10 @@ def main():
                 fail(f"parity/{key}", json.dumps(entry["compare"]))
 
     # ---- (b1) denoising step, ipr vs diffusers, + parity at that size
-    for sname, folder in built.items():
-        sz = sizes[sname]
-        if not section_time_ok(f"denoise/{sname}", 60 if sname == "sd21" else 20):
-            continue
+    def denoise(sname):
+        folder, sz = built[sname], sizes[sname]
+        if not section_time_ok(f"denoise/{sname}", {"sd21": 60, "sdxl": 90}.get(sname, 20)):
+            return
         dt = dtypes[0]
         entry = S.setdefault("denoise", {}).setdefault(sname, {"dtype": dt, "images": 1, "cfg_batch": 2,
                                                                "steps_short_long": sz["time_steps"]})
@@ -840,10 +886,10 @@ def main():
                 fail(f"denoise/{sname}/parity", json.dumps(entry["compare"]))
 
     # ---- (b2) LoRA training step, ipr vs diffusers
-    for sname, folder in built.items():
-        sz = sizes[sname]
-        if not section_time_ok(f"train/{sname}", 90 if sname == "sd21" else 30):
-            continue
+    def train(sname):
+        folder, sz = built[sname], sizes[sname]
+        if not section_time_ok(f"train/{sname}", {"sd21": 90, "sdxl": 120}.get(sname, 30)):
+            return
         unet_dir = os.path.join(folder, "unet")
         dt = dtypes[0]
         entry = S.setdefault("train", {}).setdefault(sname, {"dtype_base": dt, "dtype_lora": "f32", "batch": sz["batch"],
@@ -853,9 +899,9 @@ def main():
         if not entry["diffusers"]["ok"]:
             fail(f"train/{sname}/diffusers", entry["diffusers"].get("error", ""))
         if has_train:
-            profile = [] if ipr.missing_flags(("bench", "train-step"), ["--profile-ops"]) else ["--profile-ops", "2"]
+            profile_flags = [] if ipr.missing_flags(("bench", "train-step"), ["--profile-ops"]) else ["--profile-ops", "2"]
             cmd = [*ipr.cmd, "bench", "train-step", "--unet", unet_dir, "--batch", str(sz["batch"]),
-                   "--iters", str(iters), "--json", *train_flags, *profile]
+                   "--iters", str(iters), "--json", *train_flags, *profile_flags]
             r = run_child(cmd, gpu, budget.child())
             e = {"cmd": " ".join(cmd), "wall_s": r["wall_s"], "memory": r["memory"], "ok": r["rc"] == 0}
             if r["rc"] == 0:
@@ -884,16 +930,16 @@ def main():
     has_profile = bool(ipr) and not ipr.missing_flags(("bench", "sample"), ["--profile-ops", "--dtype", "--model"])
     if ipr and not has_profile:
         skip("ops", "this ipr binary's `bench sample` has no --profile-ops/--dtype")
-    for sname in (["sd21", "toy"] if has_profile else []):
-        if sname not in built or not section_time_ok(f"ops/{sname}/denoise", 40 if sname == "sd21" else 15):
-            continue
+    def profile(sname):
+        if not has_profile or not section_time_ok(f"ops/{sname}/denoise", {"sd21": 40, "sdxl": 60}.get(sname, 15)):
+            return
         cmd = [*ipr.cmd, "bench", "sample", "--model", built[sname], "--batch", "1", "--steps", "2", "--iters", "1",
                "--guidance", "5", "--dtype", dtypes[0], "--device", device, "--profile-ops", "3", "--json"]
         # On the GPU the SD-2.1 size also without the project's CUDA kernels: their gain, op by op.
         off = [False, True] if gpu and sname == "sd21" and "IPR_CUDA_KERNELS" not in os.environ else [False]
         for kernels_off in off:
             if kernels_off and not section_time_ok(f"ops/{sname}/denoise-kernels-off", 40):
-                continue
+                return
             key = "denoise-kernels-off" if kernels_off else "denoise"
             env = {**os.environ, "IPR_CUDA_KERNELS": "0"} if kernels_off else None
             r = run_child(cmd, gpu, budget.child(), env=env)
@@ -907,6 +953,19 @@ def main():
                 "ms_profiled_step": v.get("ms_profiled_step"), "ops": v.get("ops"),
                 "steps_per_s": v.get("steps_per_s"), "memory": r["memory"]}
             log_ops(f"{key} {sname}", v)
+
+    # ---- the plan, most wanted first: SD-2.1 size (the goal), then SDXL size (built
+    # now), then the toy size; a section that would not fit the time left is skipped and listed.
+    for sname in [n for n in ("sd21", "sdxl", "toy") if n in sizes]:
+        if sizes[sname].get("lazy") and have_diffusers and section_time_ok(f"build/{sname}", 150):
+            log(f"random pipeline {sname} ...")
+            record_builds(run_worker("prepare", {"device": device, "gpu": gpu, "builds": {sname: build_spec(sname)}},
+                                     gpu, budget.child(), workdir))
+        if sname not in built:
+            continue
+        denoise(sname)
+        train(sname)
+        profile(sname)
 
     # ---- (c) the gradient exchange: `ipr train` on the tiny pixel pipeline through the build's
     # collective (NCCL at world size 1 when the binary has the `nccl` feature) and through the

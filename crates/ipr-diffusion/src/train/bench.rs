@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::loss::{weighted_loss, Batch};
@@ -116,7 +116,7 @@ pub fn bench_train_step(
             timesteps: (0..batch).map(|j| (j * 997 + i * 131) % 1000).collect(),
             weights: (0..batch).map(|j| if j % 2 == 0 { 1.0 } else { 0.5 }).collect(),
             context: crate::noise::randn(seed + 2, (batch, 8, c.cross_attention_dim), dtype, &device)?,
-            added: None,
+            added: added_cond(c, batch, seed + 3, dtype, &device)?,
         };
         let start = Instant::now();
         let (mut grads, fwd) = if shards <= 1 {
@@ -173,6 +173,31 @@ pub fn bench_train_step(
         ms_profiled_step,
         ops,
     })
+}
+
+/// SDXL's added conditioning for a UNet that takes it (`addition_embed_type: "text_time"`):
+/// a random pooled text embedding and the time ids of a square image of the UNet's size, as the
+/// diffusers twin passes them; `None` for other UNets.
+fn added_cond(
+    c: &UNetConfig,
+    batch: usize,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<crate::unet::AddedCond>> {
+    if c.addition_embed_type.as_deref() != Some("text_time") {
+        return Ok(None);
+    }
+    let (Some(proj), Some(time)) = (c.projection_class_embeddings_input_dim, c.addition_time_embed_dim) else {
+        return Ok(None);
+    };
+    let pooled = proj.saturating_sub(6 * time);
+    let px = (c.sample_size.unwrap_or(128) * 8) as f32;
+    let ids: Vec<f32> = (0..batch).flat_map(|_| [px, px, 0.0, 0.0, px, px]).collect();
+    Ok(Some(crate::unet::AddedCond {
+        text_embeds: crate::noise::randn(seed, (batch, pooled), dtype, device)?,
+        time_ids: Tensor::from_vec(ids, (batch, 6), device)?.to_dtype(dtype)?,
+    }))
 }
 
 /// The median of timings (the mean of the middle two for an even count).
