@@ -755,34 +755,47 @@ def main():
             fail(where, f"rc {r['rc']}, no JSON line: " + tail(r["stderr"] or r["stdout"]))
         return v, r
 
-    # ---- (0) the op self-test: each layer op on the device against the CPU in f64. If it fails
-    # with the project's CUDA kernels, it runs again without them (IPR_CUDA_KERNELS=0), and so does
-    # every later ipr command, so a broken kernel costs its own numbers, not the run's.
+    # ---- (0) the op self-test: each layer op on the device against the CPU in f64. If it fails (or
+    # crashes) with the project's CUDA kernels, it runs again without them (IPR_CUDA_KERNELS=0); if
+    # the kernels add failures of their own, every later ipr command runs without them too, so a
+    # broken kernel costs its own numbers, not the run's.
     def selftest(tag):
-        ok = True
+        """Runs the self-test in f32 and bf16; returns the failing (dtype, case, output) set, or
+        None when it could not run."""
+        failing = set()
         for dt in (["f32", "bf16"] if gpu else ["f32"]):
             cmd = [*ipr.cmd, "selftest", "--device", device, "--dtype", dt, "--json"]
             v, r = ipr_json(cmd, f"selftest/{tag}{dt}")
             entry = S.setdefault("selftest", {})[tag + dt] = {"cmd": " ".join(cmd), "rc": r["rc"], "wall_s": r["wall_s"],
                                                               "IPR_CUDA_KERNELS": os.environ.get("IPR_CUDA_KERNELS", "1")}
-            ok = ok and v is not None and v["ok"]
-            if v is not None:
-                entry.update(v)
-                bad = [f"{c['case']} {c['output']} {c['rel_max_diff']:.2e}" for c in v["checks"] if not c["ok"]]
-                bad += [f"{c} error: {e}" for c, e in v["errors"]]
-                log(f"selftest {tag}{dt}: {len(v['checks'])} checks, tolerance {v['tolerance']:.0e}, "
-                    f"worst {max((c['rel_max_diff'] for c in v['checks']), default=float('nan')):.2e}; "
-                    f"{'OK' if v['ok'] else 'FAIL: ' + '; '.join(bad)}")
-                if not v["ok"]:
-                    fail(f"selftest/{tag}{dt}", "; ".join(bad))
-        return ok
+            if v is None:
+                return None
+            failing |= {(dt, c["case"], c["output"]) for c in v["checks"] if not c["ok"]}
+            failing |= {(dt, c, "error") for c, _ in v["errors"]}
+            entry.update(v)
+            bad = [f"{c['case']} {c['output']} {c['rel_max_diff']:.2e}" for c in v["checks"] if not c["ok"]]
+            bad += [f"{c} error: {e}" for c, e in v["errors"]]
+            log(f"selftest {tag}{dt}: {len(v['checks'])} checks, tolerance {v['tolerance']:.0e}, "
+                f"worst {max((c['rel_max_diff'] for c in v['checks']), default=float('nan')):.2e}; "
+                f"{'OK' if v['ok'] else 'FAIL: ' + '; '.join(bad)}")
+            if not v["ok"]:
+                fail(f"selftest/{tag}{dt}", "; ".join(bad))
+        return failing
 
     if ipr and ipr.has_command("selftest") and section_time_ok("selftest", 20):
-        if not selftest("") and gpu:
+        with_kernels = selftest("")
+        if gpu and with_kernels != set():  # failures, or a crash (None)
+            # Again without the project's kernels: if they add failures of their own, every later
+            # ipr command runs without them; failures that remain without them are candle's.
             os.environ["IPR_CUDA_KERNELS"] = "0"
-            results["ipr_env"] = {"IPR_CUDA_KERNELS": "0"}
-            log("selftest failed: again without the project's CUDA kernels, and every later ipr command too")
-            selftest("kernels-off/")
+            without = selftest("kernels-off/")
+            if with_kernels is not None and without is not None and with_kernels <= without:
+                del os.environ["IPR_CUDA_KERNELS"]
+                log("selftest: the same checks fail without the project's kernels: keeping them")
+            else:
+                results["ipr_env"] = {"IPR_CUDA_KERNELS": "0"}
+                new = sorted(with_kernels - (without or set()))
+                log(f"selftest: the project's kernels fail {new}: every later ipr command runs without them")
     elif ipr:
         skip("selftest", "this ipr binary has no `selftest` command")
 
