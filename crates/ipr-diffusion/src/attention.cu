@@ -3,6 +3,7 @@
 //   type and written back in it, computed in f32 -- one kernel where the tensor ops took five passes
 //   over the scores (scale, upcast, softmax, downcast) and an f32 copy. One block per row; the row
 //   is read three times (max, sum, write), from cache after the first.
+// - softmax_grad: the softmax's backward in the blockwise attention's recomputing backward.
 // - flash_fwd: the whole `softmax(scale * q k^T) v` for bf16/f16 without writing the scores
 //   (FlashAttention's online softmax, Dao et al. 2022): a block takes 16 * WARPS query rows and
 //   walks the keys 32 at a time; the products on tensor cores (WMMA 16x16x16, f32 accumulators),
@@ -25,9 +26,23 @@ __device__ void softmax_scaled(const T* x, T* y, long long cols, float scale) {
   for (long long i = threadIdx.x; i < cols; i += blockDim.x) yr[i] = from_f32<T>(expf(scale * to_f32(xr[i]) - m) * inv);
 }
 
+// The softmax's backward in the blockwise attention's backward: `ds = p * (dp - delta)` for each
+// row's probabilities p, their gradient dp and the row's `delta = rowsum(dO * O)` (f32), in f32,
+// written in the storage type: one pass where the tensor ops took five and two f32 copies.
+template <typename T>
+__device__ void softmax_grad(const T* p, const T* dp, const float* delta, T* ds, long long rows, long long cols) {
+  const long long total = rows * cols;
+  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x)
+    ds[k] = from_f32<T>(to_f32(p[k]) * (to_f32(dp[k]) - delta[k / cols]));
+}
+
 #define SOFTMAX_KERNELS(T, SUFFIX)                                                                   \
   extern "C" __global__ void softmax_scaled_##SUFFIX(const T* x, T* y, long long cols, float scale) { \
     softmax_scaled<T>(x, y, cols, scale);                                                            \
+  }                                                                                                  \
+  extern "C" __global__ void softmax_grad_##SUFFIX(const T* p, const T* dp, const float* delta, T* ds, \
+                                                   long long rows, long long cols) {                  \
+    softmax_grad<T>(p, dp, delta, ds, rows, cols);                                                   \
   }
 
 SOFTMAX_KERNELS(float, f32)

@@ -160,6 +160,72 @@ impl CustomOp3 for FlashForward {
     }
 }
 
+/// `p * (dp - delta)` (the softmax's backward; `delta` per row, f32) by `attention.cu`'s kernel on
+/// CUDA for half-precision `p`, `dp`; `None` elsewhere (the caller's tensor ops).
+fn softmax_grad_kernel(p: &Tensor, dp: &Tensor, delta: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda()
+        && crate::cuda_kernels::enabled()
+        && matches!(p.dtype(), DType::BF16 | DType::F16)
+        && dp.dtype() == p.dtype()
+        && delta.dtype() == DType::F32
+        && dp.dims() == p.dims()
+    {
+        let (p, dp, delta) = (p.contiguous()?, dp.contiguous()?, delta.contiguous()?);
+        return Ok(Some(p.apply_op3_no_bwd(&dp, &delta, &SoftmaxGrad)?));
+    }
+    let _ = (p, dp, delta);
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+struct SoftmaxGrad;
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "ipr-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("ipr-softmax-grad runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        p: &candle_core::CudaStorage,
+        pl: &candle_core::Layout,
+        dp: &candle_core::CudaStorage,
+        dpl: &candle_core::Layout,
+        delta: &candle_core::CudaStorage,
+        dl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use crate::cuda_kernels::{elementwise_grid, launch, Scalars, ATTENTION_PTX};
+        let n = pl.shape().elem_count();
+        let cols = pl.dims().last().copied().unwrap_or(1).max(1);
+        if dl.shape().elem_count() * cols != n {
+            candle_core::bail!("ipr-softmax-grad: {} row statistics for {} rows", dl.shape().elem_count(), n / cols);
+        }
+        let scalars = Scalars::Rows { rows: (n / cols) as i64, cols: cols as i64 };
+        let out = launch(
+            ("ipr-attention", ATTENTION_PTX, "softmax_grad"),
+            &[(p, pl), (dp, dpl), (delta, dl)],
+            n,
+            scalars,
+            elementwise_grid(n),
+        )?;
+        Ok((out, pl.shape().clone()))
+    }
+}
+
 /// [`scaled_softmax`]'s kernel as an op (CUDA only: on the CPU the scale and the fused softmax
 /// are applied as before, and `ipr selftest` compares the two).
 #[cfg(feature = "cuda")]
@@ -245,8 +311,12 @@ impl CustomOp3 for BlockwiseAttention {
             let q_c = qd.narrow(1, start, n)?;
             let g_c = grad.narrow(1, start, n)?;
             let p = scaled_softmax(&q_c.matmul(&k_t)?, self.scale)?;
-            let dp = g_c.matmul(&v_t)?.to_dtype(acc)?;
-            let ds = (p.to_dtype(acc)? * dp.broadcast_sub(&delta.narrow(1, start, n)?)?)?.to_dtype(dtype)?;
+            let dp = g_c.matmul(&v_t)?;
+            let delta_c = delta.narrow(1, start, n)?;
+            let ds = match softmax_grad_kernel(&p, &dp, &delta_c)? {
+                Some(ds) => ds,
+                None => (p.to_dtype(acc)? * dp.to_dtype(acc)?.broadcast_sub(&delta_c)?)?.to_dtype(dtype)?,
+            };
             if v.track_op() {
                 accumulate(&mut dv, p.t()?.matmul(&g_c)?.to_dtype(acc)?)?;
             }

@@ -36,11 +36,14 @@ pub(crate) enum Scalars {
     Softmax { cols: i64, scale: f32 },
     /// `lq, lk, dh, scale` of the flash attention forward.
     Flash { lq: i32, lk: i32, dh: i32, scale: f32 },
+    /// `rows, cols` of a row-wise elementwise kernel.
+    Rows { rows: i64, cols: i64 },
 }
 
 /// Launches `kernel` (`<name>_<dtype>` in `ptx`, loaded once as `module`) on the contiguous
-/// `inputs` (all of one dtype) and a new output of `out_len` elements, with `grid` blocks of
-/// `block` threads (a one-dimensional grid as `(n, 1)`); returns the output.
+/// `inputs` (of the first input's dtype, or f32: per-row statistics) and a new output of `out_len`
+/// elements of the first input's dtype, with `grid` blocks of `block` threads (a one-dimensional
+/// grid as `(n, 1)`); returns the output.
 pub(crate) fn launch(
     (module, ptx, kernel): (&str, &str, &str),
     inputs: &[(&CudaStorage, &Layout)],
@@ -65,13 +68,22 @@ fn typed<T: CudaDType + DeviceRepr + WithDType>(
     (grid, block): ((u32, u32), u32),
 ) -> Result<CudaStorage> {
     let dev = inputs[0].0.device().clone();
+    // An input of the kernel's type, or f32 (statistics beside half-precision tensors).
+    enum View<'a, T> {
+        Typed(candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>),
+        F32(candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>),
+    }
     let views = inputs
         .iter()
         .map(|(s, l)| {
             let (start, end) = l
                 .contiguous_offsets()
                 .ok_or_else(|| candle_core::Error::Msg(format!("{kernel}: an input is not contiguous")))?;
-            Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+            Ok(if s.dtype() == T::DTYPE || s.dtype() != DType::F32 {
+                View::Typed(s.as_cuda_slice::<T>()?.slice(start..end))
+            } else {
+                View::F32(s.as_cuda_slice::<f32>()?.slice(start..end))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     // SAFETY: every element is written by the kernel below.
@@ -79,7 +91,10 @@ fn typed<T: CudaDType + DeviceRepr + WithDType>(
     let func = dev.get_or_load_custom_func(&kernel_name::<T>(kernel), module, ptx)?;
     let mut b = func.builder();
     for v in &views {
-        b.arg(v);
+        match v {
+            View::Typed(v) => b.arg(v),
+            View::F32(v) => b.arg(v),
+        };
     }
     b.arg(&out);
     // The builder keeps references until the launch: to the fields of `scalars`, alive till then.
@@ -95,6 +110,9 @@ fn typed<T: CudaDType + DeviceRepr + WithDType>(
         }
         Scalars::Flash { lq, lk, dh, scale } => {
             b.arg(lq).arg(lk).arg(dh).arg(scale);
+        }
+        Scalars::Rows { rows, cols } => {
+            b.arg(rows).arg(cols);
         }
     }
     let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
