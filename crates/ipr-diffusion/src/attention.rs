@@ -46,7 +46,11 @@ pub fn block_rows(bh: usize, lq: usize, lk: usize) -> Option<usize> {
 /// flow to whichever of `q`, `k`, `v` track them, through the recomputing backward.
 pub fn blockwise_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let out = forward(&q.detach(), &k.detach(), &v.detach(), scale, rows)?;
+    // The forward needs no graph: the flash kernel where it applies (CUDA, half precision).
+    let out = match flash_attention(&q.detach(), &k.detach(), &v.detach(), scale)? {
+        Some(out) => out,
+        None => forward(&q.detach(), &k.detach(), &v.detach(), scale, rows)?,
+    };
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }

@@ -138,6 +138,17 @@ fn bench_train_step_prints_json() {
     assert!((sum - step).abs() < 1e-6 * step.max(1.0), "{sum} vs {step}");
 }
 
+/// `ipr bench train-step` on an SDXL UNet (`addition_embed_type: "text_time"`) passes its added
+/// conditioning (it failed without it).
+#[test]
+fn bench_train_step_runs_an_sdxl_unet() {
+    let unet = model().join("../tiny-sdxl/unet");
+    let o = ipr(&["bench", "train-step", "--unet", unet.to_str().unwrap(), "--batch", "2", "--iters", "1", "--json"]);
+    check(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["ms_per_step"].as_f64().unwrap() > 0.0 && v["lora_parameters"].as_u64().unwrap() > 0);
+}
+
 /// `ipr selftest` passes on the CPU in f32 (every op against its f64 twin) and says so in JSON;
 /// a dtype the CPU cannot compute fails with a non-zero exit status naming the checks.
 #[test]
