@@ -743,9 +743,9 @@ def main():
             return False
         return True
 
-    def ipr_json(cmd, where):
+    def ipr_json(cmd, where, env=None):
         """Runs an ipr command that prints one JSON line; (parsed dict or None, child result)."""
-        r = run_child(cmd, gpu, budget.child())
+        r = run_child(cmd, gpu, budget.child(), env=env)
         line = [l for l in r["stdout"].strip().splitlines() if l.strip().startswith("{")]
         try:
             v = json.loads(line[-1]) if line else None
@@ -955,12 +955,9 @@ def main():
                 return
             key = "denoise-kernels-off" if kernels_off else "denoise"
             env = {**os.environ, "IPR_CUDA_KERNELS": "0"} if kernels_off else None
-            r = run_child(cmd, gpu, budget.child(), env=env)
-            line = [l for l in r["stdout"].strip().splitlines() if l.strip().startswith("{")]
-            if r["rc"] != 0 or not line:
-                fail(f"ops/{sname}/{key}", f"rc {r['rc']}: " + tail(r["stderr"]))
+            v, r = ipr_json(cmd, f"ops/{sname}/{key}", env=env)
+            if v is None:
                 continue
-            v = json.loads(line[-1])
             S.setdefault("ops", {}).setdefault(sname, {})[key] = {
                 "cmd": ("IPR_CUDA_KERNELS=0 " if kernels_off else "") + " ".join(cmd),
                 "ms_profiled_step": v.get("ms_profiled_step"), "ops": v.get("ops"),

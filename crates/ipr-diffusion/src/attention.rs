@@ -66,12 +66,7 @@ fn softmax(x: &Tensor) -> Result<Tensor> {
 /// one kernel (`attention.cu`) in the scores' dtype with f32 arithmetic; elsewhere the scale and
 /// [`softmax`] as before (the same bits on the CPU).
 pub fn scaled_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if scores.device().is_cuda()
-        && crate::cuda_kernels::enabled()
-        && crate::cuda_kernels::supports(scores.dtype())
-        && scores.rank() >= 1
-    {
+    if crate::cuda_kernels::applies(scores) && scores.rank() >= 1 {
         return scores.detach().contiguous()?.apply_op1_no_bwd(&ScaledSoftmax { scale });
     }
     softmax(&(scores * scale)?)
@@ -79,7 +74,6 @@ pub fn scaled_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
 
 /// The head dimensions the flash kernel is built for (`attention.cu`): a head of `d` channels runs
 /// the smallest that holds it (zero-padded), with the kernel's warps per block.
-#[cfg(feature = "cuda")]
 const FLASH_DIMS: [(usize, u32); 8] = [(16, 4), (32, 4), (48, 4), (64, 4), (80, 2), (96, 2), (128, 2), (160, 1)];
 
 /// `softmax(scale q kᵀ) v` for `(BH, L, d)` tensors without a graph, by the flash kernel of
@@ -87,52 +81,53 @@ const FLASH_DIMS: [(usize, u32); 8] = [(16, 4), (32, 4), (48, 4), (64, 4), (80, 
 /// `IPR_CUDA_KERNELS=0`) for bf16 / f16 heads of at most 160 channels that need no gradient;
 /// `None` elsewhere (the caller takes the tensor-op paths).
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    {
-        let d = q.dim(candle_core::D::Minus1)?;
-        let usable = q.device().is_cuda()
-            && crate::cuda_kernels::enabled()
-            && matches!(q.dtype(), DType::BF16 | DType::F16)
-            && k.dtype() == q.dtype()
-            && v.dtype() == q.dtype()
-            && q.rank() == 3
-            && k.dims() == v.dims()
-            && k.dim(2)? == d
-            && k.dim(0)? == q.dim(0)?
-            && !(q.track_op() || k.track_op() || v.track_op())
-            && FLASH_DIMS.iter().any(|&(dim, _)| d <= dim);
-        if usable {
-            let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-            return Ok(Some(q.apply_op3_no_bwd(&k, &v, &FlashForward { scale })?));
-        }
+    let usable = crate::cuda_kernels::applies(q)
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && q.rank() == 3
+        && k.rank() == 3
+        && k.dims() == v.dims()
+        && k.dim(2)? == q.dim(2)?
+        && k.dim(0)? == q.dim(0)?
+        && !(q.track_op() || k.track_op() || v.track_op())
+        && q.dim(2)? <= FLASH_DIMS[FLASH_DIMS.len() - 1].0;
+    if !usable {
+        return Ok(None);
     }
-    let _ = (q, k, v, scale);
-    Ok(None)
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(Some(q.apply_op3_no_bwd(&k, &v, &FlashForward { scale })?))
 }
 
-#[cfg(feature = "cuda")]
+/// `p * (dp - delta)` (the softmax's backward; `delta` per row, f32) by `attention.cu`'s kernel on
+/// CUDA for half-precision `p`, `dp`; `None` elsewhere (the caller's tensor ops).
+fn softmax_grad_kernel(p: &Tensor, dp: &Tensor, delta: &Tensor) -> Result<Option<Tensor>> {
+    let usable = crate::cuda_kernels::applies(p)
+        && matches!(p.dtype(), DType::BF16 | DType::F16)
+        && dp.dtype() == p.dtype()
+        && delta.dtype() == DType::F32
+        && dp.dims() == p.dims();
+    if !usable {
+        return Ok(None);
+    }
+    let (p, dp, delta) = (p.contiguous()?, dp.contiguous()?, delta.contiguous()?);
+    Ok(Some(p.apply_op3_no_bwd(&dp, &delta, &SoftmaxGrad)?))
+}
+
+/// The flash forward's kernel as an op (CUDA only).
 struct FlashForward {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     scale: f64,
 }
 
-#[cfg(feature = "cuda")]
 impl CustomOp3 for FlashForward {
     fn name(&self) -> &'static str {
         "ipr-flash-attention-forward"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("ipr-flash-attention-forward runs on CUDA only")
-    }
+    crate::cuda_kernels::cuda_only_cpu_fwd!(3);
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         q: &candle_core::CudaStorage,
@@ -142,67 +137,38 @@ impl CustomOp3 for FlashForward {
         v: &candle_core::CudaStorage,
         vl: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use crate::cuda_kernels::{launch, Scalars, ATTENTION_PTX};
+        use crate::cuda_kernels::{launch, Launch, Scalars, ATTENTION_PTX};
         let (bh, lq, d) = ql.shape().dims3()?;
         let lk = kl.shape().dims()[1];
         let &(dim, warps) = FLASH_DIMS
             .iter()
             .find(|&&(dim, _)| d <= dim)
             .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dimension {d} > 160")))?;
-        let rows = 16 * warps as usize;
-        let scalars = Scalars::Flash { lq: lq as i32, lk: lk as i32, dh: d as i32, scale: self.scale as f32 };
         let kernel = format!("flash_fwd_d{dim}");
-        let grid = ((lq.div_ceil(rows)) as u32, bh as u32);
-        let out = launch(
-            ("ipr-attention", ATTENTION_PTX, &kernel),
-            &[(q, ql), (k, kl), (v, vl)],
-            bh * lq * d,
-            scalars,
-            (grid, 32 * warps),
-        )?;
-        Ok((out, ql.shape().clone()))
+        let l = Launch {
+            module: "ipr-attention",
+            ptx: ATTENTION_PTX,
+            kernel: &kernel,
+            out_len: bh * lq * d,
+            scalars: Scalars::Flash { lq: lq as i32, lk: lk as i32, dh: d as i32, scale: self.scale as f32 },
+            grid: (lq.div_ceil(16 * warps as usize) as u32, bh as u32),
+            block: 32 * warps,
+        };
+        Ok((launch(l, &[(q, ql), (k, kl), (v, vl)])?, ql.shape().clone()))
     }
 }
 
-/// `p * (dp - delta)` (the softmax's backward; `delta` per row, f32) by `attention.cu`'s kernel on
-/// CUDA for half-precision `p`, `dp`; `None` elsewhere (the caller's tensor ops).
-fn softmax_grad_kernel(p: &Tensor, dp: &Tensor, delta: &Tensor) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    if p.device().is_cuda()
-        && crate::cuda_kernels::enabled()
-        && matches!(p.dtype(), DType::BF16 | DType::F16)
-        && dp.dtype() == p.dtype()
-        && delta.dtype() == DType::F32
-        && dp.dims() == p.dims()
-    {
-        let (p, dp, delta) = (p.contiguous()?, dp.contiguous()?, delta.contiguous()?);
-        return Ok(Some(p.apply_op3_no_bwd(&dp, &delta, &SoftmaxGrad)?));
-    }
-    let _ = (p, dp, delta);
-    Ok(None)
-}
-
-#[cfg(feature = "cuda")]
+/// [`softmax_grad_kernel`]'s kernel as an op (CUDA only).
 struct SoftmaxGrad;
 
-#[cfg(feature = "cuda")]
 impl CustomOp3 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "ipr-softmax-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("ipr-softmax-grad runs on CUDA only")
-    }
+    crate::cuda_kernels::cuda_only_cpu_fwd!(3);
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         p: &candle_core::CudaStorage,
@@ -212,58 +178,58 @@ impl CustomOp3 for SoftmaxGrad {
         delta: &candle_core::CudaStorage,
         dl: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use crate::cuda_kernels::{elementwise_grid, launch, Scalars, ATTENTION_PTX};
+        use crate::cuda_kernels::{elementwise_grid, launch, Launch, Scalars, ATTENTION_PTX, ELEMENTWISE_BLOCK};
         let n = pl.shape().elem_count();
         let cols = pl.dims().last().copied().unwrap_or(1).max(1);
         if dl.shape().elem_count() * cols != n {
             candle_core::bail!("ipr-softmax-grad: {} row statistics for {} rows", dl.shape().elem_count(), n / cols);
         }
-        let scalars = Scalars::Rows { rows: (n / cols) as i64, cols: cols as i64 };
-        let out = launch(
-            ("ipr-attention", ATTENTION_PTX, "softmax_grad"),
-            &[(p, pl), (dp, dpl), (delta, dl)],
-            n,
-            scalars,
-            elementwise_grid(n),
-        )?;
-        Ok((out, pl.shape().clone()))
+        let l = Launch {
+            module: "ipr-attention",
+            ptx: ATTENTION_PTX,
+            kernel: "softmax_grad",
+            out_len: n,
+            scalars: Scalars::Rows { rows: (n / cols) as i64, cols: cols as i64 },
+            grid: elementwise_grid(n),
+            block: ELEMENTWISE_BLOCK,
+        };
+        Ok((launch(l, &[(p, pl), (dp, dpl), (delta, dl)])?, pl.shape().clone()))
     }
 }
 
 /// [`scaled_softmax`]'s kernel as an op (CUDA only: on the CPU the scale and the fused softmax
 /// are applied as before, and `ipr selftest` compares the two).
-#[cfg(feature = "cuda")]
 struct ScaledSoftmax {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     scale: f64,
 }
 
-#[cfg(feature = "cuda")]
 impl candle_core::CustomOp1 for ScaledSoftmax {
     fn name(&self) -> &'static str {
         "ipr-scaled-softmax"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("ipr-scaled-softmax runs on CUDA only")
-    }
+    crate::cuda_kernels::cuda_only_cpu_fwd!(1);
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         s: &candle_core::CudaStorage,
         l: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use crate::cuda_kernels::{launch, row_block, Scalars, ATTENTION_PTX};
+        use crate::cuda_kernels::{launch, row_block, Launch, Scalars, ATTENTION_PTX};
         let cols = l.dims().last().copied().unwrap_or(1).max(1);
         let n = l.shape().elem_count();
-        let scalars = Scalars::Softmax { cols: cols as i64, scale: self.scale as f32 };
-        let grid = ((n / cols) as u32, 1);
-        let y =
-            launch(("ipr-attention", ATTENTION_PTX, "softmax_scaled"), &[(s, l)], n, scalars, (grid, row_block(cols)))?;
-        Ok((y, l.shape().clone()))
+        let launch_spec = Launch {
+            module: "ipr-attention",
+            ptx: ATTENTION_PTX,
+            kernel: "softmax_scaled",
+            out_len: n,
+            scalars: Scalars::Softmax { cols: cols as i64, scale: self.scale as f32 },
+            grid: ((n / cols) as u32, 1),
+            block: row_block(cols),
+        };
+        Ok((launch(launch_spec, &[(s, l)])?, l.shape().clone()))
     }
 }
 

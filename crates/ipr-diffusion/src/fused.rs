@@ -350,6 +350,31 @@ macro_rules! stashed_forward3 {
 }
 pub(crate) use stashed_forward3;
 
+/// [`stashed_forward3`] for a `CustomOp2`.
+macro_rules! stashed_forward2 {
+    ($field:ident) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.$field.cpu(self.name())
+        }
+
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.$field.cuda(self.name())
+        }
+    };
+}
+
 /// A 2-d convolution whose forward is candle's (computed detached and handed over through a
 /// [`Stash`]) and whose input gradient is a forward convolution with the flipped, transposed
 /// kernel (for stride `s > 1`, of the output gradient with `s - 1` zeros between its pixels)
@@ -368,19 +393,7 @@ impl candle_core::CustomOp2 for Conv2dFastBackward {
         "ipr-conv2d-fast-backward"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.y.cuda(self.name())
-    }
+    stashed_forward2!(y);
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _timed = crate::op_profile::scope("conv.backward", grad.device());

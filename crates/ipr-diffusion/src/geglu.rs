@@ -124,7 +124,7 @@ impl CustomOp1 for Geglu {
         let mut dims = l.dims().to_vec();
         let n = dims.last().copied().unwrap_or(0) / 2;
         *dims.last_mut().expect("geglu input has a last dimension") = n;
-        let out = launch_geglu("geglu_fwd", &[(s, l)], l)?;
+        let out = launch_geglu("geglu_fwd", &[(s, l)], l, l.shape().elem_count() / 2)?;
         Ok((out, Shape::from(dims)))
     }
 
@@ -163,24 +163,33 @@ impl CustomOp2 for GegluBwd {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((launch_geglu("geglu_bwd", &[(h, hl), (g, gl)], hl)?, hl.shape().clone()))
+        Ok((launch_geglu("geglu_bwd", &[(h, hl), (g, gl)], hl, hl.shape().elem_count())?, hl.shape().clone()))
     }
 }
 
-/// `geglu.cu`'s kernel `kernel` with `inputs` (`h` first, `(rows, 2n)`): `rows * n` items.
+/// `geglu.cu`'s kernel `kernel` with `inputs` (`h` first, `(rows, 2n)`) writing `out_len`
+/// values: `rows * n` items, one per thread and loop step.
 #[cfg(feature = "cuda")]
 fn launch_geglu(
     kernel: &str,
     inputs: &[(&candle_core::CudaStorage, &Layout)],
     hl: &Layout,
+    out_len: usize,
 ) -> Result<candle_core::CudaStorage> {
-    use crate::cuda_kernels::{elementwise_grid, launch, Scalars, GEGLU_PTX};
+    use crate::cuda_kernels::{elementwise_grid, launch, Launch, Scalars, ELEMENTWISE_BLOCK, GEGLU_PTX};
     let n = hl.dims().last().copied().unwrap_or(0) / 2;
     let rows = hl.shape().elem_count() / (2 * n).max(1);
-    // The forward writes `rows * n` values, the gradient `rows * 2n` (each thread two).
-    let out_len = if kernel == "geglu_fwd" { rows * n } else { rows * 2 * n };
-    let scalars = Scalars::Geglu { rows: rows as i64, n: n as i64 };
-    launch(("ipr-geglu", GEGLU_PTX, kernel), inputs, out_len, scalars, elementwise_grid(rows * n))
+    let scalars = Scalars::Rows { rows: rows as i64, cols: n as i64 };
+    let l = Launch {
+        module: "ipr-geglu",
+        ptx: GEGLU_PTX,
+        kernel,
+        out_len,
+        scalars,
+        grid: elementwise_grid(rows * n),
+        block: ELEMENTWISE_BLOCK,
+    };
+    launch(l, inputs)
 }
 
 /// `a * gelu(gate)` for `[a, gate]` the halves of `h`'s last dimension; `None` where no fused
@@ -188,11 +197,7 @@ fn launch_geglu(
 /// with the `cuda` feature (unless `IPR_CUDA_KERNELS=0`).
 pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
     let cpu = h.device().is_cpu() && matches!(h.dtype(), DType::F32 | DType::F64);
-    #[cfg(feature = "cuda")]
-    let cuda = h.device().is_cuda() && crate::cuda_kernels::enabled() && crate::cuda_kernels::supports(h.dtype());
-    #[cfg(not(feature = "cuda"))]
-    let cuda = false;
-    if !(cpu || cuda) || h.dim(candle_core::D::Minus1)? % 2 != 0 {
+    if !(cpu || crate::cuda_kernels::applies(h)) || h.dim(candle_core::D::Minus1)? % 2 != 0 {
         return Ok(None);
     }
     Ok(Some(h.contiguous()?.apply_op1(Geglu)?))

@@ -40,7 +40,6 @@ pub mod collective;
 pub mod config;
 pub mod conv;
 mod conv_direct;
-#[cfg(feature = "cuda")]
 pub mod cuda_kernels;
 pub mod error;
 pub mod fastmath;

@@ -341,15 +341,19 @@ pub(crate) fn attention_graph(
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
     let scale = 1.0 / (d as f64).sqrt();
     if mask.is_none() {
+        // The flash kernel (CUDA, half precision, no gradient), else blocks of query rows when the
+        // whole score matrix would exceed the budget; both on `(B*H, L, D)`.
         let flat = |t: &Tensor, l: usize| t.reshape((b * heads, l, d));
-        if let Some(out) = crate::attention::flash_attention(&flat(&q, lq)?, &flat(&k, lk)?, &flat(&v, lk)?, scale)? {
+        let (fq, fk, fv) = (flat(&q, lq)?, flat(&k, lk)?, flat(&v, lk)?);
+        let out = match crate::attention::flash_attention(&fq, &fk, &fv, scale)? {
+            Some(out) => Some(out),
+            None => crate::attention::block_rows(b * heads, lq, lk)
+                .map(|rows| crate::attention::blockwise_attention(&fq, &fk, &fv, scale, rows))
+                .transpose()?,
+        };
+        if let Some(out) = out {
             return Ok(out.reshape((b, heads, lq, d))?.transpose(1, 2)?.reshape((b, lq, inner))?);
         }
-    }
-    if let (None, Some(rows)) = (mask, crate::attention::block_rows(b * heads, lq, lk)) {
-        let flat = |t: &Tensor, l: usize| t.reshape((b * heads, l, d));
-        let out = crate::attention::blockwise_attention(&flat(&q, lq)?, &flat(&k, lk)?, &flat(&v, lk)?, scale, rows)?;
-        return Ok(out.reshape((b, heads, lq, d))?.transpose(1, 2)?.reshape((b, lq, inner))?);
     }
     let raw = q.matmul(&k.t()?)?;
     // Without a mask or a gradient (sampling): one kernel on CUDA, the same ops as below elsewhere.

@@ -223,16 +223,6 @@ struct NormFwd {
 
 #[cfg(feature = "cuda")]
 impl View {
-    fn kernel_scalars(&self) -> crate::cuda_kernels::Scalars {
-        crate::cuda_kernels::Scalars::Norm {
-            groups: self.groups as i32,
-            cg: self.cg as i32,
-            s: self.s as i32,
-            eps: self.eps as f32,
-            silu: i32::from(self.silu),
-        }
-    }
-
     /// `norm.cu`'s kernel `kernel` over `inputs` (`x` first): one block per row.
     fn launch(
         &self,
@@ -240,12 +230,26 @@ impl View {
         inputs: &[(&candle_core::CudaStorage, &Layout)],
         xl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda_kernels::{launch, row_block, NORM_PTX};
+        use crate::cuda_kernels::{launch, row_block, Launch, Scalars, NORM_PTX};
         let len = self.cg * self.s;
         let n = xl.shape().elem_count();
-        let grid = ((n / len.max(1)) as u32, 1);
-        let y = launch(("ipr-norm", NORM_PTX, kernel), inputs, n, self.kernel_scalars(), (grid, row_block(len)))?;
-        Ok((y, xl.shape().clone()))
+        let scalars = Scalars::Norm {
+            groups: self.groups as i32,
+            cg: self.cg as i32,
+            s: self.s as i32,
+            eps: self.eps as f32,
+            silu: i32::from(self.silu),
+        };
+        let l = Launch {
+            module: "ipr-norm",
+            ptx: NORM_PTX,
+            kernel,
+            out_len: n,
+            scalars,
+            grid: ((n / len.max(1)) as u32, 1),
+            block: row_block(len),
+        };
+        Ok((launch(l, inputs)?, xl.shape().clone()))
     }
 }
 
@@ -384,11 +388,7 @@ impl CustomOp2 for NormBwdX {
 /// CUDA with the `cuda` feature (unless `IPR_CUDA_KERNELS=0`); parameters of `x`'s dtype.
 fn fused_applies(x: &Tensor, w: &Tensor) -> bool {
     let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    #[cfg(feature = "cuda")]
-    let cuda = x.device().is_cuda() && crate::cuda_kernels::enabled() && crate::cuda_kernels::supports(x.dtype());
-    #[cfg(not(feature = "cuda"))]
-    let cuda = false;
-    (cpu || cuda) && w.dtype() == x.dtype()
+    (cpu || crate::cuda_kernels::applies(x)) && w.dtype() == x.dtype()
 }
 
 /// `silu?(group_norm(x) * w + b)` for `(B, C, ...)` inputs; `None` where the fused ops do not

@@ -79,6 +79,26 @@ impl Drop for Scope {
     }
 }
 
+/// Runs `run` (which does `steps` steps and waits for the device) with op timing on: the
+/// milliseconds per step and the per-step table ([`per_step`]); `None` for no steps. Timing is
+/// off again when it returns, whatever `run` returned.
+pub fn profile<E>(
+    steps: usize,
+    run: impl FnOnce() -> std::result::Result<(), E>,
+) -> std::result::Result<Option<(f64, Vec<OpTime>)>, E> {
+    if steps == 0 {
+        return Ok(None);
+    }
+    take();
+    set_enabled(true);
+    let start = Instant::now();
+    let out = run();
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    set_enabled(false);
+    out?;
+    Ok(Some((ms / steps as f64, per_step(take(), steps, ms))))
+}
+
 /// The op table of `steps` profiled steps of `total_ms` in all, per step: each row's calls and
 /// milliseconds divided by `steps`, plus an `(untimed)` row for what no scope covered.
 pub fn per_step(rows: Vec<OpTime>, steps: usize, total_ms: f64) -> Vec<OpTime> {

@@ -1,9 +1,9 @@
 //! Timing of text-to-image denoising (the library side of `ipr bench sample`; its diffusers twin
-//! is `scripts/bench/sample.py`): a pipeline folder (f32 unless asked otherwise), `batch` images with classifier-free
-//! guidance (the UNet sees `2 x batch` samples per step), DDIM, the empty prompt's embeddings for
-//! both halves (speed does not depend on the text). On the CPU the batch is cut into `parallel`
-//! parts denoised at once, as `ipr run` and `ipr sample` run their batches (candle's elementwise
-//! kernels are single-threaded): each image is computed as it would be alone.
+//! is `scripts/bench/sample.py`): a pipeline folder (f32 unless asked otherwise), `batch` images
+//! with classifier-free guidance (the UNet sees `2 x batch` samples per step), DDIM, the empty
+//! prompt's embeddings for both halves (speed does not depend on the text). On the CPU the batch
+//! is cut into `parallel` parts denoised at once, as `ipr run` and `ipr sample` run their batches
+//! (candle's elementwise kernels are single-threaded): each image is computed as it would be alone.
 
 use std::path::Path;
 use std::time::Instant;
@@ -95,22 +95,12 @@ pub fn bench_sampling(model: &Path, b: &SampleBench, device: &Device) -> Result<
     }
     let per_step = Counted::now().since(before).forward() as f64 / (runs.len() * steps) as f64;
     let median = crate::train::bench::median(&runs);
-    let (ms_profiled_step, ops) = if b.profile_steps > 0 {
+    let profiled = crate::op_profile::profile(b.profile_steps, || {
         let e = pipe.empty_negative(batch)?;
         let x = crate::noise::randn(0, pipe.latent_shape(batch), DType::F32, device)?;
-        let params = SampleParams { num_inference_steps: b.profile_steps, ..params.clone() };
-        crate::op_profile::take();
-        crate::op_profile::set_enabled(true);
-        let start = Instant::now();
-        let out = pipe.denoise(&e, &e, &x, &params).and_then(|_| Ok(device.synchronize()?));
-        let ms = start.elapsed().as_secs_f64() * 1e3;
-        crate::op_profile::set_enabled(false);
-        out?;
-        let table = crate::op_profile::per_step(crate::op_profile::take(), b.profile_steps, ms);
-        (Some(ms / b.profile_steps as f64), Some(table))
-    } else {
-        (None, None)
-    };
+        pipe.denoise(&e, &e, &x, &SampleParams { num_inference_steps: b.profile_steps, ..params.clone() })?;
+        Ok::<_, crate::Error>(device.synchronize()?)
+    })?;
     Ok(SampleReport {
         steps_per_s: steps as f64 / median,
         s_runs: runs,
@@ -124,7 +114,7 @@ pub fn bench_sampling(model: &Path, b: &SampleBench, device: &Device) -> Result<
         peak_gflop_per_s: crate::flops::peak_gflops(device)?,
         device: format!("{:?}", device.location()),
         dtype: b.dtype.as_str().to_string(),
-        ms_profiled_step,
-        ops,
+        ms_profiled_step: profiled.as_ref().map(|p| p.0),
+        ops: profiled.map(|p| p.1),
     })
 }

@@ -143,17 +143,9 @@ pub fn bench_train_step(
         }
     }
     let flops = crate::flops::Counted::now().since(before).train_step() as f64 / (iters + 1) as f64;
-    let (ms_profiled_step, ops) = if profile_steps > 0 {
-        crate::op_profile::take();
-        crate::op_profile::set_enabled(true);
-        let total: Result<f64> = (0..profile_steps).map(|i| Ok(step(iters + 1 + i, 1)?.0)).sum();
-        crate::op_profile::set_enabled(false);
-        let total = total?;
-        let table = crate::op_profile::per_step(crate::op_profile::take(), profile_steps, total);
-        (Some(total / profile_steps as f64), Some(table))
-    } else {
-        (None, None)
-    };
+    let profiled = crate::op_profile::profile(profile_steps, || {
+        (0..profile_steps).try_for_each(|i| step(iters + 1 + i, 1).map(|_| ()))
+    })?;
     let ms_per_step = median(&times);
     Ok(TrainStepReport {
         ms_per_step,
@@ -170,8 +162,8 @@ pub fn bench_train_step(
         shards: shards.max(1),
         device: format!("{:?}", device.location()),
         dtype: dtype.as_str().to_string(),
-        ms_profiled_step,
-        ops,
+        ms_profiled_step: profiled.as_ref().map(|p| p.0),
+        ops: profiled.map(|p| p.1),
     })
 }
 
