@@ -2,6 +2,10 @@
 //! PTX, compiled by nvcc (`$NVCC`, else `nvcc` on the PATH) for `compute_$CUDA_COMPUTE_CAP`
 //! (default 80; the driver compiles PTX for newer GPUs when it loads it). Without the feature
 //! nothing is compiled and no CUDA toolkit is needed.
+//!
+//! With the `cuda-emu` feature (tests): the same `.cu` files built for the host by the C++
+//! compiler (`cc`) into the CUDA emulator (`src/cuda/emu/`), optimised whatever the profile, since
+//! every emulated thread repeats its warp's tile products.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,7 +17,22 @@ fn main() {
     for k in KERNELS {
         println!("cargo::rerun-if-changed=src/{k}.cu");
     }
+    for f in ["emu.cpp", "runtime.h", "include/cuda_bf16.h", "include/cuda_fp16.h", "include/mma.h"] {
+        println!("cargo::rerun-if-changed=src/cuda/emu/{f}");
+    }
     println!("cargo::rerun-if-env-changed=NVCC");
+    #[cfg(feature = "cuda-emu")]
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .debug(false)
+        .include("src")
+        .include("src/cuda/emu/include")
+        .file("src/cuda/emu/emu.cpp")
+        .warnings(true)
+        .extra_warnings(true)
+        .compile("ipr_cuda_emu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{CustomOp3, DType, Result, Tensor, D};
 
+use crate::cuda_kernels::{elementwise_grid, row_block, KernelOp, Launch, Scalars, Source, ELEMENTWISE_BLOCK};
+
 /// The default budget for one block's scores: large enough that GPU kernels stay busy, small
 /// enough that SD-size training fits (SD 2.1, 96x96 latents, batch 2: 13 blocks per layer).
 pub const DEFAULT_BLOCK_BYTES: usize = 256 << 20;
@@ -114,10 +116,28 @@ fn softmax_grad_kernel(p: &Tensor, dp: &Tensor, delta: &Tensor) -> Result<Option
     Ok(Some(p.apply_op3_no_bwd(&dp, &delta, &SoftmaxGrad)?))
 }
 
-/// The flash forward's kernel as an op (CUDA only).
+/// The flash forward's kernel as an op (CUDA, or the emulator).
 struct FlashForward {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     scale: f64,
+}
+
+impl KernelOp for FlashForward {
+    fn launch_spec(&self, layouts: &[&candle_core::Layout]) -> Result<Launch> {
+        let (bh, lq, d) = layouts[0].shape().dims3()?;
+        let lk = layouts[1].shape().dims()[1];
+        let &(dim, warps) = FLASH_DIMS
+            .iter()
+            .find(|&&(dim, _)| d <= dim)
+            .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dimension {d} > 160")))?;
+        Ok(Launch {
+            source: Source::Attention,
+            kernel: format!("flash_fwd_d{dim}"),
+            out_shape: layouts[0].shape().clone(),
+            scalars: Scalars::Flash { lq: lq as i32, lk: lk as i32, dh: d as i32, scale: self.scale as f32 },
+            grid: (lq.div_ceil(16 * warps as usize) as u32, bh as u32),
+            block: 32 * warps,
+        })
+    }
 }
 
 impl CustomOp3 for FlashForward {
@@ -125,83 +145,58 @@ impl CustomOp3 for FlashForward {
         "ipr-flash-attention-forward"
     }
 
-    crate::cuda_kernels::cuda_only_cpu_fwd!(3);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        ql: &candle_core::Layout,
-        k: &candle_core::CudaStorage,
-        kl: &candle_core::Layout,
-        v: &candle_core::CudaStorage,
-        vl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use crate::cuda_kernels::{launch, Launch, Scalars, ATTENTION_PTX};
-        let (bh, lq, d) = ql.shape().dims3()?;
-        let lk = kl.shape().dims()[1];
-        let &(dim, warps) = FLASH_DIMS
-            .iter()
-            .find(|&&(dim, _)| d <= dim)
-            .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dimension {d} > 160")))?;
-        let kernel = format!("flash_fwd_d{dim}");
-        let l = Launch {
-            module: "ipr-attention",
-            ptx: ATTENTION_PTX,
-            kernel: &kernel,
-            out_len: bh * lq * d,
-            scalars: Scalars::Flash { lq: lq as i32, lk: lk as i32, dh: d as i32, scale: self.scale as f32 },
-            grid: (lq.div_ceil(16 * warps as usize) as u32, bh as u32),
-            block: 32 * warps,
-        };
-        Ok((launch(l, &[(q, ql), (k, kl), (v, vl)])?, ql.shape().clone()))
-    }
+    crate::cuda_kernels::kernel_op_fwd!(3);
 }
 
-/// [`softmax_grad_kernel`]'s kernel as an op (CUDA only).
+/// [`softmax_grad_kernel`]'s kernel as an op (CUDA, or the emulator).
 struct SoftmaxGrad;
+
+impl KernelOp for SoftmaxGrad {
+    fn launch_spec(&self, layouts: &[&candle_core::Layout]) -> Result<Launch> {
+        let (pl, dl) = (layouts[0], layouts[2]);
+        let n = pl.shape().elem_count();
+        let cols = pl.dims().last().copied().unwrap_or(1).max(1);
+        if dl.shape().elem_count() * cols != n {
+            candle_core::bail!("ipr-softmax-grad: {} row statistics for {} rows", dl.shape().elem_count(), n / cols);
+        }
+        Ok(Launch {
+            source: Source::Attention,
+            kernel: "softmax_grad".into(),
+            out_shape: pl.shape().clone(),
+            scalars: Scalars::Rows { rows: (n / cols) as i64, cols: cols as i64 },
+            grid: elementwise_grid(n),
+            block: ELEMENTWISE_BLOCK,
+        })
+    }
+}
 
 impl CustomOp3 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "ipr-softmax-grad"
     }
 
-    crate::cuda_kernels::cuda_only_cpu_fwd!(3);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        p: &candle_core::CudaStorage,
-        pl: &candle_core::Layout,
-        dp: &candle_core::CudaStorage,
-        dpl: &candle_core::Layout,
-        delta: &candle_core::CudaStorage,
-        dl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use crate::cuda_kernels::{elementwise_grid, launch, Launch, Scalars, ATTENTION_PTX, ELEMENTWISE_BLOCK};
-        let n = pl.shape().elem_count();
-        let cols = pl.dims().last().copied().unwrap_or(1).max(1);
-        if dl.shape().elem_count() * cols != n {
-            candle_core::bail!("ipr-softmax-grad: {} row statistics for {} rows", dl.shape().elem_count(), n / cols);
-        }
-        let l = Launch {
-            module: "ipr-attention",
-            ptx: ATTENTION_PTX,
-            kernel: "softmax_grad",
-            out_len: n,
-            scalars: Scalars::Rows { rows: (n / cols) as i64, cols: cols as i64 },
-            grid: elementwise_grid(n),
-            block: ELEMENTWISE_BLOCK,
-        };
-        Ok((launch(l, &[(p, pl), (dp, dpl), (delta, dl)])?, pl.shape().clone()))
-    }
+    crate::cuda_kernels::kernel_op_fwd!(3);
 }
 
-/// [`scaled_softmax`]'s kernel as an op (CUDA only: on the CPU the scale and the fused softmax
-/// are applied as before, and `ipr selftest` compares the two).
+/// [`scaled_softmax`]'s kernel as an op (CUDA, or the emulator: on the CPU the scale and the fused
+/// softmax are applied as before, and `ipr selftest` compares the two).
 struct ScaledSoftmax {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     scale: f64,
+}
+
+impl KernelOp for ScaledSoftmax {
+    fn launch_spec(&self, layouts: &[&candle_core::Layout]) -> Result<Launch> {
+        let l = layouts[0];
+        let cols = l.dims().last().copied().unwrap_or(1).max(1);
+        Ok(Launch {
+            source: Source::Attention,
+            kernel: "softmax_scaled".into(),
+            out_shape: l.shape().clone(),
+            scalars: Scalars::Softmax { cols: cols as i64, scale: self.scale as f32 },
+            grid: ((l.shape().elem_count() / cols) as u32, 1),
+            block: row_block(cols),
+        })
+    }
 }
 
 impl candle_core::CustomOp1 for ScaledSoftmax {
@@ -209,28 +204,7 @@ impl candle_core::CustomOp1 for ScaledSoftmax {
         "ipr-scaled-softmax"
     }
 
-    crate::cuda_kernels::cuda_only_cpu_fwd!(1);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use crate::cuda_kernels::{launch, row_block, Launch, Scalars, ATTENTION_PTX};
-        let cols = l.dims().last().copied().unwrap_or(1).max(1);
-        let n = l.shape().elem_count();
-        let launch_spec = Launch {
-            module: "ipr-attention",
-            ptx: ATTENTION_PTX,
-            kernel: "softmax_scaled",
-            out_len: n,
-            scalars: Scalars::Softmax { cols: cols as i64, scale: self.scale as f32 },
-            grid: ((n / cols) as u32, 1),
-            block: row_block(cols),
-        };
-        Ok((launch(launch_spec, &[(s, l)])?, l.shape().clone()))
-    }
+    crate::cuda_kernels::kernel_op_fwd!(1);
 }
 
 fn query_blocks(lq: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {

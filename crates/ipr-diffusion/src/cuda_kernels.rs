@@ -6,8 +6,14 @@
 //! `IPR_CUDA_KERNELS=0` switches them off (the ops then fall back to candle's primitive ops), so
 //! one GPU run can time and check both paths. [`applies`] is the one gate, also without the
 //! feature (then always false), so callers need no `cfg`.
+//!
+//! An op describes its launch once ([`Launch`]: kernel, grid, block, scalar arguments); the CUDA
+//! driver runs it, and with the `cuda-emu` feature (tests) so can [`emulation`]: the same `.cu`
+//! files built for the host, their threads run as fibers on the CPU, for CPU tensors while the
+//! emulation is switched on. Then the ops take their CUDA paths on the CPU, and `ipr selftest`'s
+//! cases check the kernels' arithmetic and indexing without a GPU.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Layout, Result, Shape, Tensor};
 
 /// Whether the kernels are used (`IPR_CUDA_KERNELS` is not `0`), read once.
 pub fn enabled() -> bool {
@@ -17,80 +23,214 @@ pub fn enabled() -> bool {
 
 /// Whether the kernels take `t`: built with the `cuda` feature, switched on, `t` on a CUDA device
 /// in f32, bf16 or f16.
+/// On the CPU: while [`emulation`] is switched on (feature `cuda-emu`).
 pub fn applies(t: &Tensor) -> bool {
-    cfg!(feature = "cuda")
-        && t.device().is_cuda()
-        && enabled()
-        && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    let device = (cfg!(feature = "cuda") && t.device().is_cuda()) || (emulating() && t.device().is_cpu());
+    device && enabled() && kernel_dtype(t.dtype())
 }
 
-/// The `cpu_fwd` of an op that only exists on CUDA (its callers gate on [`applies`]): an error.
-macro_rules! cuda_only_cpu_fwd {
+fn kernel_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// Whether a CPU op's `cpu_fwd` runs its kernel in the emulator: emulation on and `dtype` one the
+/// kernels have (f64, the self-test's reference, always takes the CPU kernels).
+pub(crate) fn emulates(dtype: DType) -> bool {
+    emulating() && enabled() && kernel_dtype(dtype)
+}
+
+#[cfg(feature = "cuda-emu")]
+fn emulating() -> bool {
+    emulation::on()
+}
+
+#[cfg(not(feature = "cuda-emu"))]
+fn emulating() -> bool {
+    false
+}
+
+/// The `.cu` file a kernel is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Norm,
+    Geglu,
+    Attention,
+}
+
+impl Source {
+    /// The file's name without `.cu`.
+    #[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(dead_code))]
+    fn file(self) -> &'static str {
+        match self {
+            Source::Norm => "norm",
+            Source::Geglu => "geglu",
+            Source::Attention => "attention",
+        }
+    }
+}
+
+/// A kernel's scalar arguments after its tensors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scalars {
+    /// `groups, cg, s, eps, silu` of a norm kernel.
+    Norm { groups: i32, cg: i32, s: i32, eps: f32, silu: i32 },
+    /// `rows, cols` of a row-wise kernel (GEGLU: `cols` = half the row).
+    Rows { rows: i64, cols: i64 },
+    /// `cols, scale` of the attention softmax.
+    Softmax { cols: i64, scale: f32 },
+    /// `lq, lk, dh, scale` of the flash attention forward.
+    Flash { lq: i32, lk: i32, dh: i32, scale: f32 },
+}
+
+impl Scalars {
+    /// The arguments in the kernel's order, as f64 (exact for each of them).
+    #[cfg_attr(not(feature = "cuda-emu"), allow(dead_code))]
+    pub(crate) fn values(&self) -> Vec<f64> {
+        match *self {
+            Scalars::Norm { groups, cg, s, eps, silu } => {
+                vec![groups.into(), cg.into(), s.into(), eps.into(), silu.into()]
+            }
+            Scalars::Rows { rows, cols } => vec![rows as f64, cols as f64],
+            Scalars::Softmax { cols, scale } => vec![cols as f64, scale.into()],
+            Scalars::Flash { lq, lk, dh, scale } => vec![lq.into(), lk.into(), dh.into(), scale.into()],
+        }
+    }
+}
+
+/// One launch of `kernel` (`<kernel>_<dtype>` in `source`): tensors in (contiguous, of the first
+/// input's dtype, or f32: per-row statistics), one tensor of `out_shape` in the first input's
+/// dtype out (every element written by the kernel), `grid` blocks (a one-dimensional grid as
+/// `(n, 1)`) of `block` threads.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(dead_code))]
+pub(crate) struct Launch {
+    pub(crate) source: Source,
+    pub(crate) kernel: String,
+    pub(crate) out_shape: Shape,
+    pub(crate) scalars: Scalars,
+    pub(crate) grid: (u32, u32),
+    pub(crate) block: u32,
+}
+
+/// An op that is one kernel launch: its [`Launch`] for the inputs' layouts. Its `cuda_fwd`
+/// launches it ([`kernel_op_fwd!`]), and so does its `cpu_fwd` in the emulator.
+pub(crate) trait KernelOp {
+    fn launch_spec(&self, layouts: &[&Layout]) -> Result<Launch>;
+}
+
+/// Threads per block for a row of `len` elements reduced by one block: a power of two from 32
+/// to 1024, about eight elements per thread.
+pub(crate) fn row_block(len: usize) -> u32 {
+    (len / 8).next_power_of_two().clamp(32, 1024) as u32
+}
+
+/// Threads per block of the elementwise kernels.
+pub(crate) const ELEMENTWISE_BLOCK: u32 = 256;
+
+/// Blocks of [`ELEMENTWISE_BLOCK`] threads for `n` elementwise items (each thread loops over
+/// the rest).
+pub(crate) fn elementwise_grid(n: usize) -> (u32, u32) {
+    (n.div_ceil(ELEMENTWISE_BLOCK as usize).clamp(1, 65_535) as u32, 1)
+}
+
+/// `l` on CPU tensors in the emulator (feature `cuda-emu`; without it, an error).
+pub(crate) fn emulate(l: Launch, inputs: &[(&candle_core::CpuStorage, &Layout)]) -> Result<candle_core::CpuStorage> {
+    #[cfg(feature = "cuda-emu")]
+    return emulation::launch(l, inputs);
+    #[cfg(not(feature = "cuda-emu"))]
+    {
+        let _ = inputs;
+        candle_core::bail!("{}: the CUDA kernel emulator is not built (feature `cuda-emu`)", l.kernel)
+    }
+}
+
+/// The `cpu_fwd` and `cuda_fwd` of a [`KernelOp`] that has no CPU kernel (its callers gate on
+/// [`applies`]): on CUDA its kernel; on the CPU the emulated kernel, or an error.
+macro_rules! kernel_op_fwd {
     (1) => {
         fn cpu_fwd(
             &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
+            s: &candle_core::CpuStorage,
+            l: &candle_core::Layout,
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            candle_core::bail!("{} runs on CUDA only", self.name())
+            use crate::cuda_kernels::KernelOp;
+            let spec = self.launch_spec(&[l])?;
+            let shape = spec.out_shape.clone();
+            Ok((crate::cuda_kernels::emulate(spec, &[(s, l)])?, shape))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            use crate::cuda_kernels::KernelOp;
+            let spec = self.launch_spec(&[l])?;
+            let shape = spec.out_shape.clone();
+            Ok((crate::cuda_kernels::launch(spec, &[(s, l)])?, shape))
         }
     };
     (3) => {
         fn cpu_fwd(
             &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
+            s1: &candle_core::CpuStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            l2: &candle_core::Layout,
+            s3: &candle_core::CpuStorage,
+            l3: &candle_core::Layout,
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            candle_core::bail!("{} runs on CUDA only", self.name())
+            use crate::cuda_kernels::KernelOp;
+            let spec = self.launch_spec(&[l1, l2, l3])?;
+            let shape = spec.out_shape.clone();
+            Ok((crate::cuda_kernels::emulate(spec, &[(s1, l1), (s2, l2), (s3, l3)])?, shape))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &candle_core::Layout,
+            s3: &candle_core::CudaStorage,
+            l3: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            use crate::cuda_kernels::KernelOp;
+            let spec = self.launch_spec(&[l1, l2, l3])?;
+            let shape = spec.out_shape.clone();
+            Ok((crate::cuda_kernels::launch(spec, &[(s1, l1), (s2, l2), (s3, l3)])?, shape))
         }
     };
 }
-pub(crate) use cuda_only_cpu_fwd;
+pub(crate) use kernel_op_fwd;
 
 #[cfg(feature = "cuda")]
 pub(crate) use launching::*;
 
 #[cfg(feature = "cuda")]
 mod launching {
+    use super::{Launch, Scalars, Source};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{kernel_name, CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
-    pub(crate) const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
-    pub(crate) const GEGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/geglu.ptx"));
-    pub(crate) const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+    const GEGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/geglu.ptx"));
+    const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
-    /// A kernel's scalar arguments after its tensors.
-    pub(crate) enum Scalars {
-        /// `groups, cg, s, eps, silu` of a norm kernel.
-        Norm { groups: i32, cg: i32, s: i32, eps: f32, silu: i32 },
-        /// `rows, cols` of a row-wise kernel (GEGLU: `cols` = half the row).
-        Rows { rows: i64, cols: i64 },
-        /// `cols, scale` of the attention softmax.
-        Softmax { cols: i64, scale: f32 },
-        /// `lq, lk, dh, scale` of the flash attention forward.
-        Flash { lq: i32, lk: i32, dh: i32, scale: f32 },
+    /// The PTX of a source.
+    fn ptx(source: Source) -> &'static str {
+        match source {
+            Source::Norm => NORM_PTX,
+            Source::Geglu => GEGLU_PTX,
+            Source::Attention => ATTENTION_PTX,
+        }
     }
 
-    /// One launch: `kernel` (`<kernel>_<dtype>` in `ptx`, loaded once as `module`), an output of
-    /// `out_len` elements, `grid` blocks (a one-dimensional grid as `(n, 1)`) of `block` threads.
-    pub(crate) struct Launch<'a> {
-        pub(crate) module: &'a str,
-        pub(crate) ptx: &'static str,
-        pub(crate) kernel: &'a str,
-        pub(crate) out_len: usize,
-        pub(crate) scalars: Scalars,
-        pub(crate) grid: (u32, u32),
-        pub(crate) block: u32,
-    }
-
-    /// Runs `l` on the contiguous `inputs` (of the first input's dtype, or f32: per-row
-    /// statistics); the output has the first input's dtype.
+    /// Runs `l` on the contiguous CUDA `inputs`.
     pub(crate) fn launch(l: Launch, inputs: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
         let first = inputs.first().ok_or_else(|| candle_core::Error::Msg(format!("{}: no inputs", l.kernel)))?;
         match first.0.dtype() {
@@ -125,8 +265,10 @@ mod launching {
             })
             .collect::<Result<Vec<_>>>()?;
         // SAFETY: every element is written by the kernel below.
-        let out = unsafe { dev.alloc::<T>(l.out_len)? };
-        let func = dev.get_or_load_custom_func(&kernel_name::<T>(l.kernel), l.module, l.ptx)?;
+        let out = unsafe { dev.alloc::<T>(l.out_shape.elem_count())? };
+        // One module per source, loaded once per device.
+        let module = format!("ipr-{}", l.source.file());
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(&l.kernel), &module, ptx(l.source))?;
         let mut b = func.builder();
         for v in &views {
             match v {
@@ -155,19 +297,145 @@ mod launching {
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
+}
 
-    /// Threads per block for a row of `len` elements reduced by one block: a power of two from 32
-    /// to 1024, about eight elements per thread.
-    pub(crate) fn row_block(len: usize) -> u32 {
-        (len / 8).next_power_of_two().clamp(32, 1024) as u32
+/// The CUDA kernel emulator (feature `cuda-emu`, for tests; see `src/cuda/emu/runtime.h`): the
+/// `.cu` files built for the host by `build.rs`, every block's threads run as fibers, barriers
+/// and warp shuffles kept. While [`set`] has switched it on, the ops take their CUDA paths for
+/// CPU tensors in f32, bf16 and f16 and run the kernels here.
+#[cfg(feature = "cuda-emu")]
+pub mod emulation {
+    use super::{Launch, Layout, Result};
+    use candle_core::backend::BackendStorage;
+    use candle_core::CpuStorage;
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static REVERSE: AtomicBool = AtomicBool::new(false);
+    static LAUNCHES: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+
+    extern "C" {
+        fn ipr_cuda_emu_launch(
+            file: *const std::ffi::c_char,
+            name: *const std::ffi::c_char,
+            grid_x: u32,
+            grid_y: u32,
+            block: u32,
+            args: *const *mut std::ffi::c_void,
+            n_args: usize,
+            scalars: *const f64,
+            n_scalars: usize,
+            reverse: i32,
+            err: *mut std::ffi::c_char,
+            err_len: usize,
+        ) -> i32;
     }
 
-    /// Threads per block of the elementwise kernels.
-    pub(crate) const ELEMENTWISE_BLOCK: u32 = 256;
+    /// Switches the emulation on or off for the whole process.
+    pub fn set(on: bool) {
+        ON.store(on, Ordering::SeqCst);
+    }
 
-    /// Blocks of [`ELEMENTWISE_BLOCK`] threads for `n` elementwise items (each thread loops over
-    /// the rest).
-    pub(crate) fn elementwise_grid(n: usize) -> (u32, u32) {
-        (n.div_ceil(ELEMENTWISE_BLOCK as usize).clamp(1, 65_535) as u32, 1)
+    pub(crate) fn on() -> bool {
+        ON.load(Ordering::Relaxed)
+    }
+
+    /// Runs each block's threads last to first instead of first to last: a kernel whose output
+    /// changes with the order reads what another thread writes without a barrier between.
+    pub fn set_reverse_order(reverse: bool) {
+        REVERSE.store(reverse, Ordering::SeqCst);
+    }
+
+    /// How many times each kernel (`<kernel>_<dtype>`) has run in the emulator.
+    pub fn launches() -> BTreeMap<String, usize> {
+        LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs one of the emulator's own check kernels (`emu_check_*`, which take one f32 buffer of
+    /// `grid.0 * grid.1 * block` elements), for its tests.
+    pub fn launch_check(name: &str, grid: (u32, u32), block: u32, out: &mut [f32]) -> Result<()> {
+        if !name.starts_with("emu_check_") || out.len() < (grid.0 * grid.1 * block) as usize {
+            candle_core::bail!("{name}: not a check kernel, or {} elements for {grid:?} x {block}", out.len());
+        }
+        let mut args = [out.as_mut_ptr().cast()];
+        // SAFETY: a check kernel writes at most one element per thread of `out`, checked above.
+        unsafe { run("emu", name, grid, block, &mut args, &[]) }
+    }
+
+    /// # Safety
+    /// `args` point to buffers as large as the kernel `name` addresses for `grid`, `block` and
+    /// `scalars`, of its parameters' types.
+    unsafe fn run(
+        file: &str,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        args: &mut [*mut std::ffi::c_void],
+        scalars: &[f64],
+    ) -> Result<()> {
+        let cstr = |s: &str| std::ffi::CString::new(s).map_err(|e| candle_core::Error::Msg(e.to_string()));
+        let (c_file, c_name) = (cstr(file)?, cstr(name)?);
+        let mut err = vec![0 as std::ffi::c_char; 1024];
+        let status = ipr_cuda_emu_launch(
+            c_file.as_ptr(),
+            c_name.as_ptr(),
+            grid.0,
+            grid.1,
+            block,
+            args.as_ptr(),
+            args.len(),
+            scalars.as_ptr(),
+            scalars.len(),
+            i32::from(REVERSE.load(Ordering::SeqCst)),
+            err.as_mut_ptr(),
+            err.len(),
+        );
+        if status != 0 {
+            let msg = std::ffi::CStr::from_ptr(err.as_ptr()).to_string_lossy().into_owned();
+            candle_core::bail!("CUDA emulator: {msg}");
+        }
+        *LAUNCHES.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    /// A contiguous input's elements as the kernel reads them.
+    fn input_ptr(s: &CpuStorage, l: &Layout, kernel: &str) -> Result<*mut std::ffi::c_void> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{kernel}: an input is not contiguous")))?;
+        // The kernels never write their inputs (the pointer is `const` in their signatures).
+        Ok(match s {
+            CpuStorage::F32(v) => v[start..end].as_ptr() as *mut std::ffi::c_void,
+            CpuStorage::BF16(v) => v[start..end].as_ptr() as *mut std::ffi::c_void,
+            CpuStorage::F16(v) => v[start..end].as_ptr() as *mut std::ffi::c_void,
+            other => candle_core::bail!("{kernel}: no kernel for {:?}", other.dtype()),
+        })
+    }
+
+    /// Runs `l` on the contiguous CPU `inputs`. The output starts as NaN, so an element the
+    /// kernel fails to write shows in any comparison.
+    pub(crate) fn launch(l: Launch, inputs: &[(&CpuStorage, &Layout)]) -> Result<CpuStorage> {
+        let first = inputs.first().ok_or_else(|| candle_core::Error::Msg(format!("{}: no inputs", l.kernel)))?;
+        let n = l.out_shape.elem_count();
+        let mut out = match first.0 {
+            CpuStorage::F32(_) => CpuStorage::F32(vec![f32::NAN; n]),
+            CpuStorage::BF16(_) => CpuStorage::BF16(vec![half::bf16::NAN; n]),
+            CpuStorage::F16(_) => CpuStorage::F16(vec![half::f16::NAN; n]),
+            other => candle_core::bail!("{}: no kernel for {:?}", l.kernel, other.dtype()),
+        };
+        let name = format!("{}_{}", l.kernel, first.0.dtype().as_str());
+        let mut args = inputs.iter().map(|(s, layout)| input_ptr(s, layout, &name)).collect::<Result<Vec<_>>>()?;
+        args.push(match &mut out {
+            CpuStorage::F32(v) => v.as_mut_ptr().cast(),
+            CpuStorage::BF16(v) => v.as_mut_ptr().cast(),
+            CpuStorage::F16(v) => v.as_mut_ptr().cast(),
+            _ => unreachable!("the output has the kernel's type"),
+        });
+        // SAFETY: the inputs hold what the launch's shapes say (the same spec CUDA runs), the
+        // output `out_shape` elements; the emulator checks the argument counts.
+        unsafe { run(l.source.file(), &name, l.grid, l.block, &mut args, &l.scalars.values())? };
+        Ok(out)
     }
 }

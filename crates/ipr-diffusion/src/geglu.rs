@@ -12,6 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cuda_kernels::{elementwise_grid, Launch, Scalars, Source, ELEMENTWISE_BLOCK};
 use crate::fastmath::{erf_f32, exp_f32};
 
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -111,6 +112,9 @@ impl CustomOp1 for Geglu {
         let mut dims = l.dims().to_vec();
         let n = dims.last().copied().unwrap_or(0) / 2;
         *dims.last_mut().expect("geglu input has a last dimension") = n;
+        if crate::cuda_kernels::emulates(s.dtype()) {
+            return Ok((crate::cuda_kernels::emulate(launch_spec(l, false), &[(s, l)])?, Shape::from(dims)));
+        }
         let out = match s {
             CpuStorage::F32(d) => CpuStorage::F32(forward_f32(contiguous(d, l)?, n)),
             CpuStorage::F64(d) => CpuStorage::F64(forward_f64(contiguous(d, l)?, n)),
@@ -121,11 +125,9 @@ impl CustomOp1 for Geglu {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        let mut dims = l.dims().to_vec();
-        let n = dims.last().copied().unwrap_or(0) / 2;
-        *dims.last_mut().expect("geglu input has a last dimension") = n;
-        let out = launch_geglu("geglu_fwd", &[(s, l)], l, l.shape().elem_count() / 2)?;
-        Ok((out, Shape::from(dims)))
+        let spec = launch_spec(l, false);
+        let shape = spec.out_shape.clone();
+        Ok((crate::cuda_kernels::launch(spec, &[(s, l)])?, shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -142,6 +144,9 @@ impl CustomOp2 for GegluBwd {
     }
 
     fn cpu_fwd(&self, h: &CpuStorage, hl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if crate::cuda_kernels::emulates(h.dtype()) {
+            return Ok((crate::cuda_kernels::emulate(launch_spec(hl, true), &[(h, hl), (g, gl)])?, hl.shape().clone()));
+        }
         let n = hl.dims().last().copied().unwrap_or(0) / 2;
         let out = match (h, g) {
             (CpuStorage::F32(h), CpuStorage::F32(g)) => {
@@ -163,33 +168,27 @@ impl CustomOp2 for GegluBwd {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((launch_geglu("geglu_bwd", &[(h, hl), (g, gl)], hl, hl.shape().elem_count())?, hl.shape().clone()))
+        Ok((crate::cuda_kernels::launch(launch_spec(hl, true), &[(h, hl), (g, gl)])?, hl.shape().clone()))
     }
 }
 
-/// `geglu.cu`'s kernel `kernel` with `inputs` (`h` first, `(rows, 2n)`) writing `out_len`
-/// values: `rows * n` items, one per thread and loop step.
-#[cfg(feature = "cuda")]
-fn launch_geglu(
-    kernel: &str,
-    inputs: &[(&candle_core::CudaStorage, &Layout)],
-    hl: &Layout,
-    out_len: usize,
-) -> Result<candle_core::CudaStorage> {
-    use crate::cuda_kernels::{elementwise_grid, launch, Launch, Scalars, ELEMENTWISE_BLOCK, GEGLU_PTX};
+/// `geglu.cu`'s forward (out: `(rows, n)`) or `backward` (out: `dh`, `h`'s shape) on `h` laid
+/// out as `hl` (`(rows, 2n)`): `rows * n` items, one per thread and loop step.
+fn launch_spec(hl: &Layout, backward: bool) -> Launch {
     let n = hl.dims().last().copied().unwrap_or(0) / 2;
     let rows = hl.shape().elem_count() / (2 * n).max(1);
-    let scalars = Scalars::Rows { rows: rows as i64, cols: n as i64 };
-    let l = Launch {
-        module: "ipr-geglu",
-        ptx: GEGLU_PTX,
-        kernel,
-        out_len,
-        scalars,
+    let mut out_dims = hl.dims().to_vec();
+    if !backward {
+        *out_dims.last_mut().expect("geglu input has a last dimension") = n;
+    }
+    Launch {
+        source: Source::Geglu,
+        kernel: if backward { "geglu_bwd" } else { "geglu_fwd" }.into(),
+        out_shape: Shape::from(out_dims),
+        scalars: Scalars::Rows { rows: rows as i64, cols: n as i64 },
         grid: elementwise_grid(rows * n),
         block: ELEMENTWISE_BLOCK,
-    };
-    launch(l, inputs)
+    }
 }
 
 /// `a * gelu(gate)` for `[a, gate]` the halves of `h`'s last dimension; `None` where no fused

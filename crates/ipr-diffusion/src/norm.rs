@@ -17,6 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::cuda_kernels::{row_block, Launch, Scalars, Source};
 use crate::fastmath::{lane_dot, lane_sum, sigmoid_f32};
 
 /// `x` viewed as `(n, groups, cg, s)`: statistics per `(n, group)` row, parameters per channel
@@ -221,35 +222,25 @@ struct NormFwd {
     v: View,
 }
 
-#[cfg(feature = "cuda")]
 impl View {
-    /// `norm.cu`'s kernel `kernel` over `inputs` (`x` first): one block per row.
-    fn launch(
-        &self,
-        kernel: &str,
-        inputs: &[(&candle_core::CudaStorage, &Layout)],
-        xl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda_kernels::{launch, row_block, Launch, Scalars, NORM_PTX};
+    /// `norm.cu`'s kernel `kernel` over `x` (laid out as `xl`) and the other inputs: one block
+    /// per row.
+    fn launch_spec(&self, kernel: &str, xl: &Layout) -> Launch {
         let len = self.cg * self.s;
-        let n = xl.shape().elem_count();
-        let scalars = Scalars::Norm {
-            groups: self.groups as i32,
-            cg: self.cg as i32,
-            s: self.s as i32,
-            eps: self.eps as f32,
-            silu: i32::from(self.silu),
-        };
-        let l = Launch {
-            module: "ipr-norm",
-            ptx: NORM_PTX,
-            kernel,
-            out_len: n,
-            scalars,
-            grid: ((n / len.max(1)) as u32, 1),
+        Launch {
+            source: Source::Norm,
+            kernel: kernel.into(),
+            out_shape: xl.shape().clone(),
+            scalars: Scalars::Norm {
+                groups: self.groups as i32,
+                cg: self.cg as i32,
+                s: self.s as i32,
+                eps: self.eps as f32,
+                silu: i32::from(self.silu),
+            },
+            grid: ((xl.shape().elem_count() / len.max(1)) as u32, 1),
             block: row_block(len),
-        };
-        Ok((launch(l, inputs)?, xl.shape().clone()))
+        }
     }
 }
 
@@ -268,6 +259,10 @@ impl CustomOp3 for NormFwd {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = xl.shape().clone();
+        if crate::cuda_kernels::emulates(x.dtype()) {
+            let spec = self.v.launch_spec("norm_fwd", xl);
+            return Ok((crate::cuda_kernels::emulate(spec, &[(x, xl), (w, wl), (b, bl)])?, shape));
+        }
         Ok(match (x, w, b) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 (CpuStorage::F32(forward_f32(slice(x, xl)?, slice(w, wl)?, slice(b, bl)?, self.v)), shape)
@@ -289,7 +284,8 @@ impl CustomOp3 for NormFwd {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.v.launch("norm_fwd", &[(x, xl), (w, wl), (b, bl)], xl)
+        let out = crate::cuda_kernels::launch(self.v.launch_spec("norm_fwd", xl), &[(x, xl), (w, wl), (b, bl)])?;
+        Ok((out, xl.shape().clone()))
     }
 
     fn bwd(
@@ -355,6 +351,10 @@ impl CustomOp2 for NormBwdX {
             return Err(candle_core::Error::Msg("ipr-norm-affine-bwd: parameters not on the CPU".into()));
         };
         let shape = xl.shape().clone();
+        if crate::cuda_kernels::emulates(x.dtype()) {
+            let spec = self.v.launch_spec("norm_bwd_x", xl);
+            return Ok((crate::cuda_kernels::emulate(spec, &[(x, xl), (g, gl), (w, wl), (b, bl)])?, shape));
+        }
         Ok(match (x, g, w, b) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(w), CpuStorage::F32(b)) => (
                 CpuStorage::F32(backward_x_f32(slice(x, xl)?, slice(g, gl)?, slice(w, wl)?, slice(b, bl)?, self.v)),
@@ -380,7 +380,8 @@ impl CustomOp2 for NormBwdX {
         let (candle_core::Storage::Cuda(w), candle_core::Storage::Cuda(b)) = (&*ws, &*bs) else {
             return Err(candle_core::Error::Msg("ipr-norm-affine-bwd: parameters not on the GPU".into()));
         };
-        self.v.launch("norm_bwd_x", &[(x, xl), (g, gl), (w, wl), (b, bl)], xl)
+        let spec = self.v.launch_spec("norm_bwd_x", xl);
+        Ok((crate::cuda_kernels::launch(spec, &[(x, xl), (g, gl), (w, wl), (b, bl)])?, xl.shape().clone()))
     }
 }
 
