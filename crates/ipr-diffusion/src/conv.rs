@@ -724,7 +724,7 @@ impl CustomOp3 for Conv2dOp {
         } else {
             None
         };
-        let db = if b.track_op() { Some(grad.sum((0, 2, 3))?) } else { None };
+        let db = if b.track_op() { Some(crate::fused::sum_f32(grad, (0, 2, 3))?) } else { None };
         Ok((dx, dw, db))
     }
 }

@@ -350,31 +350,6 @@ macro_rules! stashed_forward3 {
 }
 pub(crate) use stashed_forward3;
 
-/// [`stashed_forward3`] for a `CustomOp2`.
-macro_rules! stashed_forward2 {
-    ($field:ident) => {
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            self.$field.cpu(self.name())
-        }
-
-        fn cuda_fwd(
-            &self,
-            _: &candle_core::CudaStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CudaStorage,
-            _: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-            self.$field.cuda(self.name())
-        }
-    };
-}
-
 /// A 2-d convolution whose forward is candle's (computed detached and handed over through a
 /// [`Stash`]) and whose input gradient is a forward convolution with the flipped, transposed
 /// kernel (for stride `s > 1`, of the output gradient with `s - 1` zeros between its pixels)
@@ -382,20 +357,30 @@ macro_rules! stashed_forward2 {
 /// is in docs/stack-notes.md) and a naive kernel, one thread per output with no tiling, on CUDA,
 /// where the forward convolution is im2col + cuBLAS (or cuDNN). Gradients are only computed for
 /// operands that track them, so a frozen kernel (LoRA training) costs no weight gradient.
+/// The bias is an operand (zeros when `has_bias` is false), so its gradient is summed in f32
+/// ([`sum_f32`]) where candle's broadcast add would sum it in the storage type.
 struct Conv2dFastBackward {
     padding: usize,
     stride: usize,
+    has_bias: bool,
     y: Stash,
 }
 
-impl candle_core::CustomOp2 for Conv2dFastBackward {
+impl candle_core::CustomOp3 for Conv2dFastBackward {
     fn name(&self) -> &'static str {
         "ipr-conv2d-fast-backward"
     }
 
-    stashed_forward2!(y);
+    stashed_forward3!(y);
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _timed = crate::op_profile::scope("conv.backward", grad.device());
         let (p, s) = (self.padding, self.stride);
         let (_, _, kh, kw) = w.dims4()?;
@@ -421,7 +406,18 @@ impl candle_core::CustomOp2 for Conv2dFastBackward {
         } else {
             None
         };
-        Ok((dx, dw))
+        let db = if self.has_bias && b.track_op() { Some(sum_f32(grad, (0, 2, 3))?) } else { None };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `t.sum(dims)`, summed in f32 when `t` is bf16 or f16 (candle sums in the storage type: bf16
+/// keeps 8 bits, so a sum over a batch's pixels loses most of them), in `t`'s dtype. For the
+/// parameter gradients of full fine-tuning; LoRA trains no bias.
+pub(crate) fn sum_f32<D: candle_core::shape::Dims>(t: &Tensor, dims: D) -> Result<Tensor> {
+    match t.dtype() {
+        DType::BF16 | DType::F16 => t.to_dtype(DType::F32)?.sum(dims)?.to_dtype(t.dtype()),
+        _ => t.sum(dims),
     }
 }
 
@@ -473,16 +469,28 @@ pub fn fast_conv_backward() -> bool {
     FAST_CONV_BACKWARD.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// `x.conv2d(w, padding, stride)` with the faster backward described above when a
-/// gradient is needed on the CPU or CUDA; `None` where the caller should use candle's conv directly.
-pub fn conv2d_fast_backward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Option<Tensor>> {
+/// `x.conv2d(w, padding, stride) + bias` (bias `(C_out,)`) with the faster backward described
+/// above when a gradient is needed on the CPU or CUDA; `None` where the caller should use candle's
+/// conv directly.
+pub fn conv2d_fast_backward(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
     let on = FAST_CONV_BACKWARD.load(std::sync::atomic::Ordering::Relaxed);
     let device_ok = x.device().is_cpu() || x.device().is_cuda();
-    if !on || !device_ok || !(x.track_op() || w.track_op()) {
+    if !on || !device_ok || !(x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op())) {
         return Ok(None);
     }
-    let y = Stash::new(x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?);
-    Ok(Some(x.apply_op2(w, Conv2dFastBackward { padding, stride, y })?))
+    let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
+    let (y, b) = match bias {
+        Some(b) => (y.broadcast_add(&b.detach().reshape((1, b.dim(0)?, 1, 1))?)?, b.clone()),
+        None => (y, Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?),
+    };
+    let op = Conv2dFastBackward { padding, stride, has_bias: bias.is_some(), y: Stash::new(y) };
+    Ok(Some(x.apply_op3(w, &b, op)?))
 }
 
 /// `x W^T (+ b)` (x `(..., in)`, W `(out, in)`) whose backward computes only the gradients of the
@@ -544,7 +552,7 @@ impl candle_core::CustomOp3 for LinearSkipFrozen {
         let grad = grad.reshape((rows, n))?;
         let dx = if x.track_op() { Some(matmul_no_fill(&grad, &w.detach())?.reshape(x.dims())?) } else { None };
         let dw = if w.track_op() { Some(grad.t()?.matmul(&x.detach().reshape((rows, w.dim(1)?))?)?) } else { None };
-        let db = if b.track_op() { Some(grad.sum(0)?) } else { None };
+        let db = if b.track_op() { Some(sum_f32(&grad, 0)?) } else { None };
         Ok((dx, dw, db))
     }
 }
@@ -885,7 +893,7 @@ mod tests {
             let w = Var::from_tensor(&Tensor::randn(0f64, 1., (4, 3, k, k), &d).unwrap()).unwrap();
             let o = (n + 2 * p - k) / s + 1;
             let r = Tensor::randn(0f64, 1., (2, 4, o, o), &d).unwrap();
-            let ours = conv2d_fast_backward(x.as_tensor(), w.as_tensor(), p, s).unwrap().unwrap();
+            let ours = conv2d_fast_backward(x.as_tensor(), w.as_tensor(), None, p, s).unwrap().unwrap();
             let theirs = x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1).unwrap();
             assert!(max_diff(&ours, &theirs) == 0.0);
             let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -895,7 +903,7 @@ mod tests {
                 assert!(e < 1e-10, "k{k} p{p} s{s} n{n}: {e}");
             }
             let frozen = w.as_tensor().detach();
-            let y = conv2d_fast_backward(x.as_tensor(), &frozen, p, s).unwrap().unwrap();
+            let y = conv2d_fast_backward(x.as_tensor(), &frozen, None, p, s).unwrap().unwrap();
             let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             assert!(g.get(&frozen).is_none() && g.get(x.as_tensor()).is_some());
         }

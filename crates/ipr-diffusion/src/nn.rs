@@ -205,10 +205,12 @@ impl Conv2d {
                 return Ok(y);
             }
         }
-        let y = match crate::fused::conv2d_fast_backward(x, &self.weight, self.padding, self.stride)? {
-            Some(y) => y,
-            None => x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?,
-        };
+        if let Some(y) =
+            crate::fused::conv2d_fast_backward(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)?
+        {
+            return Ok(y);
+        }
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?),
             None => Ok(y),

@@ -304,8 +304,12 @@ impl CustomOp3 for NormFwd {
             None
         };
         let (dw, db) = if w.track_op() || b.track_op() {
-            // Parameter gradients with tensor ops (full fine-tuning only): du = dy * silu'(u).
+            // Parameter gradients with tensor ops (full fine-tuning only): du = dy * silu'(u), in
+            // f32 for half-precision tensors (candle's reductions sum in the storage type).
             let v = self.v;
+            let dtype = x.dtype();
+            let acc = if matches!(dtype, DType::BF16 | DType::F16) { DType::F32 } else { dtype };
+            let (x, w, b, grad) = (x.to_dtype(acc)?, w.to_dtype(acc)?, b.to_dtype(acc)?, grad.to_dtype(acc)?);
             let n = x.elem_count() / (v.groups * v.cg * v.s);
             let xr = x.detach().reshape((n, v.groups, v.cg * v.s))?;
             let mean = xr.mean_keepdim(2)?;
@@ -323,8 +327,8 @@ impl CustomOp3 for NormFwd {
             } else {
                 g
             };
-            let dw = (&du * &xn)?.sum(2)?.sum(0)?.reshape(w.shape())?;
-            let db = du.sum(2)?.sum(0)?.reshape(b.shape())?;
+            let dw = (&du * &xn)?.sum(2)?.sum(0)?.reshape(w.shape())?.to_dtype(dtype)?;
+            let db = du.sum(2)?.sum(0)?.reshape(b.shape())?.to_dtype(dtype)?;
             (w.track_op().then_some(dw), b.track_op().then_some(db))
         } else {
             (None, None)

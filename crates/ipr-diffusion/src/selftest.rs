@@ -150,6 +150,16 @@ fn cases() -> Vec<Case> {
         },
         Case { name: "group norm + SiLU", inputs: gn_inputs(&[2, 32, 10, 10]), op: Box::new(group_norm(8, true)) },
         Case { name: "group norm", inputs: gn_inputs(&[2, 32, 10, 10]), op: Box::new(group_norm(8, false)) },
+        // Full fine-tuning trains the affine parameters: their gradients sum over a batch's pixels.
+        Case {
+            name: "group norm + SiLU, affine trained",
+            inputs: vec![
+                input("x", &[2, 32, 12, 12], 2.0, true),
+                input("weight", &[32], 0.5, true),
+                input("bias", &[32], 0.5, true),
+            ],
+            op: Box::new(group_norm(8, true)),
+        },
         Case {
             name: "group norm + SiLU, SD-size groups",
             inputs: gn_inputs(&[1, 320, 32, 32]),
@@ -173,6 +183,18 @@ fn cases() -> Vec<Case> {
                 input("x", &[2, 40, 64], 1.0, true),
                 input("w", &[96, 64], 0.2, false),
                 input("b", &[96], 0.5, false),
+            ],
+            op: Box::new(|t: &[Tensor]| {
+                Linear { weight: t[1].clone(), bias: Some(t[2].clone()), path: "selftest".into(), lora: None }
+                    .forward(&t[0])
+            }),
+        },
+        Case {
+            name: "linear, trained",
+            inputs: vec![
+                input("x", &[2, 40, 64], 1.0, true),
+                input("w", &[96, 64], 0.2, true),
+                input("b", &[96], 0.5, true),
             ],
             op: Box::new(|t: &[Tensor]| {
                 Linear { weight: t[1].clone(), bias: Some(t[2].clone()), path: "selftest".into(), lora: None }
