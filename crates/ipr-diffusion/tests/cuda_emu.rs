@@ -163,4 +163,9 @@ fn emulator_finds_divergent_barriers_and_races() {
     assert_ne!(forward, reverse, "the racing read gives the same in both orders");
 
     assert!(emulation::launch_check("norm_fwd_f32", (1, 1), 32, &mut out).is_err());
+    // Launch limits: a multiple of 32 threads, at most 1024 (or the kernel's launch bounds).
+    let mut big = vec![0f32; 2048];
+    let err = emulation::launch_check("emu_check_warp_sum", (1, 1), 2048, &mut big).unwrap_err();
+    assert!(err.to_string().contains("at most 1024"), "{err}");
+    assert!(emulation::launch_check("emu_check_warp_sum", (1, 1), 48, &mut big).is_err());
 }

@@ -129,50 +129,50 @@ struct Kernel {
   const char* file;  // the .cu file it is in (without the extension)
   const char* name;
   size_t pointers, scalars;
+  unsigned max_threads;  // its __launch_bounds__, else the 1024 of every GPU
   void (*run)(void**, const double*);
 };
 
 #define P(T, i) ((T*)a[i])
 #define NORM_ENTRIES(T, S)                                                                                    \
-  {"norm", "norm_fwd_" #S, 4, 5,                                                                                      \
+  {"norm", "norm_fwd_" #S, 4, 5, 1024,                                                                                      \
    [](void** a, const double* s) {                                                                            \
      norm_fwd_##S(P(const T, 0), P(const T, 1), P(const T, 2), P(T, 3), (int)s[0], (int)s[1], (int)s[2],     \
                   (float)s[3], (int)s[4]);                                                                    \
    }},                                                                                                        \
-      {"norm", "norm_bwd_x_" #S, 5, 5, [](void** a, const double* s) {                                                \
+      {"norm", "norm_bwd_x_" #S, 5, 5, 1024, [](void** a, const double* s) {                                                \
          norm_bwd_x_##S(P(const T, 0), P(const T, 1), P(const T, 2), P(const T, 3), P(T, 4), (int)s[0],      \
                         (int)s[1], (int)s[2], (float)s[3], (int)s[4]);                                        \
        }},
 #define GEGLU_ENTRIES(T, S)                                                                                   \
-  {"geglu", "geglu_fwd_" #S, 2, 2,                                                                                     \
+  {"geglu", "geglu_fwd_" #S, 2, 2, 1024,                                                                                     \
    [](void** a, const double* s) { geglu_fwd_##S(P(const T, 0), P(T, 1), (long long)s[0], (long long)s[1]); }}, \
-      {"geglu", "geglu_bwd_" #S, 3, 2, [](void** a, const double* s) {                                                 \
+      {"geglu", "geglu_bwd_" #S, 3, 2, 1024, [](void** a, const double* s) {                                                 \
          geglu_bwd_##S(P(const T, 0), P(const T, 1), P(T, 2), (long long)s[0], (long long)s[1]);             \
        }},
 #define SOFTMAX_ENTRIES(T, S)                                                                                 \
-  {"attention", "softmax_scaled_" #S, 2, 2,                                                                                \
+  {"attention", "softmax_scaled_" #S, 2, 2, 1024,                                                                                \
    [](void** a, const double* s) { softmax_scaled_##S(P(const T, 0), P(T, 1), (long long)s[0], (float)s[1]); }}, \
-      {"attention", "softmax_grad_" #S, 4, 2, [](void** a, const double* s) {                                              \
+      {"attention", "softmax_grad_" #S, 4, 2, 1024, [](void** a, const double* s) {                                              \
          softmax_grad_##S(P(const T, 0), P(const T, 1), P(const float, 2), P(T, 3), (long long)s[0],         \
                           (long long)s[1]);                                                                   \
        }},
-#define FLASH_ENTRY(T, S, D)                                                                                  \
-  {"attention", "flash_fwd_d" #D "_" #S, 4, 4, [](void** a, const double* s) {                                             \
+// The flash entries come from attention.cu's own list of (head size, warps per block).
+#undef FLASH_KERNEL
+#define FLASH_KERNEL(T, S, D, WARPS)                                                                          \
+  {"attention", "flash_fwd_d" #D "_" #S, 4, 4, 32 * (WARPS), [](void** a, const double* s) {                  \
      flash_fwd_d##D##_##S(P(const T, 0), P(const T, 1), P(const T, 2), P(T, 3), (int)s[0], (int)s[1],        \
                           (int)s[2], (float)s[3]);                                                            \
    }},
-#define FLASH_ENTRIES(T, S)                                                                                   \
-  FLASH_ENTRY(T, S, 16) FLASH_ENTRY(T, S, 32) FLASH_ENTRY(T, S, 48) FLASH_ENTRY(T, S, 64) FLASH_ENTRY(T, S, 80) \
-  FLASH_ENTRY(T, S, 96) FLASH_ENTRY(T, S, 128) FLASH_ENTRY(T, S, 160)
 
 const Kernel KERNELS[] = {
     NORM_ENTRIES(float, f32) NORM_ENTRIES(__nv_bfloat16, bf16) NORM_ENTRIES(__half, f16)
     GEGLU_ENTRIES(float, f32) GEGLU_ENTRIES(__nv_bfloat16, bf16) GEGLU_ENTRIES(__half, f16)
     SOFTMAX_ENTRIES(float, f32) SOFTMAX_ENTRIES(__nv_bfloat16, bf16) SOFTMAX_ENTRIES(__half, f16)
-    FLASH_ENTRIES(__nv_bfloat16, bf16) FLASH_ENTRIES(__half, f16)
-    {"emu", "emu_check_divergent_barrier", 1, 0, [](void** a, const double*) { emu_check_divergent_barrier(P(float, 0)); }},
-    {"emu", "emu_check_race", 1, 0, [](void** a, const double*) { emu_check_race(P(float, 0)); }},
-    {"emu", "emu_check_warp_sum", 1, 0, [](void** a, const double*) { emu_check_warp_sum(P(float, 0)); }},
+    FLASH_KERNELS(__nv_bfloat16, bf16) FLASH_KERNELS(__half, f16)
+    {"emu", "emu_check_divergent_barrier", 1, 0, 1024, [](void** a, const double*) { emu_check_divergent_barrier(P(float, 0)); }},
+    {"emu", "emu_check_race", 1, 0, 1024, [](void** a, const double*) { emu_check_race(P(float, 0)); }},
+    {"emu", "emu_check_warp_sum", 1, 0, 1024, [](void** a, const double*) { emu_check_warp_sum(P(float, 0)); }},
 };
 
 std::mutex one_launch;  // shared memory and the scheduler are global
@@ -207,8 +207,9 @@ extern "C" int ipr_cuda_emu_launch(const char* file, const char* name, unsigned 
   if (n_args != k->pointers || n_scalars != k->scalars)
     return fail("takes " + std::to_string(k->pointers) + " pointers and " + std::to_string(k->scalars) +
                 " scalars, given " + std::to_string(n_args) + " and " + std::to_string(n_scalars));
-  if (block == 0 || block > 1024 || block % 32 != 0)
-    return fail("a block of " + std::to_string(block) + " threads (a multiple of 32, at most 1024)");
+  if (block == 0 || block > k->max_threads || block % 32 != 0)
+    return fail("a block of " + std::to_string(block) + " threads (a multiple of 32, at most " +
+                std::to_string(k->max_threads) + ")");
   std::lock_guard<std::mutex> lock(one_launch);
   body = k->run;
   body_args = args;
