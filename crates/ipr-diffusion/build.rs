@@ -5,7 +5,7 @@
 //!
 //! With the `cuda-emu` feature (tests): the same `.cu` files built for the host by the C++
 //! compiler (`cc`) into the CUDA emulator (`src/cuda/emu/`), optimised whatever the profile, since
-//! every emulated thread repeats its warp's tile products.
+//! every emulated thread repeats its warp's tile products, with array indices bounds-checked.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -32,6 +32,10 @@ fn main() {
         .file("src/cuda/emu/emu.cpp")
         .warnings(true)
         .extra_warnings(true)
+        // An index past a fixed-size array (shared memory, fragments) stops the test at once
+        // (an illegal instruction; no sanitizer runtime needed) instead of corrupting its neighbour.
+        .flag("-fsanitize=bounds-strict")
+        .flag("-fsanitize-undefined-trap-on-error")
         .compile("ipr_cuda_emu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

@@ -414,28 +414,42 @@ pub mod emulation {
         })
     }
 
+    /// Elements of a guard zone on each side of an output.
+    const GUARD: usize = 1024;
+
     /// Runs `l` on the contiguous CPU `inputs`. The output starts as NaN, so an element the
-    /// kernel fails to write shows in any comparison.
+    /// kernel fails to write shows in any comparison, and it lies between two guard zones that
+    /// must still be NaN afterwards: a write past either end is an error.
     pub(crate) fn launch(l: Launch, inputs: &[(&CpuStorage, &Layout)]) -> Result<CpuStorage> {
         let first = inputs.first().ok_or_else(|| candle_core::Error::Msg(format!("{}: no inputs", l.kernel)))?;
         let n = l.out_shape.elem_count();
-        let mut out = match first.0 {
-            CpuStorage::F32(_) => CpuStorage::F32(vec![f32::NAN; n]),
-            CpuStorage::BF16(_) => CpuStorage::BF16(vec![half::bf16::NAN; n]),
-            CpuStorage::F16(_) => CpuStorage::F16(vec![half::f16::NAN; n]),
-            other => candle_core::bail!("{}: no kernel for {:?}", l.kernel, other.dtype()),
-        };
         let name = format!("{}_{}", l.kernel, first.0.dtype().as_str());
         let mut args = inputs.iter().map(|(s, layout)| input_ptr(s, layout, &name)).collect::<Result<Vec<_>>>()?;
-        args.push(match &mut out {
-            CpuStorage::F32(v) => v.as_mut_ptr().cast(),
-            CpuStorage::BF16(v) => v.as_mut_ptr().cast(),
-            CpuStorage::F16(v) => v.as_mut_ptr().cast(),
-            _ => unreachable!("the output has the kernel's type"),
-        });
+        match first.0 {
+            CpuStorage::F32(_) => typed(&l, &name, args, vec![f32::NAN; n + 2 * GUARD]).map(CpuStorage::F32),
+            CpuStorage::BF16(_) => typed(&l, &name, args, vec![half::bf16::NAN; n + 2 * GUARD]).map(CpuStorage::BF16),
+            CpuStorage::F16(_) => typed(&l, &name, args, vec![half::f16::NAN; n + 2 * GUARD]).map(CpuStorage::F16),
+            other => candle_core::bail!("{}: no kernel for {:?}", l.kernel, other.dtype()),
+        }
+    }
+
+    /// [`launch`] with the guarded output `out` (NaN) of the kernel's type `T`.
+    fn typed<T: Copy>(l: &Launch, name: &str, mut args: Vec<*mut std::ffi::c_void>, mut out: Vec<T>) -> Result<Vec<T>> {
+        let nan = out[0];
+        // NaN != NaN: compare the bits.
+        let bits = |v: &T| -> Vec<u8> {
+            // SAFETY: T is a plain number type (f32, bf16, f16).
+            unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
+        };
+        args.push(out[GUARD..].as_mut_ptr().cast());
         // SAFETY: the inputs hold what the launch's shapes say (the same spec CUDA runs), the
-        // output `out_shape` elements; the emulator checks the argument counts.
-        unsafe { run(l.source.file(), &name, l.grid, l.block, &mut args, &l.scalars.values())? };
-        Ok(out)
+        // output `out_shape` elements after its guard zone; the emulator checks the argument counts.
+        unsafe { run(l.source.file(), name, l.grid, l.block, &mut args, &l.scalars.values())? };
+        let n = out.len() - 2 * GUARD;
+        if out[..GUARD].iter().chain(&out[GUARD + n..]).any(|v| bits(v) != bits(&nan)) {
+            candle_core::bail!("CUDA emulator: {name} wrote outside its output of {n} elements");
+        }
+        out.truncate(GUARD + n);
+        Ok(out.split_off(GUARD))
     }
 }

@@ -2,7 +2,9 @@
 //! self-test's cases take their CUDA paths on the CPU and must pass as the CPU kernels do, in
 //! f32, bf16 and f16, whichever order each block's threads run in; every flash kernel (one per
 //! padded head size) matches attention computed in f64. The emulator itself finds a barrier that
-//! not every thread reaches and a read that races a write.
+//! not every thread reaches and a read that races a write; a write past an output is an error,
+//! and an index past a fixed-size array (shared memory) stops this test binary at once (SIGILL:
+//! the emulator is built with `-fsanitize=bounds-strict`, trapping).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

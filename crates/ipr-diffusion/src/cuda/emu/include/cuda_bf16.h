@@ -1,14 +1,13 @@
 // The CUDA emulator's bf16 (see ../runtime.h): the 16 high bits of an f32, rounded to nearest even.
+// A scalar type (not a struct), so that arrays of it are bounds-checked like arrays of numbers.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
-struct __nv_bfloat16 {
-  uint16_t bits;
-};
+enum class __nv_bfloat16 : uint16_t {};
 
 inline float __bfloat162float(__nv_bfloat16 v) {
-  const uint32_t u = (uint32_t)v.bits << 16;
+  const uint32_t u = (uint32_t)static_cast<uint16_t>(v) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
@@ -17,7 +16,7 @@ inline float __bfloat162float(__nv_bfloat16 v) {
 inline __nv_bfloat16 __float2bfloat16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40)};  // NaN stays NaN
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<__nv_bfloat16>((u >> 16) | 0x40);  // NaN stays NaN
   u += 0x7fffu + ((u >> 16) & 1);
-  return {(uint16_t)(u >> 16)};
+  return static_cast<__nv_bfloat16>(u >> 16);
 }
