@@ -424,7 +424,7 @@ pub mod emulation {
         let first = inputs.first().ok_or_else(|| candle_core::Error::Msg(format!("{}: no inputs", l.kernel)))?;
         let n = l.out_shape.elem_count();
         let name = format!("{}_{}", l.kernel, first.0.dtype().as_str());
-        let mut args = inputs.iter().map(|(s, layout)| input_ptr(s, layout, &name)).collect::<Result<Vec<_>>>()?;
+        let args = inputs.iter().map(|(s, layout)| input_ptr(s, layout, &name)).collect::<Result<Vec<_>>>()?;
         match first.0 {
             CpuStorage::F32(_) => typed(&l, &name, args, vec![f32::NAN; n + 2 * GUARD]).map(CpuStorage::F32),
             CpuStorage::BF16(_) => typed(&l, &name, args, vec![half::bf16::NAN; n + 2 * GUARD]).map(CpuStorage::BF16),
