@@ -7,8 +7,8 @@
 //! one GPU run can time and check both paths. [`applies`] is the one gate, also without the
 //! feature (then always false), so callers need no `cfg`.
 //!
-//! An op describes its launch once ([`Launch`]: kernel, grid, block, scalar arguments); the CUDA
-//! driver runs it, and with the `cuda-emu` feature (tests) so can [`emulation`]: the same `.cu`
+//! An op describes its launch once (`Launch`: kernel, grid, block, scalar arguments); the CUDA
+//! driver runs it, and with the `cuda-emu` feature (tests) so can `emulation`: the same `.cu`
 //! files built for the host, their threads run as fibers on the CPU, for CPU tensors while the
 //! emulation is switched on. Then the ops take their CUDA paths on the CPU, and `ipr selftest`'s
 //! cases check the kernels' arithmetic and indexing without a GPU.
@@ -21,9 +21,8 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("IPR_CUDA_KERNELS").map_or(true, |v| v != "0"))
 }
 
-/// Whether the kernels take `t`: built with the `cuda` feature, switched on, `t` on a CUDA device
-/// in f32, bf16 or f16.
-/// On the CPU: while [`emulation`] is switched on (feature `cuda-emu`).
+/// Whether the kernels take `t`: switched on, `t` in f32, bf16 or f16, on a CUDA device (feature
+/// `cuda`) or on the CPU while the emulation is switched on (feature `cuda-emu`, `emulation::set`).
 pub fn applies(t: &Tensor) -> bool {
     let device = (cfg!(feature = "cuda") && t.device().is_cuda()) || (emulating() && t.device().is_cpu());
     device && enabled() && kernel_dtype(t.dtype())
