@@ -133,46 +133,45 @@ struct Kernel {
   void (*run)(void**, const double*);
 };
 
+// One entry: the kernel `NAME` of `FILE`.cu, taking `PTRS` pointers and `SCALARS` scalars, at most
+// `THREADS` threads per block, called as `CALL` with the pointers `a` and the scalars `s`.
+#define ENTRY(FILE, NAME, PTRS, SCALARS, THREADS, CALL) \
+  {FILE, NAME, PTRS, SCALARS, THREADS, [](void** a, const double* s) { (void)s; CALL; }},
 #define P(T, i) ((T*)a[i])
-#define NORM_ENTRIES(T, S)                                                                                    \
-  {"norm", "norm_fwd_" #S, 4, 5, 1024,                                                                                      \
-   [](void** a, const double* s) {                                                                            \
-     norm_fwd_##S(P(const T, 0), P(const T, 1), P(const T, 2), P(T, 3), (int)s[0], (int)s[1], (int)s[2],     \
-                  (float)s[3], (int)s[4]);                                                                    \
-   }},                                                                                                        \
-      {"norm", "norm_bwd_x_" #S, 5, 5, 1024, [](void** a, const double* s) {                                                \
-         norm_bwd_x_##S(P(const T, 0), P(const T, 1), P(const T, 2), P(const T, 3), P(T, 4), (int)s[0],      \
-                        (int)s[1], (int)s[2], (float)s[3], (int)s[4]);                                        \
-       }},
-#define GEGLU_ENTRIES(T, S)                                                                                   \
-  {"geglu", "geglu_fwd_" #S, 2, 2, 1024,                                                                                     \
-   [](void** a, const double* s) { geglu_fwd_##S(P(const T, 0), P(T, 1), (long long)s[0], (long long)s[1]); }}, \
-      {"geglu", "geglu_bwd_" #S, 3, 2, 1024, [](void** a, const double* s) {                                                 \
-         geglu_bwd_##S(P(const T, 0), P(const T, 1), P(T, 2), (long long)s[0], (long long)s[1]);             \
-       }},
-#define SOFTMAX_ENTRIES(T, S)                                                                                 \
-  {"attention", "softmax_scaled_" #S, 2, 2, 1024,                                                                                \
-   [](void** a, const double* s) { softmax_scaled_##S(P(const T, 0), P(T, 1), (long long)s[0], (float)s[1]); }}, \
-      {"attention", "softmax_grad_" #S, 4, 2, 1024, [](void** a, const double* s) {                                              \
-         softmax_grad_##S(P(const T, 0), P(const T, 1), P(const float, 2), P(T, 3), (long long)s[0],         \
-                          (long long)s[1]);                                                                   \
-       }},
+
+#define NORM_ENTRIES(T, S)                                                                                   \
+  ENTRY("norm", "norm_fwd_" #S, 4, 5, 1024,                                                                  \
+        norm_fwd_##S(P(const T, 0), P(const T, 1), P(const T, 2), P(T, 3), (int)s[0], (int)s[1], (int)s[2], \
+                     (float)s[3], (int)s[4]))                                                                \
+  ENTRY("norm", "norm_bwd_x_" #S, 5, 5, 1024,                                                                \
+        norm_bwd_x_##S(P(const T, 0), P(const T, 1), P(const T, 2), P(const T, 3), P(T, 4), (int)s[0],      \
+                       (int)s[1], (int)s[2], (float)s[3], (int)s[4]))
+#define GEGLU_ENTRIES(T, S)                                                                                  \
+  ENTRY("geglu", "geglu_fwd_" #S, 2, 2, 1024,                                                                \
+        geglu_fwd_##S(P(const T, 0), P(T, 1), (long long)s[0], (long long)s[1]))                             \
+  ENTRY("geglu", "geglu_bwd_" #S, 3, 2, 1024,                                                                \
+        geglu_bwd_##S(P(const T, 0), P(const T, 1), P(T, 2), (long long)s[0], (long long)s[1]))
+#define SOFTMAX_ENTRIES(T, S)                                                                                \
+  ENTRY("attention", "softmax_scaled_" #S, 2, 2, 1024,                                                       \
+        softmax_scaled_##S(P(const T, 0), P(T, 1), (long long)s[0], (float)s[1]))                            \
+  ENTRY("attention", "softmax_grad_" #S, 4, 2, 1024,                                                         \
+        softmax_grad_##S(P(const T, 0), P(const T, 1), P(const float, 2), P(T, 3), (long long)s[0],         \
+                         (long long)s[1]))
 // The flash entries come from attention.cu's own list of (head size, warps per block).
 #undef FLASH_KERNEL
-#define FLASH_KERNEL(T, S, D, WARPS)                                                                          \
-  {"attention", "flash_fwd_d" #D "_" #S, 4, 4, 32 * (WARPS), [](void** a, const double* s) {                  \
-     flash_fwd_d##D##_##S(P(const T, 0), P(const T, 1), P(const T, 2), P(T, 3), (int)s[0], (int)s[1],        \
-                          (int)s[2], (float)s[3]);                                                            \
-   }},
+#define FLASH_KERNEL(T, S, D, WARPS)                                                                         \
+  ENTRY("attention", "flash_fwd_d" #D "_" #S, 4, 4, 32 * (WARPS),                                            \
+        flash_fwd_d##D##_##S(P(const T, 0), P(const T, 1), P(const T, 2), P(T, 3), (int)s[0], (int)s[1],    \
+                             (int)s[2], (float)s[3]))
 
 const Kernel KERNELS[] = {
     NORM_ENTRIES(float, f32) NORM_ENTRIES(__nv_bfloat16, bf16) NORM_ENTRIES(__half, f16)
     GEGLU_ENTRIES(float, f32) GEGLU_ENTRIES(__nv_bfloat16, bf16) GEGLU_ENTRIES(__half, f16)
     SOFTMAX_ENTRIES(float, f32) SOFTMAX_ENTRIES(__nv_bfloat16, bf16) SOFTMAX_ENTRIES(__half, f16)
     FLASH_KERNELS(__nv_bfloat16, bf16) FLASH_KERNELS(__half, f16)
-    {"emu", "emu_check_divergent_barrier", 1, 0, 1024, [](void** a, const double*) { emu_check_divergent_barrier(P(float, 0)); }},
-    {"emu", "emu_check_race", 1, 0, 1024, [](void** a, const double*) { emu_check_race(P(float, 0)); }},
-    {"emu", "emu_check_warp_sum", 1, 0, 1024, [](void** a, const double*) { emu_check_warp_sum(P(float, 0)); }},
+    ENTRY("emu", "emu_check_divergent_barrier", 1, 0, 1024, emu_check_divergent_barrier(P(float, 0)))
+    ENTRY("emu", "emu_check_race", 1, 0, 1024, emu_check_race(P(float, 0)))
+    ENTRY("emu", "emu_check_warp_sum", 1, 0, 1024, emu_check_warp_sum(P(float, 0)))
 };
 
 std::mutex one_launch;  // shared memory and the scheduler are global
