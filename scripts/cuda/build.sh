@@ -27,6 +27,8 @@
 #                      (links the system's MPI: build where mpicc is, run where the same MPI is).
 #                      `cudnn` adds cuDNN convolutions (linked against a generated stub; at run time
 #                      libcudnn.so.9 from PyTorch's nvidia/cudnn wheel or a system cuDNN 9).
+#   IPR_CUDA_NAME      the binary's name under dist/ (default ipr-cuda). The GPU check's fallback for
+#                      a machine without cuDNN is `IPR_CUDA_FEATURES=cuda,nccl IPR_CUDA_NAME=ipr-cuda-nocudnn`.
 #   IPR_GIT_COMMIT     commit recorded in the manifest when the tree is not a git checkout (an export).
 set -euo pipefail
 
@@ -34,7 +36,7 @@ MODE=build
 for arg in "$@"; do
   case "$arg" in
     --check) MODE=check ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "build.sh: unknown argument $arg (use --check or nothing)" >&2; exit 2 ;;
   esac
 done
@@ -71,6 +73,8 @@ case "$IPR_CUDA_VERSION" in
 esac
 CUDA_MAJOR="${IPR_CUDA_VERSION%%.*}"
 IPR_CUDA_FEATURES="${IPR_CUDA_FEATURES:-cuda}"
+NAME="${IPR_CUDA_NAME:-ipr-cuda}"
+case "$NAME" in *[!A-Za-z0-9._-]*|"") die "IPR_CUDA_NAME=$NAME: letters, digits, . _ - only";; esac
 case ",$IPR_CUDA_FEATURES," in *,cuda,*|*,nccl,*) ;; *) die "IPR_CUDA_FEATURES=$IPR_CUDA_FEATURES has no cuda";; esac
 if [[ ",$IPR_CUDA_FEATURES," == *,nccl,* ]]; then
   # The NCCL that PyTorch pins for the same CUDA release (cudarc links -lnccl).
@@ -230,26 +234,26 @@ log "cargo build took $((T1 - T0)) s"
 BIN="$CARGO_TARGET_DIR/release/ipr"
 mkdir -p "$REPO/dist"
 [ -f "$REPO/dist/.gitignore" ] || echo "*" > "$REPO/dist/.gitignore"   # dist/ is build output, never committed
-cp -f "$BIN" "$REPO/dist/ipr-cuda"
-strip --strip-all "$REPO/dist/ipr-cuda" 2>/dev/null || strip "$REPO/dist/ipr-cuda"
+cp -f "$BIN" "$REPO/dist/$NAME"
+strip --strip-all "$REPO/dist/$NAME" 2>/dev/null || strip "$REPO/dist/$NAME"
 # Smoke test without a driver: load the binary against the stub (as libcuda.so.1) and the wheels'
 # libraries. Rust links with -z now, so every symbol must resolve at load time: this proves that
 # the stub and the libraries cover everything the binary imports.
 SMOKE="$CHK/smoke"; mkdir -p "$SMOKE"; ln -sf "$CUDA_ROOT/lib64/stubs/libcuda.so" "$SMOKE/libcuda.so.1"
 [ -f "$CUDA_ROOT/lib64/stubs/libcudnn.so" ] && ln -sf "$CUDA_ROOT/lib64/stubs/libcudnn.so" "$SMOKE/libcudnn.so.9"
-LD_LIBRARY_PATH="$SMOKE:$CUDA_ROOT/lib64" "$REPO/dist/ipr-cuda" --help >/dev/null \
-  || die "dist/ipr-cuda does not load against the stub and the wheels' libraries"
-log "smoke test: dist/ipr-cuda --help runs (all symbols resolved at load)"
-NEEDED="$(readelf -d "$REPO/dist/ipr-cuda" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')"
-CUDNN_SYMS="$(nm -D --undefined-only "$REPO/dist/ipr-cuda" | awk '{print $NF}' | grep '^cudnn' | tr '\n' ' ' || true)"
-GLIBC_MAX="$(objdump -T "$REPO/dist/ipr-cuda" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)"
+LD_LIBRARY_PATH="$SMOKE:$CUDA_ROOT/lib64" "$REPO/dist/$NAME" --help >/dev/null \
+  || die "dist/$NAME does not load against the stub and the wheels' libraries"
+log "smoke test: dist/$NAME --help runs (all symbols resolved at load)"
+NEEDED="$(readelf -d "$REPO/dist/$NAME" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')"
+CUDNN_SYMS="$(nm -D --undefined-only "$REPO/dist/$NAME" | awk '{print $NF}' | grep '^cudnn' | tr '\n' ' ' || true)"
+GLIBC_MAX="$(objdump -T "$REPO/dist/$NAME" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)"
 MIN_DRIVER="$(case "$IPR_CUDA_VERSION" in 13.0) echo 580;; 12.9) echo 575;; 12.8) echo 570;; 12.4) echo 550;; esac)"
-"$IPR_CUDA_VENV/bin/python" - "$REPO/dist/ipr-cuda.manifest.json" <<EOF
+"$IPR_CUDA_VENV/bin/python" - "$REPO/dist/$NAME.manifest.json" <<EOF
 import json, sys, os, hashlib
-path = "$REPO/dist/ipr-cuda"
+path = "$REPO/dist/$NAME"
 needed = """$NEEDED""".split()
 json.dump({
-  "binary": "ipr-cuda",
+  "binary": "$NAME",
   "bytes": os.path.getsize(path),
   "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest(),
   "git_commit": os.environ.get("IPR_GIT_COMMIT") or os.popen("git -C '$REPO' rev-parse HEAD 2>/dev/null").read().strip() or None,
@@ -276,8 +280,8 @@ EOF
 # A compressed copy (the PTX text shrinks ~8x: 60 MB -> 7.5 MB) for carrying to a GPU machine under a
 # size limit; scripts/gpu_check/run.sh unpacks dist/ipr-cuda.xz when dist/ipr-cuda is absent.
 if command -v xz >/dev/null; then
-  xz -T0 -6 -kfc "$REPO/dist/ipr-cuda" > "$REPO/dist/ipr-cuda.xz"
-  log "dist/ipr-cuda.xz ($(du -h "$REPO/dist/ipr-cuda.xz" | cut -f1))"
+  xz -T0 -6 -kfc "$REPO/dist/$NAME" > "$REPO/dist/$NAME.xz"
+  log "dist/$NAME.xz ($(du -h "$REPO/dist/$NAME.xz" | cut -f1))"
 fi
-log "dist/ipr-cuda ($(du -h "$REPO/dist/ipr-cuda" | cut -f1)) and dist/ipr-cuda.manifest.json written"
+log "dist/$NAME ($(du -h "$REPO/dist/$NAME" | cut -f1)) and dist/$NAME.manifest.json written"
 log "needs at run time: $(echo $NEEDED)"

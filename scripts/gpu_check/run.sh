@@ -64,6 +64,53 @@ if missing:
     print(f"[gpu_check/run] NOTE: python modules missing: {missing}; the parts needing them are skipped (give --wheels DIR)")
 EOF
 
+# $1, from $1.xz when only that was carried (the PTX text makes the binary ~8x larger).
+unpack() {
+  if [ ! -e "$1" ] && [ -f "$1.xz" ]; then
+    log "unpacking $1.xz"
+    { xz -dc "$1.xz" 2>/dev/null || "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1.xz"; } > "$1"
+    chmod +x "$1"
+  fi
+}
+
+# The binary $1 needs the CUDA runtime libraries of the CUDA major it was built with (see its
+# manifest): look in PyTorch's nvidia wheels and the system toolkit, and add their folders to
+# LD_LIBRARY_PATH.
+find_libraries() {
+  if [ ! -x "$1" ]; then
+    log "WARNING: no executable $1 (copy dist/ipr-cuda from the build machine); the ipr side will be skipped"
+    return 0
+  fi
+  local missing dirs add lib d
+  missing="$(ldd "$1" 2>/dev/null | awk '/not found/ {print $1}' || true)"
+  if [ -n "$missing" ]; then
+    dirs="$("$PY" - <<'EOF' 2>/dev/null || true
+import glob, os, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
+seen = []
+for r in roots:
+    for d in glob.glob(os.path.join(r, "nvidia", "*", "lib")) + glob.glob(os.path.join(r, "torch", "lib")):
+        if os.path.isdir(d) and d not in seen:
+            seen.append(d)
+print("\n".join(seen))
+EOF
+)"
+    dirs="$dirs"$'\n'"$(ls -d /usr/local/cuda/lib64 /usr/local/cuda*/targets/x86_64-linux/lib /usr/local/cuda*/lib64 2>/dev/null || true)"
+    add=""
+    for lib in $missing; do
+      for d in $dirs; do
+        if [ -e "$d/$lib" ]; then case ":$add:" in *":$d:"*) ;; *) add="${add:+$add:}$d" ;; esac; break; fi
+      done
+    done
+    export LD_LIBRARY_PATH="${add}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    log "LD_LIBRARY_PATH += $add"
+  fi
+  if ldd "$1" 2>/dev/null | grep -q "not found"; then
+    log "ERROR: $1 still misses libraries:"; ldd "$1" | grep "not found"
+  fi
+  return 0
+}
+
 # ---- the ipr binary
 if [ "$DRY" = 1 ]; then
   OUT="${OUT:-gpu_results_dry.json}"
@@ -79,43 +126,19 @@ if [ "$DRY" = 1 ]; then
 else
   OUT="${OUT:-gpu_results.json}"
   IPR="${IPR:-dist/ipr-cuda}"
-  if [ ! -e "$IPR" ] && [ -f "$IPR.xz" ]; then
-    log "unpacking $IPR.xz"
-    { xz -dc "$IPR.xz" 2>/dev/null || "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$IPR.xz"; } > "$IPR"
-    chmod +x "$IPR"
-  fi
+  unpack "$IPR"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  # The binary needs the CUDA runtime libraries of the CUDA major it was built with (see
-  # dist/ipr-cuda.manifest.json): look in PyTorch's nvidia wheels and the system toolkit.
-  if [ -x "$IPR" ]; then
-    missing="$(ldd "$IPR" | awk '/not found/ {print $1}')"
-    if [ -n "$missing" ]; then
-      dirs="$("$PY" - <<'EOF' 2>/dev/null || true
-import glob, os, site, sys
-roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
-seen = []
-for r in roots:
-    for d in glob.glob(os.path.join(r, "nvidia", "*", "lib")) + glob.glob(os.path.join(r, "torch", "lib")):
-        if os.path.isdir(d) and d not in seen:
-            seen.append(d)
-print("\n".join(seen))
-EOF
-)"
-      dirs="$dirs"$'\n'"$(ls -d /usr/local/cuda/lib64 /usr/local/cuda*/targets/x86_64-linux/lib /usr/local/cuda*/lib64 2>/dev/null || true)"
-      add=""
-      for lib in $missing; do
-        for d in $dirs; do
-          if [ -e "$d/$lib" ]; then case ":$add:" in *":$d:"*) ;; *) add="${add:+$add:}$d" ;; esac; break; fi
-        done
-      done
-      export LD_LIBRARY_PATH="${add}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-      log "LD_LIBRARY_PATH += $add"
+  find_libraries "$IPR"
+  # A binary built with cuDNN that cannot load (no libcudnn.so.9 here): the one built without it,
+  # when carried (IPR_CUDA_FEATURES=cuda,nccl IPR_CUDA_NAME=ipr-cuda-nocudnn scripts/cuda/build.sh).
+  if [ -x "$IPR" ] && ! "$IPR" --help >/dev/null 2>&1; then
+    FALLBACK="${IPR_FALLBACK:-$(dirname "$IPR")/ipr-cuda-nocudnn}"
+    unpack "$FALLBACK"
+    if [ -x "$FALLBACK" ]; then
+      log "WARNING: $IPR does not start here (missing: $(ldd "$IPR" 2>/dev/null | awk '/not found/ {print $1}' | tr '\n' ' ' || true)); using $FALLBACK"
+      IPR="$FALLBACK"
+      find_libraries "$IPR"
     fi
-    if ldd "$IPR" | grep -q "not found"; then
-      log "ERROR: $IPR still misses libraries:"; ldd "$IPR" | grep "not found"
-    fi
-  else
-    log "WARNING: no executable $IPR (copy dist/ipr-cuda from the build machine); the ipr side will be skipped"
   fi
 fi
 [ -n "$IPR" ] && PASS+=(--ipr "$IPR")
