@@ -75,8 +75,17 @@ pub fn scaled_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
 }
 
 /// The head dimensions the flash kernel is built for (`attention.cu`): a head of `d` channels runs
-/// the smallest that holds it (zero-padded), with the kernel's warps per block.
-const FLASH_DIMS: [(usize, u32); 8] = [(16, 4), (32, 4), (48, 4), (64, 4), (80, 2), (96, 2), (128, 2), (160, 1)];
+/// the smallest that holds it (zero-padded), with the kernel's warps per block and its name.
+const FLASH_DIMS: [(usize, u32, &str); 8] = [
+    (16, 4, "flash_fwd_d16"),
+    (32, 4, "flash_fwd_d32"),
+    (48, 4, "flash_fwd_d48"),
+    (64, 4, "flash_fwd_d64"),
+    (80, 2, "flash_fwd_d80"),
+    (96, 2, "flash_fwd_d96"),
+    (128, 2, "flash_fwd_d128"),
+    (160, 1, "flash_fwd_d160"),
+];
 
 /// `softmax(scale q kᵀ) v` for `(BH, L, d)` tensors without a graph, by the flash kernel of
 /// `attention.cu` (the scores never written): `Some` on CUDA (feature `cuda`, unless
@@ -125,13 +134,13 @@ impl KernelOp for FlashForward {
     fn launch_spec(&self, layouts: &[&candle_core::Layout]) -> Result<Launch> {
         let (bh, lq, d) = layouts[0].shape().dims3()?;
         let lk = layouts[1].shape().dims()[1];
-        let &(dim, warps) = FLASH_DIMS
+        let &(_, warps, kernel) = FLASH_DIMS
             .iter()
-            .find(|&&(dim, _)| d <= dim)
+            .find(|&&(dim, _, _)| d <= dim)
             .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dimension {d} > 160")))?;
         Ok(Launch {
             source: Source::Attention,
-            kernel: format!("flash_fwd_d{dim}"),
+            kernel,
             out_shape: layouts[0].shape().clone(),
             scalars: Scalars::Flash { lq: lq as i32, lk: lk as i32, dh: d as i32, scale: self.scale as f32 },
             grid: (lq.div_ceil(16 * warps as usize) as u32, bh as u32),
@@ -161,7 +170,7 @@ impl KernelOp for SoftmaxGrad {
         }
         Ok(Launch {
             source: Source::Attention,
-            kernel: "softmax_grad".into(),
+            kernel: "softmax_grad",
             out_shape: pl.shape().clone(),
             scalars: Scalars::Rows { rows: (n / cols) as i64, cols: cols as i64 },
             grid: elementwise_grid(n),
@@ -190,7 +199,7 @@ impl KernelOp for ScaledSoftmax {
         let cols = l.dims().last().copied().unwrap_or(1).max(1);
         Ok(Launch {
             source: Source::Attention,
-            kernel: "softmax_scaled".into(),
+            kernel: "softmax_scaled",
             out_shape: l.shape().clone(),
             scalars: Scalars::Softmax { cols: cols as i64, scale: self.scale as f32 },
             grid: ((l.shape().elem_count() / cols) as u32, 1),

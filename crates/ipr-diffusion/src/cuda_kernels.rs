@@ -57,13 +57,19 @@ pub(crate) enum Source {
 }
 
 impl Source {
-    /// The file's name without `.cu`.
-    #[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(dead_code))]
+    /// The file's name without `.cu` (the emulator's name for it).
+    #[cfg_attr(not(feature = "cuda-emu"), allow(dead_code))]
     fn file(self) -> &'static str {
+        &self.module()["ipr-".len()..]
+    }
+
+    /// The name its PTX module is loaded under (once per device).
+    #[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(dead_code))]
+    fn module(self) -> &'static str {
         match self {
-            Source::Norm => "norm",
-            Source::Geglu => "geglu",
-            Source::Attention => "attention",
+            Source::Norm => "ipr-norm",
+            Source::Geglu => "ipr-geglu",
+            Source::Attention => "ipr-attention",
         }
     }
 }
@@ -104,7 +110,7 @@ impl Scalars {
 #[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(dead_code))]
 pub(crate) struct Launch {
     pub(crate) source: Source,
-    pub(crate) kernel: String,
+    pub(crate) kernel: &'static str,
     pub(crate) out_shape: Shape,
     pub(crate) scalars: Scalars,
     pub(crate) grid: (u32, u32),
@@ -132,10 +138,14 @@ pub(crate) fn elementwise_grid(n: usize) -> (u32, u32) {
     (n.div_ceil(ELEMENTWISE_BLOCK as usize).clamp(1, 65_535) as u32, 1)
 }
 
-/// `l` on CPU tensors in the emulator (feature `cuda-emu`; without it, an error).
-pub(crate) fn emulate(l: Launch, inputs: &[(&candle_core::CpuStorage, &Layout)]) -> Result<candle_core::CpuStorage> {
+/// `l` on CPU tensors in the emulator (feature `cuda-emu`; without it, an error): the output and
+/// its shape.
+pub(crate) fn emulate(
+    l: Launch,
+    inputs: &[(&candle_core::CpuStorage, &Layout)],
+) -> Result<(candle_core::CpuStorage, Shape)> {
     #[cfg(feature = "cuda-emu")]
-    return emulation::launch(l, inputs);
+    return Ok((emulation::launch(&l, inputs)?, l.out_shape));
     #[cfg(not(feature = "cuda-emu"))]
     {
         let _ = inputs;
@@ -153,9 +163,7 @@ macro_rules! kernel_op_fwd {
             l: &candle_core::Layout,
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
             use crate::cuda_kernels::KernelOp;
-            let spec = self.launch_spec(&[l])?;
-            let shape = spec.out_shape.clone();
-            Ok((crate::cuda_kernels::emulate(spec, &[(s, l)])?, shape))
+            crate::cuda_kernels::emulate(self.launch_spec(&[l])?, &[(s, l)])
         }
 
         #[cfg(feature = "cuda")]
@@ -165,9 +173,7 @@ macro_rules! kernel_op_fwd {
             l: &candle_core::Layout,
         ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
             use crate::cuda_kernels::KernelOp;
-            let spec = self.launch_spec(&[l])?;
-            let shape = spec.out_shape.clone();
-            Ok((crate::cuda_kernels::launch(spec, &[(s, l)])?, shape))
+            crate::cuda_kernels::launch(self.launch_spec(&[l])?, &[(s, l)])
         }
     };
     (3) => {
@@ -181,9 +187,7 @@ macro_rules! kernel_op_fwd {
             l3: &candle_core::Layout,
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
             use crate::cuda_kernels::KernelOp;
-            let spec = self.launch_spec(&[l1, l2, l3])?;
-            let shape = spec.out_shape.clone();
-            Ok((crate::cuda_kernels::emulate(spec, &[(s1, l1), (s2, l2), (s3, l3)])?, shape))
+            crate::cuda_kernels::emulate(self.launch_spec(&[l1, l2, l3])?, &[(s1, l1), (s2, l2), (s3, l3)])
         }
 
         #[cfg(feature = "cuda")]
@@ -197,9 +201,7 @@ macro_rules! kernel_op_fwd {
             l3: &candle_core::Layout,
         ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
             use crate::cuda_kernels::KernelOp;
-            let spec = self.launch_spec(&[l1, l2, l3])?;
-            let shape = spec.out_shape.clone();
-            Ok((crate::cuda_kernels::launch(spec, &[(s1, l1), (s2, l2), (s3, l3)])?, shape))
+            crate::cuda_kernels::launch(self.launch_spec(&[l1, l2, l3])?, &[(s1, l1), (s2, l2), (s3, l3)])
         }
     };
 }
@@ -214,7 +216,7 @@ mod launching {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{kernel_name, CudaDType, WrapErr};
-    use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
+    use candle_core::{CudaStorage, DType, Layout, Result, Shape, WithDType};
 
     const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
     const GEGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/geglu.ptx"));
@@ -229,19 +231,20 @@ mod launching {
         }
     }
 
-    /// Runs `l` on the contiguous CUDA `inputs`.
-    pub(crate) fn launch(l: Launch, inputs: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
+    /// Runs `l` on the contiguous CUDA `inputs`: the output and its shape.
+    pub(crate) fn launch(l: Launch, inputs: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
         let first = inputs.first().ok_or_else(|| candle_core::Error::Msg(format!("{}: no inputs", l.kernel)))?;
-        match first.0.dtype() {
-            DType::F32 => typed::<f32>(l, inputs),
-            DType::BF16 => typed::<half::bf16>(l, inputs),
-            DType::F16 => typed::<half::f16>(l, inputs),
+        let out = match first.0.dtype() {
+            DType::F32 => typed::<f32>(&l, inputs),
+            DType::BF16 => typed::<half::bf16>(&l, inputs),
+            DType::F16 => typed::<half::f16>(&l, inputs),
             other => Err(candle_core::Error::UnsupportedDTypeForOp(other, "ipr CUDA kernel")),
-        }
+        }?;
+        Ok((out, l.out_shape))
     }
 
     fn typed<T: CudaDType + DeviceRepr + WithDType>(
-        l: Launch,
+        l: &Launch,
         inputs: &[(&CudaStorage, &Layout)],
     ) -> Result<CudaStorage> {
         let dev = inputs[0].0.device().clone();
@@ -266,8 +269,7 @@ mod launching {
         // SAFETY: every element is written by the kernel below.
         let out = unsafe { dev.alloc::<T>(l.out_shape.elem_count())? };
         // One module per source, loaded once per device.
-        let module = format!("ipr-{}", l.source.file());
-        let func = dev.get_or_load_custom_func(&kernel_name::<T>(&l.kernel), &module, ptx(l.source))?;
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(l.kernel), l.source.module(), ptx(l.source))?;
         let mut b = func.builder();
         for v in &views {
             match v {
@@ -419,15 +421,15 @@ pub mod emulation {
     /// Runs `l` on the contiguous CPU `inputs`. The output starts as NaN, so an element the
     /// kernel fails to write shows in any comparison, and it lies between two guard zones that
     /// must still be NaN afterwards: a write past either end is an error.
-    pub(crate) fn launch(l: Launch, inputs: &[(&CpuStorage, &Layout)]) -> Result<CpuStorage> {
+    pub(crate) fn launch(l: &Launch, inputs: &[(&CpuStorage, &Layout)]) -> Result<CpuStorage> {
         let first = inputs.first().ok_or_else(|| candle_core::Error::Msg(format!("{}: no inputs", l.kernel)))?;
         let n = l.out_shape.elem_count();
         let name = format!("{}_{}", l.kernel, first.0.dtype().as_str());
         let args = inputs.iter().map(|(s, layout)| input_ptr(s, layout, &name)).collect::<Result<Vec<_>>>()?;
         match first.0 {
-            CpuStorage::F32(_) => typed(&l, &name, args, vec![f32::NAN; n + 2 * GUARD]).map(CpuStorage::F32),
-            CpuStorage::BF16(_) => typed(&l, &name, args, vec![half::bf16::NAN; n + 2 * GUARD]).map(CpuStorage::BF16),
-            CpuStorage::F16(_) => typed(&l, &name, args, vec![half::f16::NAN; n + 2 * GUARD]).map(CpuStorage::F16),
+            CpuStorage::F32(_) => typed(l, &name, args, vec![f32::NAN; n + 2 * GUARD]).map(CpuStorage::F32),
+            CpuStorage::BF16(_) => typed(l, &name, args, vec![half::bf16::NAN; n + 2 * GUARD]).map(CpuStorage::BF16),
+            CpuStorage::F16(_) => typed(l, &name, args, vec![half::f16::NAN; n + 2 * GUARD]).map(CpuStorage::F16),
             other => candle_core::bail!("{}: no kernel for {:?}", l.kernel, other.dtype()),
         }
     }

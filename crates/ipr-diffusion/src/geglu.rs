@@ -109,12 +109,12 @@ impl CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if crate::cuda_kernels::emulates(s.dtype()) {
+            return crate::cuda_kernels::emulate(launch_spec(l, false), &[(s, l)]);
+        }
         let mut dims = l.dims().to_vec();
         let n = dims.last().copied().unwrap_or(0) / 2;
         *dims.last_mut().expect("geglu input has a last dimension") = n;
-        if crate::cuda_kernels::emulates(s.dtype()) {
-            return Ok((crate::cuda_kernels::emulate(launch_spec(l, false), &[(s, l)])?, Shape::from(dims)));
-        }
         let out = match s {
             CpuStorage::F32(d) => CpuStorage::F32(forward_f32(contiguous(d, l)?, n)),
             CpuStorage::F64(d) => CpuStorage::F64(forward_f64(contiguous(d, l)?, n)),
@@ -125,9 +125,7 @@ impl CustomOp1 for Geglu {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        let spec = launch_spec(l, false);
-        let shape = spec.out_shape.clone();
-        Ok((crate::cuda_kernels::launch(spec, &[(s, l)])?, shape))
+        crate::cuda_kernels::launch(launch_spec(l, false), &[(s, l)])
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -145,7 +143,7 @@ impl CustomOp2 for GegluBwd {
 
     fn cpu_fwd(&self, h: &CpuStorage, hl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         if crate::cuda_kernels::emulates(h.dtype()) {
-            return Ok((crate::cuda_kernels::emulate(launch_spec(hl, true), &[(h, hl), (g, gl)])?, hl.shape().clone()));
+            return crate::cuda_kernels::emulate(launch_spec(hl, true), &[(h, hl), (g, gl)]);
         }
         let n = hl.dims().last().copied().unwrap_or(0) / 2;
         let out = match (h, g) {
@@ -168,7 +166,7 @@ impl CustomOp2 for GegluBwd {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda_kernels::launch(launch_spec(hl, true), &[(h, hl), (g, gl)])?, hl.shape().clone()))
+        crate::cuda_kernels::launch(launch_spec(hl, true), &[(h, hl), (g, gl)])
     }
 }
 
@@ -183,7 +181,7 @@ fn launch_spec(hl: &Layout, backward: bool) -> Launch {
     }
     Launch {
         source: Source::Geglu,
-        kernel: if backward { "geglu_bwd" } else { "geglu_fwd" }.into(),
+        kernel: if backward { "geglu_bwd" } else { "geglu_fwd" },
         out_shape: Shape::from(out_dims),
         scalars: Scalars::Rows { rows: rows as i64, cols: n as i64 },
         grid: elementwise_grid(rows * n),

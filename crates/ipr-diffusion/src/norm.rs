@@ -225,11 +225,11 @@ struct NormFwd {
 impl View {
     /// `norm.cu`'s kernel `kernel` over `x` (laid out as `xl`) and the other inputs: one block
     /// per row.
-    fn launch_spec(&self, kernel: &str, xl: &Layout) -> Launch {
+    fn launch_spec(&self, kernel: &'static str, xl: &Layout) -> Launch {
         let len = self.cg * self.s;
         Launch {
             source: Source::Norm,
-            kernel: kernel.into(),
+            kernel,
             out_shape: xl.shape().clone(),
             scalars: Scalars::Norm {
                 groups: self.groups as i32,
@@ -258,11 +258,10 @@ impl CustomOp3 for NormFwd {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let shape = xl.shape().clone();
         if crate::cuda_kernels::emulates(x.dtype()) {
-            let spec = self.v.launch_spec("norm_fwd", xl);
-            return Ok((crate::cuda_kernels::emulate(spec, &[(x, xl), (w, wl), (b, bl)])?, shape));
+            return crate::cuda_kernels::emulate(self.v.launch_spec("norm_fwd", xl), &[(x, xl), (w, wl), (b, bl)]);
         }
+        let shape = xl.shape().clone();
         Ok(match (x, w, b) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 (CpuStorage::F32(forward_f32(slice(x, xl)?, slice(w, wl)?, slice(b, bl)?, self.v)), shape)
@@ -284,8 +283,7 @@ impl CustomOp3 for NormFwd {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda_kernels::launch(self.v.launch_spec("norm_fwd", xl), &[(x, xl), (w, wl), (b, bl)])?;
-        Ok((out, xl.shape().clone()))
+        crate::cuda_kernels::launch(self.v.launch_spec("norm_fwd", xl), &[(x, xl), (w, wl), (b, bl)])
     }
 
     fn bwd(
@@ -354,11 +352,11 @@ impl CustomOp2 for NormBwdX {
         let (candle_core::Storage::Cpu(w), candle_core::Storage::Cpu(b)) = (&*ws, &*bs) else {
             return Err(candle_core::Error::Msg("ipr-norm-affine-bwd: parameters not on the CPU".into()));
         };
-        let shape = xl.shape().clone();
         if crate::cuda_kernels::emulates(x.dtype()) {
             let spec = self.v.launch_spec("norm_bwd_x", xl);
-            return Ok((crate::cuda_kernels::emulate(spec, &[(x, xl), (g, gl), (w, wl), (b, bl)])?, shape));
+            return crate::cuda_kernels::emulate(spec, &[(x, xl), (g, gl), (w, wl), (b, bl)]);
         }
+        let shape = xl.shape().clone();
         Ok(match (x, g, w, b) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(w), CpuStorage::F32(b)) => (
                 CpuStorage::F32(backward_x_f32(slice(x, xl)?, slice(g, gl)?, slice(w, wl)?, slice(b, bl)?, self.v)),
@@ -384,8 +382,7 @@ impl CustomOp2 for NormBwdX {
         let (candle_core::Storage::Cuda(w), candle_core::Storage::Cuda(b)) = (&*ws, &*bs) else {
             return Err(candle_core::Error::Msg("ipr-norm-affine-bwd: parameters not on the GPU".into()));
         };
-        let spec = self.v.launch_spec("norm_bwd_x", xl);
-        Ok((crate::cuda_kernels::launch(spec, &[(x, xl), (g, gl), (w, wl), (b, bl)])?, xl.shape().clone()))
+        crate::cuda_kernels::launch(self.v.launch_spec("norm_bwd_x", xl), &[(x, xl), (g, gl), (w, wl), (b, bl)])
     }
 }
 

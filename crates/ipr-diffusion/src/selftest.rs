@@ -93,6 +93,10 @@ fn group_norm(groups: usize, silu: bool) -> impl Fn(&[Tensor]) -> Result<Tensor>
     }
 }
 
+fn linear(t: &[Tensor]) -> Result<Tensor> {
+    Linear { weight: t[1].clone(), bias: Some(t[2].clone()), path: "selftest".into(), lora: None }.forward(&t[0])
+}
+
 fn attention(heads: usize) -> impl Fn(&[Tensor]) -> Result<Tensor> {
     move |t: &[Tensor]| crate::nn::attention(&t[0], &t[1], &t[2], heads, None)
 }
@@ -184,10 +188,7 @@ fn cases() -> Vec<Case> {
                 input("w", &[96, 64], 0.2, false),
                 input("b", &[96], 0.5, false),
             ],
-            op: Box::new(|t: &[Tensor]| {
-                Linear { weight: t[1].clone(), bias: Some(t[2].clone()), path: "selftest".into(), lora: None }
-                    .forward(&t[0])
-            }),
+            op: Box::new(linear),
         },
         Case {
             name: "linear, trained",
@@ -196,10 +197,7 @@ fn cases() -> Vec<Case> {
                 input("w", &[96, 64], 0.2, true),
                 input("b", &[96], 0.5, true),
             ],
-            op: Box::new(|t: &[Tensor]| {
-                Linear { weight: t[1].clone(), bias: Some(t[2].clone()), path: "selftest".into(), lora: None }
-                    .forward(&t[0])
-            }),
+            op: Box::new(linear),
         },
         Case {
             name: "linear + LoRA",
